@@ -1,0 +1,42 @@
+"""Exceptions raised by leastcontrol.
+
+Every failure a user can cause has its own type and a message that names the
+fix, so a long run never fails with a bare traceback from deep inside torch.
+"""
+
+
+class LeastControlError(Exception):
+    """Base class of every error raised by the library."""
+
+
+class SolverDivergedError(LeastControlError, FloatingPointError):
+    """A fixed-point solve produced NaN or Inf.
+
+    Attributes:
+        population: name of the first state population that became non-finite.
+        step: solver iteration at which it was detected.
+    """
+
+    def __init__(self, population: str, step: int, solver: str = "solver"):
+        self.population = population
+        self.step = step
+        super().__init__(
+            f"{solver} diverged: population '{population}' became NaN/Inf at step {step}. "
+            "Try a smaller dt, a smaller learning rate, or gradient clipping (--grad-clip)."
+        )
+
+
+class DatasetNotFoundError(LeastControlError, FileNotFoundError):
+    """A data set is not on disk and could not be downloaded."""
+
+
+class DataFormatError(LeastControlError, ValueError):
+    """A data file exists but is corrupt or not in the expected format."""
+
+
+class ConfigError(LeastControlError, ValueError):
+    """A configuration value or file is invalid."""
+
+
+class CheckpointError(LeastControlError, ValueError):
+    """A checkpoint file is missing, corrupt or belongs to another run."""
