@@ -1,0 +1,12 @@
+"""leastcontrol: learning equilibrium systems with the least-control principle.
+
+Meulemans, Zucchet, Kobayashi, von Oswald, Sacramento, "The least-control
+principle for local learning at equilibrium", NeurIPS 2022.
+"""
+from .errors import (CheckpointError, ConfigError, DataFormatError, DatasetNotFoundError,
+                     LeastControlError, SolverDivergedError)
+from .methods import BP, LCPDI, RBP, Method, MethodOutput, get_method, register_method
+from .solvers import Anderson, Euler, SolveResult, SolverStats, get_solver
+from .systems import EquilibriumSystem, FeedforwardEquilibrium, RecurrentEquilibrium, get_system
+
+__version__ = "0.1.0"

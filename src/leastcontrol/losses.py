@@ -1,0 +1,92 @@
+"""Per-sample losses on the output population and their gradients.
+
+The controller of LCP needs ``∇_o ℓ(o, y)`` for every sample separately, so a
+loss here returns per-sample values (shape ``(B,)``) and a per-sample gradient
+(shape of ``o``). Batch objectives are means of these.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Registry
+
+
+class Loss:
+    """A per-sample loss ``ℓ(o_i, y_i)``.
+
+    Subclasses implement :meth:`value`; :meth:`grad` defaults to autograd but
+    the built-ins give closed forms because the controller calls it every step.
+    """
+
+    name = "loss"
+
+    def check_target(self, target: torch.Tensor, output_size: int, batch_size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss, shape ``(B,)``."""
+        raise NotImplementedError
+
+    def grad(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``∂ℓ(o_i, y_i)/∂o_i`` for every sample, shape of ``output``."""
+        with torch.enable_grad():
+            o = output.detach().requires_grad_(True)
+            return torch.autograd.grad(self.value(o, target).sum(), o)[0]
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy on logits ``o``; targets are class indices ``(B,)``."""
+
+    name = "cross_entropy"
+
+    def check_target(self, target, output_size, batch_size):
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"targets must be a torch.Tensor of class indices, got {type(target).__name__}")
+        if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"cross-entropy targets must be integer class indices, got dtype {target.dtype}")
+        if target.shape != (batch_size,):
+            raise ValueError(f"targets must have shape ({batch_size},) (one class index per sample), got {tuple(target.shape)}")
+        if target.numel() and (int(target.min()) < 0 or int(target.max()) >= output_size):
+            raise ValueError(f"class indices must lie in [0, {output_size - 1}], got range "
+                             f"[{int(target.min())}, {int(target.max())}]")
+        return target.long()
+
+    def value(self, output, target):
+        return F.cross_entropy(output, target, reduction="none")
+
+    def grad(self, output, target):
+        g = torch.softmax(output, dim=-1)
+        g[torch.arange(output.shape[0], device=output.device), target] -= 1.0
+        return g
+
+
+class SquaredError(Loss):
+    """``½‖o − y‖²`` per sample; targets have the shape of the output."""
+
+    name = "mse"
+
+    def check_target(self, target, output_size, batch_size):
+        if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+            raise ValueError("squared-error targets must be a floating-point tensor")
+        if target.shape != (batch_size, output_size):
+            raise ValueError(f"targets must have shape ({batch_size}, {output_size}), got {tuple(target.shape)}")
+        if not torch.isfinite(target).all():
+            raise ValueError("targets contain NaN or Inf")
+        return target
+
+    def value(self, output, target):
+        return 0.5 * (output - target.to(output.dtype)).pow(2).sum(-1)
+
+    def grad(self, output, target):
+        return output - target.to(output.dtype)
+
+
+LOSSES: Registry[Loss] = Registry("loss")
+LOSSES.register("cross_entropy", CrossEntropy)
+LOSSES.register("mse", SquaredError)
+
+
+def get_loss(loss: "str | Loss") -> Loss:
+    """Return a loss object from a name (``cross_entropy``, ``mse``) or pass one through."""
+    return loss if isinstance(loss, Loss) else LOSSES.create(loss)

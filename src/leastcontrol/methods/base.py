@@ -1,0 +1,143 @@
+"""The interface every learning method implements.
+
+A method is a small object with one job: given a system, an input batch and
+targets, compute parameter gradients (with the sign of a loss gradient),
+accumulate them into ``.grad`` and return them with statistics. It never owns
+the model or the optimizer::
+
+    out = method(system, x, y)      # writes p.grad for every parameter
+    optimizer.step()
+
+Every method also offers inference: :meth:`Method.predict` returns the output
+population at the free equilibrium.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict
+
+import torch
+
+from ..errors import ConfigError
+from ..losses import Loss, get_loss
+from ..solvers import SOLVERS, SolveResult, get_solver
+from ..systems.base import EquilibriumSystem
+
+
+@dataclass
+class MethodOutput:
+    """What one call of a method returns.
+
+    Attributes:
+        loss: mean loss at the free equilibrium (the model's prediction).
+        accuracy: fraction of correct argmax predictions (classification), else ``None``.
+        grads: parameter name -> gradient (same shapes as the parameters).
+        stats: solver iterations, convergence flags, control norm, ...
+    """
+
+    loss: float
+    accuracy: float | None
+    grads: Dict[str, torch.Tensor]
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def accumulate_grads(system: EquilibriumSystem, grads: Dict[str, torch.Tensor]) -> None:
+    """Add ``grads`` into ``p.grad`` (like ``loss.backward()`` does), creating it where absent."""
+    for name, p in system.named_parameters():
+        g = grads.get(name)
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g.detach().clone()
+        else:
+            p.grad.add_(g.detach())
+
+
+def _check_number(name, value, *, positive=True, allow_zero=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive:
+        ok = value > 0 or (allow_zero and value == 0)
+    if not ok:
+        need = "a finite number" + (" >= 0" if allow_zero else " > 0" if positive else "")
+        raise ConfigError(f"{name} must be {need}, got {value!r}")
+
+
+@dataclass
+class Method:
+    """Base of all methods; holds the loss. Subclasses are dataclasses of their settings."""
+
+    name = "method"
+    loss: str = "cross_entropy"
+
+    def __post_init__(self):
+        self._loss: Loss = get_loss(self.loss)
+
+    def config(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # -- shared helpers -----------------------------------------------------------
+    def _inputs(self, system: EquilibriumSystem, x, y):
+        x = system.prepare_input(x)
+        y = self._loss.check_target(y, system.n_out, x.shape[0]) if y is not None else None
+        if y is not None:
+            y = y.to(system.device)
+        return x, y
+
+    def _summary(self, output: torch.Tensor, y: torch.Tensor):
+        loss = float(self._loss.value(output, y).mean())
+        acc = float((output.argmax(-1) == y).double().mean()) if self.loss == "cross_entropy" else None
+        return loss, acc
+
+    def __call__(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor) -> MethodOutput:
+        """Compute gradients for one batch, accumulate them into ``.grad`` and return them."""
+        x, y = self._inputs(system, x, y)
+        out = self.gradients(system, x, y)
+        accumulate_grads(system, out.grads)
+        return out
+
+    def gradients(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor) -> MethodOutput:
+        """Gradients on validated inputs, without touching ``.grad``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, system: EquilibriumSystem, x: torch.Tensor) -> torch.Tensor:
+        """Output population (logits) at the free equilibrium, shape ``(B, n_out)``."""
+        return system.readout(self.free_equilibrium(system, x).state)
+
+    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
+        raise NotImplementedError
+
+
+@dataclass
+class EquilibriumMethod(Method):
+    """A method that settles the system with a fixed-point solver.
+
+    Args:
+        dt: Euler step (τ = 1 for every population).
+        tol: relative-residual tolerance of every solve.
+        max_iter: maximum steps of every solve.
+        solver: ``euler`` or ``anderson`` (see :mod:`leastcontrol.solvers`).
+    """
+
+    dt: float = 1.0
+    tol: float = 1e-6
+    max_iter: int = 800
+    solver: str = "euler"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_number("dt", self.dt)
+        _check_number("tol", self.tol, allow_zero=True)
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        if self.solver not in SOLVERS:
+            SOLVERS.factory(self.solver)  # raises, listing the valid names
+        self._solver = get_solver(self.solver, dt=self.dt, tol=self.tol, max_iter=self.max_iter)
+
+    @torch.no_grad()
+    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
+        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state."""
+        x = system.prepare_input(x)
+        drive = system.encode(x)
+        return self._solver.solve(lambda s: system.dynamics(s, drive), system.init_state(x.shape[0]))

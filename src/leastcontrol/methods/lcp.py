@@ -1,0 +1,136 @@
+"""The least-control principle with dynamic inversion (LCP-DI).
+
+A controller on the output units drives the system to a state that reduces
+the loss; a hidden control population ``e`` runs the transposed linearised
+dynamics so that the total control ``ψ = (e, u)`` is the least one needed:
+
+    u̇_i = −∇_o L(o) − α u_i,           u = k_i u_i − k_p ∇_o L(o)
+    ė   = (∂_v f)ᵀ ψ                    (one VJP per step)
+    v̇   = f_v(v) + e,     ȯ = f_o(v, o) + u
+
+At the controlled equilibrium ``ψ* = −f(s*)`` and ``(∂_s f)ᵀ ψ* = β ∇_s L``
+with ``β = k_i/α + k_p``: the stationarity of ``H_β(θ) = min_s ½‖f(s)‖² + β L(s)``.
+The envelope theorem then gives the local update
+
+    ∇_θ H_β = −(∂_θ f(s*, θ))ᵀ ψ*          (one VJP in θ; ``−ψ*_v φ(v*)ᵀ`` for W)
+
+which is written to ``.grad`` unscaled (no ``1/β``), as in the published set-ups.
+As β → 0, ``(1/β) ∇_θ H_β`` tends to the RBP gradient ``∇_θ L(s°)``.
+
+Reference: Meulemans et al., NeurIPS 2022, §3 and Appendix on dynamic inversion.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+from ..errors import ConfigError
+from ..solvers import SolveResult, SolverStats
+from ..systems.base import EquilibriumSystem, State
+from .base import EquilibriumMethod, MethodOutput, _check_number
+
+
+@dataclass
+class ControlledEquilibrium:
+    """The optimal controlled state ``s*``, its control ``ψ*`` and the solver statistics."""
+
+    state: State
+    control: State
+    stats: SolverStats
+    free: SolveResult
+
+
+@dataclass
+class LCPDI(EquilibriumMethod):
+    """LCP with dynamic inversion.
+
+    Args:
+        alpha: leak α of the integral controller (Euler needs ``|1 − dt·α| < 1``).
+        k_i: integral gain. k_p: proportional gain. Control strength ``β = k_i/α + k_p``.
+        dt, tol, max_iter, solver: settings of the free and the controlled solves.
+
+    >>> from leastcontrol.systems import RecurrentEquilibrium
+    >>> net = RecurrentEquilibrium(4, 6, 3)
+    >>> out = LCPDI(max_iter=50)(net, torch.rand(2, 4), torch.tensor([0, 2]))
+    >>> net.W.grad.shape
+    torch.Size([6, 6])
+    """
+
+    name = "lcp-di"
+    alpha: float = 0.1
+    k_i: float = 1.0
+    k_p: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_number("alpha", self.alpha)
+        _check_number("k_i", self.k_i)
+        _check_number("k_p", self.k_p, allow_zero=True)
+        if self.solver == "euler" and not abs(1.0 - self.dt * self.alpha) < 1.0:
+            raise ConfigError(
+                f"alpha={self.alpha} with dt={self.dt} makes the Euler-stepped controller diverge "
+                "(needs |1 − dt·alpha| < 1); reach a small beta by lowering k_i instead of raising alpha"
+            )
+
+    @property
+    def beta(self) -> float:
+        """Control strength β of the relaxed problem ``H_β``."""
+        return self.k_i / self.alpha + self.k_p
+
+    def _control(self, z, grad_o):
+        u = self.k_i * z["u_int"]
+        return u - self.k_p * grad_o if self.k_p else u
+
+    @torch.no_grad()
+    def controlled_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
+                               free: SolveResult | None = None) -> ControlledEquilibrium:
+        """Run the controlled dynamics from the free equilibrium to ``(s*, ψ*)``."""
+        x = system.prepare_input(x)
+        free = free if free is not None else self.free_equilibrium(system, x)
+        drive = system.encode(x)
+        out = system.output_population
+        pops = list(free.state)
+        hidden = [p for p in pops if p != out]
+
+        def field(z) -> Dict[str, torch.Tensor]:
+            s = {p: z[p] for p in pops}
+            grad_o = self._loss.grad(z[out], y)
+            psi = {p: z["e_" + p] for p in hidden}
+            psi[out] = self._control(z, grad_o)
+            f, back = system.dynamics_and_state_vjp(s, drive, psi)
+            d = {p: f[p] + psi[p] for p in pops}
+            d.update({"e_" + p: back[p] for p in hidden})
+            d["u_int"] = -grad_o - self.alpha * z["u_int"]
+            return d
+
+        z0 = dict(free.state)
+        z0.update({"e_" + p: torch.zeros_like(free.state[p]) for p in hidden})
+        z0["u_int"] = torch.zeros_like(free.state[out])
+        res = self._solver.solve(field, z0)
+        z = res.state
+        control = {p: z["e_" + p] for p in hidden}
+        control[out] = self._control(z, self._loss.grad(z[out], y))
+        return ControlledEquilibrium({p: z[p] for p in pops}, control, res.stats, free)
+
+    def gradients(self, system, x, y):
+        free = self.free_equilibrium(system, x)
+        ctrl = self.controlled_equilibrium(system, x, y, free)
+        B = x.shape[0]
+        # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, averaged over the batch.
+        vjp = system.param_vjp(ctrl.state, x, {k: v / B for k, v in ctrl.control.items()})
+        grads = {n: -g for n, g in vjp.items()}
+        loss, acc = self._summary(system.readout(free.state), y)
+        control_norm = 0.5 * sum(c.reshape(B, -1).pow(2).sum(1) for c in ctrl.control.values()).mean()
+        stats = {
+            "iterations": free.stats.iterations + ctrl.stats.iterations,
+            "iterations_free": free.stats.iterations,
+            "iterations_controlled": ctrl.stats.iterations,
+            "converged": free.stats.converged and ctrl.stats.converged,
+            "converged_free": free.stats.converged,
+            "converged_controlled": ctrl.stats.converged,
+            "residual_controlled": ctrl.stats.residual,
+            "control_norm": float(control_norm),
+        }
+        return MethodOutput(loss, acc, grads, stats)

@@ -1,0 +1,278 @@
+"""Fixed-point solvers for equilibrium dynamics ``ṡ = g(s)``.
+
+Every solver has the same small interface::
+
+    result = solver.solve(field, state0)      # field: state -> ds/dt
+    result.state, result.stats.iterations, result.stats.converged
+
+States are dicts of tensors (one per population, batch first), tuples of
+tensors, or single tensors. Convergence is the per-sample relative residual
+``‖s_{t+1} − s_t‖ / ‖s_t‖`` over all populations together, maximum over the
+batch, below ``tol``; or ``max_iter`` steps. A state that becomes NaN/Inf
+raises :class:`~leastcontrol.errors.SolverDivergedError` naming the population.
+Not converging within ``max_iter`` is reported in the stats, not raised
+(``require_convergence=True`` raises instead).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field as dc_field
+from typing import Callable, Dict, List
+
+import torch
+
+from .errors import ConfigError, LeastControlError, SolverDivergedError
+from .registry import Registry
+
+Field = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
+_TINY = 1e-30
+
+
+@dataclass
+class SolverStats:
+    """What a solve did.
+
+    Attributes:
+        iterations: steps taken.
+        residual: final relative residual (max over the batch).
+        converged: ``residual < tol`` was reached within ``max_iter``.
+        converged_fraction: fraction of samples whose own residual is below ``tol``.
+        trace: residual at every convergence check.
+        fallbacks: (Anderson) steps where the least-squares solve failed and a plain step was used.
+    """
+
+    iterations: int
+    residual: float
+    converged: bool
+    converged_fraction: float
+    trace: List[float] = dc_field(default_factory=list)
+    fallbacks: int = 0
+
+
+@dataclass
+class SolveResult:
+    state: object
+    stats: SolverStats
+
+
+class _Layout:
+    """Converts between the user's state structure and a dict of ``(B, …)`` tensors."""
+
+    def __init__(self, state0):
+        if isinstance(state0, torch.Tensor):
+            self.kind, self.names = "tensor", ["state"]
+            self.as_dict = {"state": state0}
+        elif isinstance(state0, (tuple, list)):
+            self.kind, self.names = "tuple", [str(i) for i in range(len(state0))]
+            self.as_dict = dict(zip(self.names, state0))
+        elif isinstance(state0, dict):
+            self.kind, self.names = "dict", list(state0)
+            self.as_dict = dict(state0)
+        else:
+            raise TypeError(f"state must be a tensor, tuple or dict of tensors, got {type(state0).__name__}")
+        if not self.names:
+            raise ValueError("state is empty")
+        batch = {t.shape[0] for t in self.as_dict.values()}
+        if len(batch) != 1:
+            raise ValueError(f"all populations need the same batch size, got {sorted(batch)}")
+        self.shapes = {k: t.shape for k, t in self.as_dict.items()}
+        self.sizes = [math.prod(self.shapes[k][1:]) for k in self.names]
+
+    def to_user(self, d):
+        if self.kind == "tensor":
+            return d["state"]
+        if self.kind == "tuple":
+            return tuple(d[k] for k in self.names)
+        return d
+
+    def from_user(self, s):
+        if self.kind == "tensor":
+            return {"state": s}
+        if self.kind == "tuple":
+            return dict(zip(self.names, s))
+        return s
+
+    def wrap(self, field: Field):
+        return lambda d: self.from_user(field(self.to_user(d)))
+
+    def pack(self, d) -> torch.Tensor:
+        return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in self.names], dim=1)
+
+    def unpack(self, z: torch.Tensor):
+        parts = torch.split(z, self.sizes, dim=1)
+        return {k: p.reshape(self.shapes[k]) for k, p in zip(self.names, parts)}
+
+    def first_nonfinite(self, d) -> str:
+        for k in self.names:
+            if not torch.isfinite(d[k]).all():
+                return k
+        return self.names[0]
+
+
+def _sq_norms(d) -> torch.Tensor:
+    """Per-sample squared norm over all populations, shape ``(B,)``."""
+    return sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in d.values())
+
+
+class Solver:
+    """Common configuration and validation of the fixed-point solvers.
+
+    Args:
+        dt: step size of the dynamics (the fixed-point map is ``s + dt·g(s)``).
+        tol: relative-residual tolerance (per sample, max over the batch).
+        max_iter: maximum number of steps.
+        check_every: test convergence (a device sync) every k steps.
+        require_convergence: raise instead of returning an unconverged state.
+    """
+
+    name = "solver"
+
+    def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
+                 check_every: int = 1, require_convergence: bool = False):
+        if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
+            raise ConfigError(f"dt must be a positive number, got {dt!r}")
+        if not (isinstance(tol, (int, float)) and tol >= 0):
+            raise ConfigError(f"tol must be >= 0, got {tol!r}")
+        if not (isinstance(max_iter, int) and max_iter >= 1):
+            raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}")
+        if not (isinstance(check_every, int) and check_every >= 1):
+            raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
+        self.dt, self.tol, self.max_iter = float(dt), float(tol), max_iter
+        self.check_every, self.require_convergence = check_every, require_convergence
+
+    def __repr__(self):
+        return f"{type(self).__name__}(dt={self.dt}, tol={self.tol}, max_iter={self.max_iter})"
+
+    def solve(self, field: Field, state0) -> SolveResult:
+        raise NotImplementedError
+
+    def _finish(self, layout, d, stats: SolverStats) -> SolveResult:
+        if self.require_convergence and not stats.converged:
+            raise LeastControlError(
+                f"{self.name} did not converge: relative residual {stats.residual:.3g} > tol {self.tol:g} "
+                f"after {stats.iterations} steps; raise max_iter, loosen tol or use the anderson solver"
+            )
+        return SolveResult(layout.to_user(d), stats)
+
+    def _check(self, layout, residuals: torch.Tensor, d, step: int):
+        r = float(residuals.max())
+        if not math.isfinite(r):
+            raise SolverDivergedError(layout.first_nonfinite(d), step, self.name)
+        return r
+
+
+class Euler(Solver):
+    """Forward-Euler iteration ``s_{t+1} = s_t + dt · g(s_t)``.
+
+    >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
+    >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
+    (True, 1.0)
+    """
+
+    name = "euler"
+
+    def solve(self, field: Field, state0) -> SolveResult:
+        layout = _Layout(state0)
+        g_field = layout.wrap(field)
+        s = layout.as_dict
+        trace: List[float] = []
+        r, res, step = math.inf, None, 0
+        for step in range(1, self.max_iter + 1):
+            g = g_field(s)
+            check = step % self.check_every == 0 or step == self.max_iter
+            if check:
+                res = self.dt * (_sq_norms(g) / _sq_norms(s).clamp_min(_TINY)).sqrt()
+            s = {k: s[k] + self.dt * g[k] for k in layout.names}
+            if check:
+                r = self._check(layout, res, s, step)
+                trace.append(r)
+                if r < self.tol:
+                    break
+        frac = float((res < self.tol).double().mean()) if res is not None else 0.0
+        return self._finish(layout, s, SolverStats(step, r, r < self.tol, frac, trace))
+
+
+class Anderson(Solver):
+    """Anderson acceleration of the fixed-point map ``T(s) = s + dt · g(s)``, batched.
+
+    Keeps the last ``memory`` iterates, mixes them with weights that minimise
+    the norm of the combined residual (sum-to-one constraint, Tikhonov
+    regularisation ``reg`` relative to the Gram matrix's scale). A sample whose
+    small linear system is singular falls back to a plain step (counted in
+    ``stats.fallbacks``). The best iterate (smallest residual) is returned.
+
+    Args:
+        memory: number of past iterates mixed (m).
+        mixing: damping β of the update ``Σ α_j (s_j + β·dt·g_j)``.
+        reg: regularisation of the least-squares system.
+    """
+
+    name = "anderson"
+
+    def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
+                 memory: int = 5, mixing: float = 1.0, reg: float = 1e-8, **kwargs):
+        super().__init__(dt, tol, max_iter, **kwargs)
+        if not (isinstance(memory, int) and memory >= 1):
+            raise ConfigError(f"memory must be a positive integer, got {memory!r}")
+        if not (0 < mixing <= 1):
+            raise ConfigError(f"mixing must be in (0, 1], got {mixing!r}")
+        self.memory, self.mixing, self.reg = memory, float(mixing), float(reg)
+
+    def solve(self, field: Field, state0) -> SolveResult:
+        layout = _Layout(state0)
+        g_field = layout.wrap(field)
+        z = layout.pack(layout.as_dict)
+        B, N = z.shape
+        m = self.memory
+        X = z.new_zeros(B, m, N)   # past iterates
+        G = z.new_zeros(B, m, N)   # their steps dt·g
+        trace: List[float] = []
+        best_z, best_r = z.clone(), z.new_full((B,), math.inf)
+        r, fallbacks, step = math.inf, 0, 0
+        for step in range(1, self.max_iter + 1):
+            gz = self.dt * layout.pack(g_field(layout.unpack(z)))
+            res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt()
+            if not torch.isfinite(res).all():
+                raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
+            improved = res < best_r
+            best_r = torch.where(improved, res, best_r)
+            best_z = torch.where(improved[:, None], z, best_z)
+            if step % self.check_every == 0 or step == self.max_iter:
+                r = float(best_r.max())
+                trace.append(r)
+                if r < self.tol:
+                    break
+            slot = (step - 1) % m
+            X[:, slot], G[:, slot] = z, gz
+            k = min(step, m)
+            if k == 1:
+                z = z + self.mixing * gz
+                continue
+            Gk, Xk = G[:, :k], X[:, :k]
+            gram = Gk @ Gk.transpose(1, 2)
+            scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(_TINY)
+            gram = gram + (self.reg * scale)[:, None, None] * torch.eye(k, dtype=z.dtype, device=z.device)
+            ones = z.new_ones(B, k, 1)
+            w, info = torch.linalg.solve_ex(gram, ones)
+            w = w.squeeze(-1)
+            wsum = w.sum(1, keepdim=True)
+            ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
+            alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
+            mixed = (alpha[:, :, None] * (Xk + self.mixing * Gk)).sum(1)
+            plain = z + self.mixing * gz
+            if not bool(ok.all()):
+                fallbacks += int((~ok).sum())
+            z = torch.where(ok[:, None], mixed, plain)
+        frac = float((best_r < self.tol).double().mean())
+        stats = SolverStats(step, r, r < self.tol, frac, trace, fallbacks)
+        return self._finish(layout, layout.unpack(best_z), stats)
+
+
+SOLVERS: Registry[Solver] = Registry("solver")
+SOLVERS.register("euler", Euler)
+SOLVERS.register("anderson", Anderson)
+
+
+def get_solver(name: str, **kwargs) -> Solver:
+    """Build a registered solver (``euler``, ``anderson``) with its settings."""
+    return SOLVERS.create(name, **kwargs)

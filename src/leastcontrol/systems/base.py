@@ -1,0 +1,164 @@
+"""What an equilibrium system is.
+
+A system has parameters θ, a state ``s`` made of named populations (for the
+built-in networks: hidden ``v`` and output ``o``), and free dynamics
+
+    ds/dt = f(s, θ, x),          f(s°, θ, x) = 0 at the free equilibrium s°.
+
+A new system subclasses :class:`EquilibriumSystem` and writes
+:meth:`encode` (the parameter-dependent input drive, computed once per batch)
+and :meth:`dynamics` (``f``). Everything else — state layout, vector-Jacobian
+products in the state and in θ — has generic defaults; the built-ins override
+the state VJP with a closed form because the controlled dynamics call it
+every step.
+
+Reference: Meulemans et al., "The least-control principle for local learning
+at equilibrium", NeurIPS 2022, §2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping, Sequence
+
+import torch
+from torch import nn
+
+State = Dict[str, torch.Tensor]
+
+
+class EquilibriumSystem(nn.Module):
+    """Base class of equilibrium systems ``ṡ = f(s, θ, x)``.
+
+    Subclasses set :attr:`n_in`, :attr:`n_out`, implement
+    :meth:`population_sizes`, :meth:`encode` and :meth:`dynamics`.
+
+    Attributes:
+        output_population: name of the population the loss reads (``"o"``).
+        settle_steps: for layered (feedforward) systems, the number of Euler
+            steps with ``dt = 1`` that reach the exact equilibrium from the zero
+            state; ``None`` for genuinely recurrent systems.
+    """
+
+    output_population: str = "o"
+    settle_steps: int | None = None
+    n_in: int
+    n_out: int
+
+    # --- what a subclass writes -------------------------------------------------
+    def population_sizes(self) -> Dict[str, int]:
+        """Ordered mapping population name -> number of units (per sample)."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor):
+        """Parameter-dependent input drive (e.g. ``U x + b``), computed once per batch.
+
+        Args:
+            x: validated input, shape ``(B, n_in)``.
+        """
+        raise NotImplementedError
+
+    def dynamics(self, state: Mapping[str, torch.Tensor], drive) -> State:
+        """The free dynamics ``f(s, θ, x)``: one tensor per population, shapes of ``state``."""
+        raise NotImplementedError
+
+    # --- generic machinery ------------------------------------------------------
+    @property
+    def is_feedforward(self) -> bool:
+        return self.settle_steps is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def prepare_input(self, x) -> torch.Tensor:
+        """Validate an input batch and flatten it to ``(B, n_in)`` in the system's dtype.
+
+        Accepts ``(B, n_in)`` or any image shape ``(B, *dims)`` with
+        ``prod(dims) == n_in``.
+
+        Raises:
+            ValueError: wrong type, non-floating dtype, wrong feature size, NaN/Inf.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"input must be a torch.Tensor of shape (batch, {self.n_in}), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(
+                f"input must be floating point (got dtype {x.dtype}); scale integer pixels to [0, 1] first"
+            )
+        if x.dim() < 2 or math.prod(x.shape[1:]) != self.n_in:
+            raise ValueError(
+                f"input has shape {tuple(x.shape)}; expected (batch, {self.n_in}) or (batch, *dims) "
+                f"with {self.n_in} features per sample"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("input batch is empty")
+        if not torch.isfinite(x).all():
+            raise ValueError("input batch contains NaN or Inf values; clean the data before training")
+        return x.reshape(x.shape[0], self.n_in).to(dtype=self.dtype, device=self.device)
+
+    def init_state(self, batch_size: int) -> State:
+        """The zero state, one ``(B, n)`` tensor per population."""
+        return {
+            name: torch.zeros(batch_size, n, dtype=self.dtype, device=self.device)
+            for name, n in self.population_sizes().items()
+        }
+
+    def readout(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model output read from a state: the output population (logits)."""
+        return state[self.output_population]
+
+    def state_vjp(self, state: Mapping[str, torch.Tensor], drive, cotangent: Mapping[str, torch.Tensor]) -> State:
+        """``(∂_s f)ᵀ c`` for a cotangent ``c`` shaped like the state (generic: ``torch.func.vjp``)."""
+        return self.dynamics_and_state_vjp(state, drive, cotangent)[1]
+
+    def dynamics_and_state_vjp(self, state, drive, cotangent):
+        """``(f(s), (∂_s f)ᵀ c)`` with one forward evaluation and one VJP."""
+        drive = _detach(drive)
+        primal = {k: v.detach() for k, v in state.items()}
+        f, vjp_fn = torch.func.vjp(lambda s: self.dynamics(s, drive), primal)
+        return f, vjp_fn(dict(cotangent))[0]
+
+    def param_vjp(self, state: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  cotangent: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """``(∂_θ f(s, θ, x))ᵀ c`` summed over the batch, one tensor per named parameter.
+
+        The state is held fixed (detached); the input drive is recomputed with
+        the graph so parameters of :meth:`encode` receive their share.
+        """
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        with torch.enable_grad():
+            f = self.dynamics({k: v.detach() for k, v in state.items()}, self.encode(x))
+            keys = [k for k in f if k in cotangent]
+            grads = torch.autograd.grad(
+                [f[k] for k in keys], [p for _, p in named],
+                grad_outputs=[cotangent[k] for k in keys], allow_unused=True,
+            )
+        return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(named, grads)}
+
+
+def _detach(drive):
+    if isinstance(drive, torch.Tensor):
+        return drive.detach()
+    if isinstance(drive, (tuple, list)):
+        return type(drive)(_detach(d) for d in drive)
+    if isinstance(drive, dict):
+        return {k: _detach(v) for k, v in drive.items()}
+    return drive
+
+
+def uniform_init_(tensor: torch.Tensor, fan_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PyTorch's default linear-layer initialisation: U(−1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound, generator=generator)
+
+
+def sizes_check(sizes: Sequence[int]) -> list[int]:
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 3 or any(s <= 0 for s in sizes):
+        raise ValueError(f"sizes must be [n_in, hidden..., n_out] with at least one hidden layer and positive entries, got {sizes}")
+    return sizes

@@ -1,0 +1,148 @@
+"""The equilibrium networks of the LCP paper (§1 of docs/LCP.md).
+
+Both are rate networks with ``φ = tanh`` and output units ``o`` that read
+``φ(v)``; the loss is taken on ``o`` (logits). Rows are samples: a state
+population has shape ``(B, n)`` and weights act as ``φ(v) @ Wᵀ``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from torch import nn
+
+from .base import EquilibriumSystem, sizes_check, uniform_init_
+
+
+def _tanh_and_slope(v: torch.Tensor):
+    r = torch.tanh(v)
+    return r, 1.0 - r * r
+
+
+class RecurrentEquilibrium(EquilibriumSystem):
+    """Fully recurrent tanh network.
+
+        v̇ = −v + W φ(v) + U x + b
+        ȯ = −o + D φ(v) + c
+
+    Args:
+        n_in: input features. n_hidden: recurrent units. n_out: output units.
+        dtype: parameter dtype. generator: optional RNG for the initialisation.
+
+    >>> net = RecurrentEquilibrium(4, 8, 3)
+    >>> sorted(net.population_sizes().items())
+    [('o', 3), ('v', 8)]
+    """
+
+    def __init__(self, n_in: int = 784, n_hidden: int = 256, n_out: int = 10, *,
+                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+        super().__init__()
+        sizes_check([n_in, n_hidden, n_out])
+        self.n_in, self.n_hidden, self.n_out = int(n_in), int(n_hidden), int(n_out)
+        H = self.n_hidden
+        self.U = nn.Parameter(uniform_init_(torch.empty(H, n_in, dtype=dtype), n_in, generator))
+        self.b = nn.Parameter(uniform_init_(torch.empty(H, dtype=dtype), n_in, generator))
+        self.W = nn.Parameter(uniform_init_(torch.empty(H, H, dtype=dtype), H, generator))
+        self.D = nn.Parameter(uniform_init_(torch.empty(n_out, H, dtype=dtype), H, generator))
+        self.c = nn.Parameter(uniform_init_(torch.empty(n_out, dtype=dtype), H, generator))
+
+    def population_sizes(self) -> Dict[str, int]:
+        return {"v": self.n_hidden, "o": self.n_out}
+
+    def encode(self, x):
+        return torch.addmm(self.b, x, self.U.t())
+
+    def dynamics(self, state, drive):
+        r = torch.tanh(state["v"])
+        return {
+            "v": torch.addmm(drive, r, self.W.t()) - state["v"],
+            "o": torch.addmm(self.c, r, self.D.t()) - state["o"],
+        }
+
+    def dynamics_and_state_vjp(self, state, drive, cotangent):
+        # Closed form: (∂_v f)ᵀ a = −a_v + φ'(v) ⊙ (a_v W + a_o D),  (∂_o f)ᵀ a = −a_o.
+        v, o = state["v"], state["o"]
+        a_v, a_o = cotangent["v"], cotangent["o"]
+        r, slope = _tanh_and_slope(v)
+        f = {"v": torch.addmm(drive, r, self.W.t()) - v, "o": torch.addmm(self.c, r, self.D.t()) - o}
+        back = torch.addmm(a_v @ self.W, a_o, self.D)
+        return f, {"v": slope * back - a_v, "o": -a_o}
+
+
+class FeedforwardEquilibrium(EquilibriumSystem):
+    """A layered tanh network written as an equilibrium system.
+
+    With ``sizes = [n_0, n_1, …, n_{L−1}, n_L]`` the hidden state ``v`` is the
+    concatenation of the blocks ``h_1 … h_{L−1}``:
+
+        ḣ_1 = −h_1 + U x + b
+        ḣ_l = −h_l + W_l φ(h_{l−1}) + b_l        (l = 2 … L−1)
+        ȯ   = −o   + D φ(h_{L−1}) + c
+
+    The recurrent matrix is block-lower-triangular, so the equilibrium is the
+    ordinary forward pass, reached from the zero state in ``L`` Euler steps
+    with ``dt = 1`` (:attr:`settle_steps`).
+
+    >>> net = FeedforwardEquilibrium([4, 5, 6, 3])
+    >>> net.settle_steps, net.population_sizes()
+    (3, {'v': 11, 'o': 3})
+    """
+
+    def __init__(self, sizes: Sequence[int] = (784, 256, 256, 10), *,
+                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+        super().__init__()
+        sizes = sizes_check(sizes)
+        self.sizes = sizes
+        self.n_in, self.n_out = sizes[0], sizes[-1]
+        self.hidden_sizes = sizes[1:-1]
+        self.settle_steps = len(sizes) - 1
+        n0, n1 = sizes[0], sizes[1]
+        self.U = nn.Parameter(uniform_init_(torch.empty(n1, n0, dtype=dtype), n0, generator))
+        self.b = nn.Parameter(uniform_init_(torch.empty(n1, dtype=dtype), n0, generator))
+        self.W = nn.ParameterList()
+        self.b_W = nn.ParameterList()
+        for n_prev, n_next in zip(self.hidden_sizes[:-1], self.hidden_sizes[1:]):
+            self.W.append(nn.Parameter(uniform_init_(torch.empty(n_next, n_prev, dtype=dtype), n_prev, generator)))
+            self.b_W.append(nn.Parameter(uniform_init_(torch.empty(n_next, dtype=dtype), n_prev, generator)))
+        n_last = self.hidden_sizes[-1]
+        self.D = nn.Parameter(uniform_init_(torch.empty(self.n_out, n_last, dtype=dtype), n_last, generator))
+        self.c = nn.Parameter(uniform_init_(torch.empty(self.n_out, dtype=dtype), n_last, generator))
+
+    def population_sizes(self) -> Dict[str, int]:
+        return {"v": sum(self.hidden_sizes), "o": self.n_out}
+
+    def blocks(self, v: torch.Tensor):
+        """Split the hidden state into its layer blocks (views)."""
+        return torch.split(v, self.hidden_sizes, dim=-1)
+
+    def encode(self, x):
+        return torch.addmm(self.b, x, self.U.t())
+
+    def _targets(self, rates, drive):
+        # What each population is driven towards: h_l* = W_l φ(h_{l−1}) + b_l.
+        hidden = [drive] + [torch.addmm(b, r, W.t()) for W, b, r in zip(self.W, self.b_W, rates[:-1])]
+        return torch.cat(hidden, dim=-1), torch.addmm(self.c, rates[-1], self.D.t())
+
+    def dynamics(self, state, drive):
+        rates = [torch.tanh(h) for h in self.blocks(state["v"])]
+        v_target, o_target = self._targets(rates, drive)
+        return {"v": v_target - state["v"], "o": o_target - state["o"]}
+
+    def dynamics_and_state_vjp(self, state, drive, cotangent):
+        pairs = [_tanh_and_slope(h) for h in self.blocks(state["v"])]
+        rates = [r for r, _ in pairs]
+        v_target, o_target = self._targets(rates, drive)
+        f = {"v": v_target - state["v"], "o": o_target - state["o"]}
+        # Block l−1 receives φ'(h_{l−1}) ⊙ (a_l W_l); the last block gets φ'(h) ⊙ (a_o D).
+        a_blocks = self.blocks(cotangent["v"])
+        back = [a_next @ W for a_next, W in zip(a_blocks[1:], self.W)] + [cotangent["o"] @ self.D]
+        vjp_v = torch.cat([slope * g for (_, slope), g in zip(pairs, back)], dim=-1) - cotangent["v"]
+        return f, {"v": vjp_v, "o": -cotangent["o"]}
+
+    def explicit_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ordinary layer-by-layer forward pass; returns the output ``o`` (logits)."""
+        x = self.prepare_input(x)
+        h = self.encode(x)
+        for W, b in zip(self.W, self.b_W):
+            h = torch.addmm(b, torch.tanh(h), W.t())
+        return torch.addmm(self.c, torch.tanh(h), self.D.t())
