@@ -135,7 +135,9 @@ def _sha256_uncompressed(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_mnist(directory: Path, names: Optional[list[str]] = None, timeout: float = DOWNLOAD_TIMEOUT_S) -> list[str]:
+def download_mnist(
+    directory: Path, names: Optional[list[str]] = None, timeout: float = DOWNLOAD_TIMEOUT_S
+) -> list[str]:
     """Download MNIST files into ``directory``, verifying their SHA-256.
 
     Each file goes to a temporary file in ``directory`` and is moved to
@@ -147,7 +149,9 @@ def download_mnist(directory: Path, names: Optional[list[str]] = None, timeout: 
         timeout: per-request timeout in seconds.
 
     Returns:
-        One message per file that could not be fetched (empty if all succeeded).
+        Messages describing what could not be fetched (empty if all succeeded).
+        After a file fails on every mirror with network errors the remaining
+        files are not attempted.
 
     Raises:
         DataFormatError: a file was downloaded but failed its checksum on
@@ -188,6 +192,11 @@ def download_mnist(directory: Path, names: Optional[list[str]] = None, timeout: 
                     + f". Download it by hand into {directory} or retry later."
                 )
             failures.append(f"{name}: " + "; ".join(errors))
+            rest = names[names.index(name) + 1 :]
+            if rest:
+                # every mirror failed at the network level: do not wait out the rest
+                failures.append(f"not attempted: {', '.join(rest)}")
+            break
     return failures
 
 

@@ -1,0 +1,42 @@
+"""Small systems and data shared by the tests (float64 unless stated)."""
+import torch
+
+from leastcontrol.systems import FeedforwardEquilibrium, RecurrentEquilibrium
+
+F64 = torch.float64
+
+
+def tiny_rnn(n_in=5, n_hidden=8, n_out=3, w_scale=0.5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    net = RecurrentEquilibrium(n_in, n_hidden, n_out, dtype=F64, generator=g)
+    with torch.no_grad():
+        net.W.mul_(w_scale)  # keep the dynamics comfortably contractive
+        net.U.mul_(2.0)
+    return net
+
+
+def tiny_ff(sizes=(5, 7, 6, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    net = FeedforwardEquilibrium(list(sizes), dtype=F64, generator=g)
+    with torch.no_grad():
+        net.U.mul_(2.0)
+    return net
+
+
+def batch(n_in=5, n_out=3, B=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, n_in, generator=g, dtype=F64), torch.randint(0, n_out, (B,), generator=g)
+
+
+def flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for _, g in sorted(grads.items())])
+
+
+def cosine(a: dict, b: dict) -> float:
+    a, b = flat(a), flat(b)
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def rel_err(a: dict, b: dict) -> float:
+    a, b = flat(a), flat(b)
+    return float((a - b).norm() / b.norm())

@@ -1,0 +1,236 @@
+"""Gradients of every method against independent references (float64)."""
+import pytest
+import torch
+
+from leastcontrol.errors import ConfigError, SolverDivergedError
+from leastcontrol.methods import BP, LCPDI, RBP, get_method
+
+from .helpers import F64, batch, cosine, rel_err, tiny_ff, tiny_rnn
+
+
+def unrolled_autograd_grads(net, x, y, steps=400, dt=1.0):
+    """Reference: autograd through a long Euler solve from the zero state."""
+    drive = net.encode(net.prepare_input(x))
+    s = net.init_state(x.shape[0])
+    for _ in range(steps):
+        f = net.dynamics(s, drive)
+        s = {k: s[k] + dt * f[k] for k in s}
+    loss = torch.nn.functional.cross_entropy(s["o"], y)
+    names, params = zip(*net.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+def test_rbp_matches_unrolled_autograd_on_contractive_rnn():
+    net = tiny_rnn()
+    x, y = batch()
+    ref = unrolled_autograd_grads(net, x, y)
+    out = RBP(tol=1e-13, max_iter=5000)(net, x, y)
+    assert out.stats["converged"]
+    assert rel_err(out.grads, ref) < 1e-4
+    # also written to .grad
+    assert torch.allclose(net.W.grad, ref["W"], rtol=1e-4, atol=1e-12)
+
+
+def test_rbp_and_bp_agree_on_feedforward_equilibrium():
+    net = tiny_ff()
+    x, y = batch()
+    bp = BP()(net, x, y)
+    rbp = RBP(tol=1e-14, max_iter=100)(net, x, y)
+    assert rel_err(rbp.grads, bp.grads) < 1e-10
+    ref = unrolled_autograd_grads(net, x, y, steps=net.settle_steps)
+    assert rel_err(bp.grads, ref) < 1e-12
+
+
+def H_beta(net, x, y, beta):
+    """Independent oracle: H_β(θ) = mean_i min_s ½‖f_i(s)‖² + β ℓ_i(s), by L-BFGS from the free state."""
+    with torch.no_grad():
+        drive = net.encode(net.prepare_input(x))
+        s0 = RBP(tol=1e-14, max_iter=5000).free_equilibrium(net, x).state
+    s = {k: v.clone().requires_grad_(True) for k, v in s0.items()}
+    opt = torch.optim.LBFGS(list(s.values()), lr=1, max_iter=2000, tolerance_grad=1e-15,
+                            tolerance_change=1e-20, history_size=50, line_search_fn="strong_wolfe")
+
+    def energy():
+        f = net.dynamics(s, drive)
+        e = 0.5 * sum(v.pow(2).sum() for v in f.values())
+        e = e + beta * torch.nn.functional.cross_entropy(s["o"], y, reduction="sum")
+        return e / x.shape[0]
+
+    def closure():
+        opt.zero_grad()
+        e = energy()
+        e.backward()
+        return e
+
+    for _ in range(3):
+        opt.step(closure)
+    with torch.no_grad():
+        return float(energy())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny_rnn(n_in=3, n_hidden=4, n_out=2), lambda: tiny_ff(sizes=(3, 4, 3, 2))], ids=["rnn", "ff"])
+def test_lcp_di_is_gradient_of_relaxed_least_control_objective(make):
+    """Central finite differences of H_β along random directions in θ equal ⟨LCP update, d⟩."""
+    net = make()
+    x, y = batch(n_in=3, n_out=2, B=2)
+    method = LCPDI(alpha=0.5, k_i=1.0, tol=1e-13, max_iter=20000)
+    out = method(net, x, y)
+    assert out.stats["converged"]
+    eps = 1e-5
+    params = dict(net.named_parameters())
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        d = {n: torch.randn(p.shape, generator=gen, dtype=F64) for n, p in params.items()}
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                for n, p in params.items():
+                    p += sign * eps * d[n]
+            values.append(H_beta(net, x, y, method.beta))
+            with torch.no_grad():
+                for n, p in params.items():
+                    p -= sign * eps * d[n]
+        fd = (values[0] - values[1]) / (2 * eps)
+        analytic = float(sum((out.grads[n] * d[n]).sum() for n in params))
+        assert abs(fd - analytic) < 1e-6 * max(1.0, abs(analytic)), (fd, analytic)
+
+
+def _weak_limit_cosines(net, x, y, settings):
+    rbp = RBP(tol=1e-13, max_iter=20000).gradients(net, *RBP()._inputs(net, x, y))
+    out = []
+    for kw in settings:
+        m = LCPDI(tol=1e-13, max_iter=200000, **kw)
+        lcp = m.gradients(net, *m._inputs(net, x, y))
+        assert lcp.stats["converged"]
+        scaled = {k: v / m.beta for k, v in lcp.grads.items()}
+        out.append((cosine(scaled, rbp.grads), rel_err(scaled, rbp.grads)))
+    return out
+
+
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
+def test_weak_control_limit_approaches_rbp_lowering_k_i(make):
+    net = make()
+    x, y = batch()
+    res = _weak_limit_cosines(net, x, y, [dict(alpha=0.5, k_i=k) for k in (2.0, 0.2, 0.02, 0.002)])
+    cos = [c for c, _ in res]
+    errs = [e for _, e in res]
+    assert all(b >= a - 1e-9 for a, b in zip(cos, cos[1:])), cos
+    assert cos[-1] > 0.99
+    assert errs[-1] < errs[0] and errs[-1] < 0.05, errs
+
+
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
+def test_weak_control_limit_approaches_rbp_raising_alpha(make):
+    net = make()
+    x, y = batch()
+    # dt small enough that the Euler-stepped controller with a large leak stays stable.
+    res = _weak_limit_cosines(net, x, y, [dict(alpha=a, k_i=0.05, dt=0.05) for a in (0.5, 4.0, 19.0)])
+    cos = [c for c, _ in res]
+    assert cos[0] < cos[1] < cos[2] and cos[-1] > 0.99, cos
+
+
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
+def test_controlled_equilibrium_is_stationary_point_of_H_beta(make):
+    net = make()
+    x, y = batch()
+    m = LCPDI(alpha=0.5, k_i=0.7, k_p=0.3, tol=1e-13, max_iter=50000)
+    xs = net.prepare_input(x)
+    ctrl = m.controlled_equilibrium(net, xs, y)
+    assert ctrl.stats.converged
+    drive = net.encode(xs).detach()
+    f = net.dynamics(ctrl.state, drive)
+    for k in f:  # f(s*) + ψ* = 0
+        assert torch.allclose(f[k] + ctrl.control[k], torch.zeros_like(f[k]), atol=1e-10)
+    # (∂_s f)ᵀ ψ* = β ∇_s L, with an autograd VJP independent of the closed form
+    s = {k: v.clone().requires_grad_(True) for k, v in ctrl.state.items()}
+    fs = net.dynamics(s, drive)
+    back = torch.autograd.grad(list(fs.values()), list(s.values()), [ctrl.control[k] for k in fs])
+    back = dict(zip(s, back))
+    o = ctrl.state["o"].clone().requires_grad_(True)
+    dL = torch.autograd.grad(torch.nn.functional.cross_entropy(o, y, reduction="sum"), o)[0]
+    assert torch.allclose(back["v"], torch.zeros_like(back["v"]), atol=1e-10)
+    assert torch.allclose(back["o"], m.beta * dL, atol=1e-10)
+    assert m.beta == pytest.approx(0.7 / 0.5 + 0.3)
+
+
+def test_lcp_update_is_local_outer_product():
+    """ΔW = −mean_b ψ_v φ(v*)ᵀ: postsynaptic control times presynaptic rate."""
+    net = tiny_rnn()
+    x, y = batch()
+    m = LCPDI(alpha=0.5, tol=1e-12, max_iter=20000)
+    xs = net.prepare_input(x)
+    ctrl = m.controlled_equilibrium(net, xs, y)
+    out = m.gradients(net, xs, y)
+    r = torch.tanh(ctrl.state["v"])
+    B = xs.shape[0]
+    assert torch.allclose(out.grads["W"], -(ctrl.control["v"].T @ r) / B, atol=1e-13)
+    assert torch.allclose(out.grads["D"], -(ctrl.control["o"].T @ r) / B, atol=1e-13)
+    assert torch.allclose(out.grads["U"], -(ctrl.control["v"].T @ xs) / B, atol=1e-13)
+    assert torch.allclose(out.grads["c"], -ctrl.control["o"].mean(0), atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["rbp", "lcp-di"])
+def test_small_sgd_step_lowers_loss(name):
+    net = tiny_rnn()
+    x, y = batch(B=16)
+    method = get_method(name)
+    before = method(net, x, y).loss
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= 0.05 * p.grad
+            p.grad = None
+    after = method(net, x, y).loss
+    assert after < before
+
+
+def test_grads_accumulate_like_backward():
+    net = tiny_rnn()
+    x, y = batch()
+    m = RBP(tol=1e-12, max_iter=2000)
+    g1 = m(net, x, y).grads["W"].clone()
+    m(net, x, y)
+    assert torch.allclose(net.W.grad, 2 * g1)
+
+
+def test_bp_on_recurrent_system_is_a_clear_error():
+    with pytest.raises(ValueError, match="feedforward.*rbp or lcp-di"):
+        BP()(tiny_rnn(), *batch())
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError, match="bp, lcp-di, rbp"):
+        get_method("backprop")
+
+
+def test_bad_method_settings_fail_at_construction():
+    with pytest.raises(ConfigError, match="lowering k_i"):
+        LCPDI(alpha=1000.0)
+    with pytest.raises(ConfigError, match="dt"):
+        RBP(dt=-1.0)
+    with pytest.raises(ConfigError, match="max_iter"):
+        LCPDI(max_iter=0)
+    with pytest.raises(ValueError, match="anderson, euler"):
+        RBP(solver="newton")
+
+
+@pytest.mark.parametrize("name", ["rbp", "lcp-di"])
+def test_huge_dt_diverges_with_a_clear_error(name):
+    net = tiny_rnn(w_scale=3.0)
+    x, y = batch()
+    kwargs = {"dt": 50.0}
+    if name == "lcp-di":
+        kwargs["alpha"] = 0.01
+    with pytest.raises(SolverDivergedError, match=r"population 'v'.*smaller dt"):
+        get_method(name, **kwargs)(net, x, y)
+
+
+def test_bad_targets_are_rejected():
+    net = tiny_rnn()
+    x, _ = batch()
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        RBP()(net, x, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        RBP()(net, x, torch.full((4,), 7))
+    with pytest.raises(ValueError, match="integer class indices"):
+        RBP()(net, x, torch.zeros(4))
