@@ -42,7 +42,7 @@ def test_rbp_and_bp_agree_on_feedforward_equilibrium():
 
 
 def H_beta(net, x, y, beta):
-    """Independent oracle: H_β(θ) = mean_i min_s ½‖f_i(s)‖² + β ℓ_i(s), by L-BFGS from the free state."""
+    """Independent oracle: H_β(θ) = min_s ½‖f(s)‖² + β L(s), L the batch-mean loss, by L-BFGS from s°."""
     with torch.no_grad():
         drive = net.encode(net.prepare_input(x))
         s0 = RBP(tol=1e-14, max_iter=5000).free_equilibrium(net, x).state
@@ -53,8 +53,7 @@ def H_beta(net, x, y, beta):
     def energy():
         f = net.dynamics(s, drive)
         e = 0.5 * sum(v.pow(2).sum() for v in f.values())
-        e = e + beta * torch.nn.functional.cross_entropy(s["o"], y, reduction="sum")
-        return e / x.shape[0]
+        return e + beta * torch.nn.functional.cross_entropy(s["o"], y)
 
     def closure():
         opt.zero_grad()
@@ -148,14 +147,14 @@ def test_controlled_equilibrium_is_stationary_point_of_H_beta(make):
     back = torch.autograd.grad(list(fs.values()), list(s.values()), [ctrl.control[k] for k in fs])
     back = dict(zip(s, back))
     o = ctrl.state["o"].clone().requires_grad_(True)
-    dL = torch.autograd.grad(torch.nn.functional.cross_entropy(o, y, reduction="sum"), o)[0]
+    dL = torch.autograd.grad(torch.nn.functional.cross_entropy(o, y), o)[0]
     assert torch.allclose(back["v"], torch.zeros_like(back["v"]), atol=1e-10)
     assert torch.allclose(back["o"], m.beta * dL, atol=1e-10)
     assert m.beta == pytest.approx(0.7 / 0.5 + 0.3)
 
 
 def test_lcp_update_is_local_outer_product():
-    """ΔW = −mean_b ψ_v φ(v*)ᵀ: postsynaptic control times presynaptic rate."""
+    """ΔW = −Σ_b ψ_v φ(v*)ᵀ: postsynaptic control times presynaptic rate."""
     net = tiny_rnn()
     x, y = batch()
     m = LCPDI(alpha=0.5, tol=1e-12, max_iter=20000)
@@ -163,11 +162,10 @@ def test_lcp_update_is_local_outer_product():
     ctrl = m.controlled_equilibrium(net, xs, y)
     out = m.gradients(net, xs, y)
     r = torch.tanh(ctrl.state["v"])
-    B = xs.shape[0]
-    assert torch.allclose(out.grads["W"], -(ctrl.control["v"].T @ r) / B, atol=1e-13)
-    assert torch.allclose(out.grads["D"], -(ctrl.control["o"].T @ r) / B, atol=1e-13)
-    assert torch.allclose(out.grads["U"], -(ctrl.control["v"].T @ xs) / B, atol=1e-13)
-    assert torch.allclose(out.grads["c"], -ctrl.control["o"].mean(0), atol=1e-13)
+    assert torch.allclose(out.grads["W"], -(ctrl.control["v"].T @ r), atol=1e-13)
+    assert torch.allclose(out.grads["D"], -(ctrl.control["o"].T @ r), atol=1e-13)
+    assert torch.allclose(out.grads["U"], -(ctrl.control["v"].T @ xs), atol=1e-13)
+    assert torch.allclose(out.grads["c"], -ctrl.control["o"].sum(0), atol=1e-13)
 
 
 @pytest.mark.parametrize("name", ["rbp", "lcp-di"])

@@ -7,17 +7,16 @@ the gzip magic bytes, not by the file extension.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip as _gzip
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import numpy as np
 
+from ..atomic import atomic_target
 from ..errors import DataFormatError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -100,27 +99,6 @@ def read_idx(path: PathLike) -> np.ndarray:
     arr = np.frombuffer(data, dtype=dtype, count=math.prod(dims), offset=header_len).reshape(dims)
     # astype always copies, which makes the array writable and native-endian.
     return arr.astype(dtype.newbyteorder("="))
-
-
-@contextlib.contextmanager
-def atomic_target(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` on success.
-
-    The temporary file is removed if the body raises, so a failed write never
-    leaves a partial file under the final name.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def write_idx(path: PathLike, array: np.ndarray, gzip: bool = False) -> Path:

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import ConfigError, DataFormatError, DatasetNotFoundError
 from .base import Dataset
-from .idx import atomic_target, is_gzip_bytes, read_idx
+from ..atomic import atomic_target
+from .idx import is_gzip_bytes, read_idx
 
 logger = logging.getLogger(__name__)
 

@@ -10,6 +10,10 @@ dynamics so that the total control ``ψ = (e, u)`` is the least one needed:
 
 At the controlled equilibrium ``ψ* = −f(s*)`` and ``(∂_s f)ᵀ ψ* = β ∇_s L``
 with ``β = k_i/α + k_p``: the stationarity of ``H_β(θ) = min_s ½‖f(s)‖² + β L(s)``.
+For a batch, ``s`` stacks the samples' states, ``½‖f‖²`` sums over them and
+``L`` is the batch-mean loss (PyTorch's default reduction), so each sample is
+controlled with strength ``β/B``; this is the convention of the published
+set-ups, whose numbers the defaults reproduce.
 The envelope theorem then gives the local update
 
     ∇_θ H_β = −(∂_θ f(s*, θ))ᵀ ψ*          (one VJP in θ; ``−ψ*_v φ(v*)ᵀ`` for W)
@@ -94,9 +98,11 @@ class LCPDI(EquilibriumMethod):
         pops = list(free.state)
         hidden = [p for p in pops if p != out]
 
+        B = x.shape[0]
+
         def field(z) -> Dict[str, torch.Tensor]:
             s = {p: z[p] for p in pops}
-            grad_o = self._loss.grad(z[out], y)
+            grad_o = self._loss.grad(z[out], y) / B  # ∇_o of the batch-mean loss
             psi = {p: z["e_" + p] for p in hidden}
             psi[out] = self._control(z, grad_o)
             f, back = system.dynamics_and_state_vjp(s, drive, psi)
@@ -111,18 +117,18 @@ class LCPDI(EquilibriumMethod):
         res = self._solver.solve(field, z0)
         z = res.state
         control = {p: z["e_" + p] for p in hidden}
-        control[out] = self._control(z, self._loss.grad(z[out], y))
+        control[out] = self._control(z, self._loss.grad(z[out], y) / B)
         return ControlledEquilibrium({p: z[p] for p in pops}, control, res.stats, free)
 
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)
         ctrl = self.controlled_equilibrium(system, x, y, free)
         B = x.shape[0]
-        # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, averaged over the batch.
-        vjp = system.param_vjp(ctrl.state, x, {k: v / B for k, v in ctrl.control.items()})
+        # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, summed over the batch (L is already a batch mean).
+        vjp = system.param_vjp(ctrl.state, x, ctrl.control)
         grads = {n: -g for n, g in vjp.items()}
         loss, acc = self._summary(system.readout(free.state), y)
-        control_norm = 0.5 * sum(c.reshape(B, -1).pow(2).sum(1) for c in ctrl.control.values()).mean()
+        control_norm = 0.5 * sum(c.pow(2).sum() for c in ctrl.control.values())
         stats = {
             "iterations": free.stats.iterations + ctrl.stats.iterations,
             "iterations_free": free.stats.iterations,

@@ -1,0 +1,143 @@
+"""Command line: ``leastcontrol train | eval``.
+
+``leastcontrol train`` with no arguments trains the recurrent equilibrium
+network with LCP-DI on the bundled digits data (offline, about a minute).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .data import DATASETS
+from .errors import LeastControlError
+from .methods import METHODS
+from .solvers import SOLVERS
+from .systems import SYSTEMS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _add_data_args(p: argparse.ArgumentParser, default_dataset: Optional[str] = "digits"):
+    p.add_argument("--dataset", default=default_dataset, choices=DATASETS.names(),
+                   help="digits: bundled 8x8 digits (offline); mnist: MNIST IDX files (downloaded when missing); "
+                        "idx: any MNIST-format directory given by --data-dir")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the data files (default: $LEASTCONTROL_DATA, else the user cache)")
+    p.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training samples")
+    p.add_argument("--limit-test", type=_positive_int, default=None, help="use the first N test samples")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leastcontrol",
+        description="Learn equilibrium systems with the least-control principle (Meulemans et al., NeurIPS 2022).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an equilibrium network",
+                       description="Train an equilibrium network; defaults are the published MNIST settings.")
+    t.add_argument("--model", default="rnn", choices=SYSTEMS.names(), help="ff: layered network; rnn: recurrent")
+    t.add_argument("--method", default="lcp-di", choices=METHODS.names(), help="learning rule")
+    _add_data_args(t)
+    t.add_argument("--hidden", type=_positive_int, default=256, help="hidden units (per layer for ff)")
+    t.add_argument("--epochs", type=_positive_int, default=None,
+                   help="training epochs (default 30; 10 on digits)")
+    t.add_argument("--batch-size", type=_positive_int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    t.add_argument("--schedule", default="cosine", choices=["cosine", "none"],
+                   help="cosine: per-step decay to 0.1*lr over the run")
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: 10 for rnn, off for ff; 0 = off)")
+    g = t.add_argument_group("dynamics and control (defaults: the method's published settings)")
+    g.add_argument("--alpha", type=float, default=None, help="controller leak α (lcp-di: 0.1)")
+    g.add_argument("--k-i", type=float, default=None, help="integral gain (lcp-di: 1)")
+    g.add_argument("--k-p", type=float, default=None, help="proportional gain (lcp-di: 0)")
+    g.add_argument("--dt", type=float, default=None, help="Euler step (1)")
+    g.add_argument("--tol", type=float, default=None, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
+    g.add_argument("--max-iter", type=_positive_int, default=None, help="max solver steps (lcp-di 800, rbp 200)")
+    g.add_argument("--solver", default=None, choices=SOLVERS.names(), help="fixed-point solver (euler)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: at the end)")
+    t.add_argument("--json-out", default=None, help="write config, history and test accuracy to this JSON file")
+    t.add_argument("--checkpoint", default=None, help="save model/optimizer state here after every epoch")
+    t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="test accuracy of a saved checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    _add_data_args(e, default_dataset=None)
+    e.add_argument("--json-out", default=None)
+    return parser
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, train
+
+    epochs = args.epochs if args.epochs is not None else (10 if args.dataset == "digits" else 30)
+    config = TrainConfig(
+        model=args.model, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
+        limit_train=args.limit_train, limit_test=args.limit_test, hidden=args.hidden, epochs=epochs,
+        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+        grad_clip=args.grad_clip, alpha=args.alpha, k_i=args.k_i, k_p=args.k_p, dt=args.dt, tol=args.tol,
+        max_iter=args.max_iter, solver=args.solver, seed=args.seed, eval_every=args.eval_every,
+        json_out=args.json_out, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet,
+    )
+    print(f"leastcontrol train: model={config.model} method={config.method} dataset={config.dataset} "
+          f"epochs={config.epochs} ({config.build_method()!r})", flush=True)
+    result = train(config)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"test accuracy {result['test_accuracy']:.4f}  train time {result['train_seconds']:.1f}s  "
+          f"mean iterations {last.get('mean_iterations', 0):.1f}  "
+          f"converged batches {result['converged_fraction']:.2f}")
+    if config.json_out:
+        print(f"results written to {config.json_out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .data import load_dataset
+    from .train import TrainConfig, build_system, evaluate, load_checkpoint
+    from .atomic import write_json
+
+    state = load_checkpoint(args.checkpoint)
+    saved = dict(state["config"], json_out=None, checkpoint=None, resume=False, progress=False)
+    config = TrainConfig(**saved)
+    dataset = args.dataset or config.dataset
+    data_dir = args.data_dir or config.data_dir
+    data = load_dataset(dataset, data_dir, args.limit_train or 1, args.limit_test)
+    system = build_system(config, data)
+    system.load_state_dict(state["system"])
+    accuracy = evaluate(config.build_method(), system, data.test_x, data.test_y, config.eval_batch_size)
+    print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "
+          f"(epoch {state['epoch']})")
+    if args.json_out:
+        write_json(args.json_out, {"checkpoint": str(args.checkpoint), "dataset": dataset,
+                                   "test_accuracy": accuracy, "test_samples": len(data.test_y),
+                                   "epoch": state["epoch"]})
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _train, "eval": _eval}[args.command](args)
+    except LeastControlError as exc:
+        print(f"leastcontrol: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid inputs found by the library carry a readable message
+        print(f"leastcontrol: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leastcontrol: interrupted (completed epochs are in --checkpoint, if given)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""The training loop: optimizer, cosine schedule, evaluation, checkpoints, JSON results.
+
+>>> from leastcontrol.train import TrainConfig, train
+>>> result = train(TrainConfig(epochs=1, limit_train=128, limit_test=64, progress=False))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .atomic import atomic_target, write_json
+from .data import DATASETS, Dataset, load_dataset
+from .errors import CheckpointError, ConfigError
+from .methods import METHODS, Method, get_method
+from .solvers import SOLVERS
+from .systems import SYSTEMS, EquilibriumSystem, get_system
+
+# Published MNIST settings (docs/LCP.md §4): gradient clipping 10 for the RNN.
+DEFAULT_GRAD_CLIP = {"rnn": 10.0}
+METHOD_OPTIONS = ("alpha", "k_i", "k_p", "dt", "tol", "max_iter", "solver")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; validated at construction.
+
+    Method settings left at ``None`` take the method's published defaults
+    (``lcp-di``: tol 1e-6, max 800; ``rbp``: tol 1e-4, max 200).
+    ``grad_clip=None`` takes the model's published default (RNN 10, FF none);
+    ``0`` disables clipping.
+    """
+
+    model: str = "rnn"
+    method: str = "lcp-di"
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    hidden: int = 256
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    grad_clip: Optional[float] = None
+    alpha: Optional[float] = None
+    k_i: Optional[float] = None
+    k_p: Optional[float] = None
+    dt: Optional[float] = None
+    tol: Optional[float] = None
+    max_iter: Optional[int] = None
+    solver: Optional[str] = None
+    seed: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    json_out: Optional[str] = None
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for key, registry in (("model", SYSTEMS), ("method", METHODS), ("dataset", DATASETS)):
+            registry.factory(getattr(self, key))  # unknown names raise, listing the valid ones
+        if self.solver is not None:
+            SOLVERS.factory(self.solver)
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"unknown optimizer '{self.optimizer}'; valid optimizers: adam, sgd")
+        if self.schedule not in ("none", "cosine"):
+            raise ConfigError(f"unknown schedule '{self.schedule}'; valid schedules: cosine, none")
+        for key in ("hidden", "epochs", "batch_size", "eval_batch_size"):
+            value = getattr(self, key)
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if not (isinstance(self.eval_every, int) and self.eval_every >= 0):
+            raise ConfigError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if self.grad_clip is None:
+            self.grad_clip = DEFAULT_GRAD_CLIP.get(self.model, 0.0)
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip!r}")
+        if self.resume and not self.checkpoint:
+            raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
+        self.build_method()  # method settings are validated here, before any data is read
+
+    def method_options(self) -> Dict[str, Any]:
+        """The method settings that were given, restricted to those the method accepts."""
+        factory = METHODS.factory(self.method)
+        accepted = {f.name for f in fields(factory)} if hasattr(factory, "__dataclass_fields__") else set(METHOD_OPTIONS)
+        return {k: getattr(self, k) for k in METHOD_OPTIONS if getattr(self, k) is not None and k in accepted}
+
+    def build_method(self) -> Method:
+        return get_method(self.method, **self.method_options())
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def build_system(config: TrainConfig, data: Dataset) -> EquilibriumSystem:
+    generator = torch.Generator().manual_seed(config.seed)
+    return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden, generator=generator)
+
+
+def cosine_factor(step: int, total: int, floor: float = 0.1) -> float:
+    """Cosine decay from 1 to ``floor`` over ``total`` steps."""
+    progress = min(step, total) / max(total, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
+             batch_size: int = 1000) -> float:
+    """Test accuracy of the free equilibrium's output."""
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        logits = method.predict(system, x[i:i + batch_size])
+        correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
+    return correct / max(len(y), 1)
+
+
+def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Read a checkpoint written by :func:`train`.
+
+    Raises:
+        CheckpointError: missing, unreadable or not a leastcontrol checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a leastcontrol checkpoint ({type(exc).__name__}); "
+            "delete it to start afresh or point --checkpoint at another file"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != "leastcontrol-checkpoint-1":
+        raise CheckpointError(f"{path} is not a leastcontrol checkpoint; point --checkpoint at another file")
+    return state
+
+
+_RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "batch_size", "lr", "optimizer",
+                "schedule", "seed", "epochs")
+
+
+def train(config: TrainConfig) -> Dict[str, Any]:
+    """Train ``config.model`` with ``config.method`` and return the JSON-ready result.
+
+    Returns:
+        ``{"config", "history": [{"epoch", "train_loss", "train_accuracy", "test_accuracy",
+        "mean_iterations", "converged_fraction", "seconds", ...}], "test_accuracy", "train_seconds"}``
+
+    Raises:
+        ConfigError, DatasetNotFoundError, SolverDivergedError, CheckpointError.
+    """
+    torch.manual_seed(config.seed)
+    method = config.build_method()
+    data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.limit_test)
+    system = build_system(config, data)
+    params = list(system.parameters())
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=config.lr)
+    else:
+        optimizer = torch.optim.SGD(params, lr=config.lr)
+    n_train = len(data.train_y)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    factor = (lambda s: cosine_factor(s, total_steps)) if config.schedule == "cosine" else (lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    shuffle = torch.Generator().manual_seed(config.seed)
+
+    history: List[Dict[str, Any]] = []
+    start_epoch, train_seconds = 0, 0.0
+    ckpt_path = Path(config.checkpoint) if config.checkpoint else None
+    if ckpt_path is not None and ckpt_path.exists():
+        if not config.resume:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} already exists; pass --resume to continue that run "
+                "or choose another --checkpoint path"
+            )
+        state = load_checkpoint(ckpt_path)
+        saved = state["config"]
+        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
+        if changed:
+            raise CheckpointError(f"checkpoint {ckpt_path} belongs to a run with other settings ({', '.join(changed)})")
+        system.load_state_dict(state["system"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
+
+    test_accuracy = history[-1]["test_accuracy"] if history else None
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(n_train, generator=shuffle)
+        sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "converged": 0.0}
+        seen = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
+                   leave=False, dynamic_ncols=True)
+        for b in bar:
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            x, y = data.train_x[idx], data.train_y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            out = method(system, x, y)
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n = len(y)
+            seen += n
+            sums["loss"] += out.loss * n
+            sums["correct"] += (out.accuracy or 0.0) * n
+            sums["iterations"] += out.stats.get("iterations", 0)
+            sums["converged"] += bool(out.stats.get("converged", True))
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{sums['correct'] / seen:.3f}",
+                            iters=f"{sums['iterations'] / (b + 1):.0f}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
+            test_accuracy = evaluate(method, system, data.test_x, data.test_y, config.eval_batch_size)
+            evaluated = test_accuracy
+        else:
+            evaluated = None
+        record = {
+            "epoch": epoch,
+            "train_loss": sums["loss"] / seen,
+            "train_accuracy": sums["correct"] / seen,
+            "test_accuracy": evaluated,
+            "mean_iterations": sums["iterations"] / steps_per_epoch,
+            "converged_fraction": sums["converged"] / steps_per_epoch,
+            "seconds": epoch_seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(record)
+        if config.progress:
+            shown = "-" if evaluated is None else f"{evaluated:.4f}"
+            tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"
+                       f"  test acc {shown}  iters {record['mean_iterations']:.1f}"
+                       f"  converged {record['converged_fraction']:.2f}  {epoch_seconds:.1f}s")
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, {
+                "format": "leastcontrol-checkpoint-1", "config": config.to_dict(), "epoch": epoch,
+                "system": system.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
+                "torch_rng": torch.get_rng_state(), "history": history, "train_seconds": train_seconds,
+            })
+
+    result = {
+        "config": config.to_dict(),
+        "dataset": data.summary(),
+        "history": history,
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
+        "converged_fraction": (sum(h["converged_fraction"] for h in history) / len(history)) if history else None,
+    }
+    if config.json_out:
+        write_json(config.json_out, result)
+    result["system"] = system
+    return result
