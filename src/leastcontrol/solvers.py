@@ -103,10 +103,11 @@ class _Layout:
         return {k: p.reshape(self.shapes[k]) for k, p in zip(self.names, parts)}
 
     def first_nonfinite(self, d) -> str:
+        """The population that blew up: the first non-finite one, else (norm overflow) the largest."""
         for k in self.names:
             if not torch.isfinite(d[k]).all():
                 return k
-        return self.names[0]
+        return max(self.names, key=lambda k: float(d[k].abs().max()) if d[k].numel() else 0.0)
 
 
 def _sq_norms(d) -> torch.Tensor:
