@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(t)
     t.add_argument("--hidden", type=_positive_int, default=256, help="hidden units (per layer for ff)")
     t.add_argument("--epochs", type=_positive_int, default=None,
-                   help="training epochs (default 30; 10 on digits)")
+                   help="training epochs (default 30; 8 on digits)")
     t.add_argument("--batch-size", type=_positive_int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from .train import TrainConfig, train
 
-    epochs = args.epochs if args.epochs is not None else (10 if args.dataset == "digits" else 30)
+    epochs = args.epochs if args.epochs is not None else (8 if args.dataset == "digits" else 30)
     config = TrainConfig(
         model=args.model, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
         limit_train=args.limit_train, limit_test=args.limit_test, hidden=args.hidden, epochs=epochs,

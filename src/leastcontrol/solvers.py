@@ -39,6 +39,7 @@ class SolverStats:
         converged_fraction: fraction of samples whose own residual is below ``tol``.
         trace: residual at every convergence check.
         fallbacks: (Anderson) steps where the least-squares solve failed and a plain step was used.
+        mean_sample_iterations: steps per sample, averaged (below ``iterations`` when samples freeze).
     """
 
     iterations: int
@@ -47,6 +48,7 @@ class SolverStats:
     converged_fraction: float
     trace: List[float] = dc_field(default_factory=list)
     fallbacks: int = 0
+    mean_sample_iterations: float | None = None
 
 
 @dataclass
@@ -92,8 +94,10 @@ class _Layout:
             return dict(zip(self.names, s))
         return s
 
-    def wrap(self, field: Field):
-        return lambda d: self.from_user(field(self.to_user(d)))
+    def wrap(self, field: Field, with_context: bool = False):
+        if with_context:
+            return lambda d, ctx: self.from_user(field(self.to_user(d), ctx))
+        return lambda d, ctx=None: self.from_user(field(self.to_user(d)))
 
     def pack(self, d) -> torch.Tensor:
         return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in self.names], dim=1)
@@ -144,7 +148,18 @@ class Solver:
     def __repr__(self):
         return f"{type(self).__name__}(dt={self.dt}, tol={self.tol}, max_iter={self.max_iter})"
 
-    def solve(self, field: Field, state0) -> SolveResult:
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None) -> SolveResult:
+        """Settle ``ds/dt = field(s)`` (or ``field(s, context)`` when ``context`` is given).
+
+        Args:
+            field: the vector field, a function of the state (and of ``context``).
+            state0: initial state: tensor, tuple or dict of tensors, batch first.
+            context: batch-aligned tensors the field reads (e.g. inputs, targets).
+        Returns:
+            :class:`SolveResult` with the final state (same structure as ``state0``) and stats.
+        Raises:
+            SolverDivergedError: the state became NaN/Inf.
+        """
         raise NotImplementedError
 
     def _finish(self, layout, d, stats: SolverStats) -> SolveResult:
@@ -165,6 +180,12 @@ class Solver:
 class Euler(Solver):
     """Forward-Euler iteration ``s_{t+1} = s_t + dt · g(s_t)``.
 
+    With ``freeze=True`` (default) a sample whose own relative residual is
+    below ``tol`` at a convergence check is frozen: its state is final and it
+    drops out of the batch the field is evaluated on, so a few slow samples do
+    not make the whole batch pay. This needs the batch-aligned data the field
+    reads (inputs, targets) passed as ``context``, which is subset alongside.
+
     >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
     >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
     (True, 1.0)
@@ -172,25 +193,57 @@ class Euler(Solver):
 
     name = "euler"
 
-    def solve(self, field: Field, state0) -> SolveResult:
+    def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *, freeze: bool = True, **kwargs):
+        super().__init__(dt, tol, max_iter, **kwargs)
+        self.freeze = bool(freeze)
+
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None) -> SolveResult:
         layout = _Layout(state0)
-        g_field = layout.wrap(field)
+        g_field = layout.wrap(field, context is not None)
         s = layout.as_dict
+        B = next(iter(s.values())).shape[0]
+        device = next(iter(s.values())).device
+        freeze = self.freeze and context is not None
+        out = {k: v.clone() for k, v in s.items()} if freeze else None
+        active = torch.arange(B, device=device)
+        final_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
+        sample_steps = torch.zeros(B, dtype=torch.float64, device=device)
+        ctx = context
         trace: List[float] = []
-        r, res, step = math.inf, None, 0
+        r, step = math.inf, 0
         for step in range(1, self.max_iter + 1):
-            g = g_field(s)
+            g = g_field(s, ctx)
             check = step % self.check_every == 0 or step == self.max_iter
             if check:
                 res = self.dt * (_sq_norms(g) / _sq_norms(s).clamp_min(_TINY)).sqrt()
-            s = {k: s[k] + self.dt * g[k] for k in layout.names}
-            if check:
-                r = self._check(layout, res, s, step)
-                trace.append(r)
-                if r < self.tol:
-                    break
-        frac = float((res < self.tol).double().mean()) if res is not None else 0.0
-        return self._finish(layout, s, SolverStats(step, r, r < self.tol, frac, trace))
+            names = list(s)
+            s = dict(zip(names, torch._foreach_add([s[k] for k in names], [g[k] for k in names], alpha=self.dt)))
+            if not check:
+                continue
+            r = self._check(layout, res, s, step)
+            trace.append(r)
+            final_res[active] = res.double()
+            sample_steps[active] = step
+            if r < self.tol:
+                break
+            if freeze:
+                done = res < self.tol
+                if bool(done.any()):
+                    rows = active[done]
+                    for k in layout.names:
+                        out[k][rows] = s[k][done]
+                    keep = ~done
+                    active = active[keep]
+                    s = {k: v[keep] for k, v in s.items()}
+                    ctx = {k: v[keep] for k, v in ctx.items()}
+        if freeze:
+            for k in layout.names:
+                out[k][active] = s[k]
+            s = out
+        r = float(final_res.max())
+        frac = float((final_res < self.tol).double().mean())
+        stats = SolverStats(step, r, r < self.tol, frac, trace, mean_sample_iterations=float(sample_steps.mean()))
+        return self._finish(layout, s, stats)
 
 
 class Anderson(Solver):
@@ -219,9 +272,9 @@ class Anderson(Solver):
             raise ConfigError(f"mixing must be in (0, 1], got {mixing!r}")
         self.memory, self.mixing, self.reg = memory, float(mixing), float(reg)
 
-    def solve(self, field: Field, state0) -> SolveResult:
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None) -> SolveResult:
         layout = _Layout(state0)
-        g_field = layout.wrap(field)
+        g_field = layout.wrap(field, context is not None)
         z = layout.pack(layout.as_dict)
         B, N = z.shape
         m = self.memory
@@ -231,7 +284,7 @@ class Anderson(Solver):
         best_z, best_r = z.clone(), z.new_full((B,), math.inf)
         r, fallbacks, step = math.inf, 0, 0
         for step in range(1, self.max_iter + 1):
-            gz = self.dt * layout.pack(g_field(layout.unpack(z)))
+            gz = self.dt * layout.pack(g_field(layout.unpack(z), context))
             res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt()
             if not torch.isfinite(res).all():
                 raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
@@ -250,12 +303,13 @@ class Anderson(Solver):
                 z = z + self.mixing * gz
                 continue
             Gk, Xk = G[:, :k], X[:, :k]
-            gram = Gk @ Gk.transpose(1, 2)
+            # The Gram matrix squares the conditioning: form and solve it in float64.
+            G64 = Gk.double()
+            gram = G64 @ G64.transpose(1, 2)
             scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(_TINY)
-            gram = gram + (self.reg * scale)[:, None, None] * torch.eye(k, dtype=z.dtype, device=z.device)
-            ones = z.new_ones(B, k, 1)
-            w, info = torch.linalg.solve_ex(gram, ones)
-            w = w.squeeze(-1)
+            gram = gram + (self.reg * scale)[:, None, None] * torch.eye(k, dtype=gram.dtype, device=z.device)
+            w, info = torch.linalg.solve_ex(gram, gram.new_ones(B, k, 1))
+            w = w.squeeze(-1).to(z.dtype)
             wsum = w.sum(1, keepdim=True)
             ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
             alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
@@ -265,7 +319,7 @@ class Anderson(Solver):
                 fallbacks += int((~ok).sum())
             z = torch.where(ok[:, None], mixed, plain)
         frac = float((best_r < self.tol).double().mean())
-        stats = SolverStats(step, r, r < self.tol, frac, trace, fallbacks)
+        stats = SolverStats(step, r, r < self.tol, frac, trace, fallbacks, float(step))
         return self._finish(layout, layout.unpack(best_z), stats)
 
 

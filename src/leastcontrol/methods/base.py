@@ -118,12 +118,14 @@ class EquilibriumMethod(Method):
         tol: relative-residual tolerance of every solve.
         max_iter: maximum steps of every solve.
         solver: ``euler`` or ``anderson`` (see :mod:`leastcontrol.solvers`).
+        check_every: test convergence every k steps (each test costs norms and a sync).
     """
 
     dt: float = 1.0
     tol: float = 1e-6
     max_iter: int = 800
     solver: str = "euler"
+    check_every: int = 10
 
     def __post_init__(self):
         super().__post_init__()
@@ -133,11 +135,23 @@ class EquilibriumMethod(Method):
             raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if self.solver not in SOLVERS:
             SOLVERS.factory(self.solver)  # raises, listing the valid names
-        self._solver = get_solver(self.solver, dt=self.dt, tol=self.tol, max_iter=self.max_iter)
+        self._solver = get_solver(self.solver, dt=self.dt, tol=self.tol, max_iter=self.max_iter,
+                                  check_every=self.check_every)
+
+    def _solve(self, field, state0, context: Dict[str, Any]):
+        """Run the solver on ``field(s, context)``; the context is batch-aligned data.
+
+        When every context entry is a batch-first tensor the solver may subset it
+        (freezing converged samples); otherwise it is bound into a closure.
+        """
+        B = next(iter(state0.values())).shape[0]
+        if all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B for v in context.values()):
+            return self._solver.solve(field, state0, context)
+        return self._solver.solve(lambda s: field(s, context), state0)
 
     @torch.no_grad()
     def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
         """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state."""
         x = system.prepare_input(x)
-        drive = system.encode(x)
-        return self._solver.solve(lambda s: system.dynamics(s, drive), system.init_state(x.shape[0]))
+        return self._solve(lambda s, c: system.dynamics(s, c["drive"]), system.init_state(x.shape[0]),
+                           {"drive": system.encode(x)})

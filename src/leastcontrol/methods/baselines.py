@@ -78,17 +78,18 @@ class RBP(EquilibriumMethod):
     @torch.no_grad()
     def adjoint(self, system: EquilibriumSystem, x: torch.Tensor, state, y: torch.Tensor) -> SolveResult:
         """Solve ``(∂_s f(s°))ᵀ λ = −∇_s L(s°)`` by the adjoint dynamics; ``state`` is ``s°``."""
-        drive = system.encode(x)
         B = x.shape[0]
+        out = system.output_population
         # The per-sample loss gradient; dividing by B makes λ the adjoint of the batch mean.
-        dL = {k: torch.zeros_like(v) for k, v in state.items()}
-        dL[system.output_population] = self._loss.grad(system.readout(state), y) / B
+        context = {"drive": system.encode(x), "dL": self._loss.grad(system.readout(state), y) / B}
+        context.update({"state_" + k: v for k, v in state.items()})
 
-        def field(lam):
-            back = system.state_vjp(state, drive, lam)
-            return {k: back[k] + dL[k] for k in back}
+        def field(lam, c):
+            back = system.state_vjp({k: c["state_" + k] for k in lam}, c["drive"], lam)
+            back[out] = back[out] + c["dL"]
+            return back
 
-        return self._solver.solve(field, {k: torch.zeros_like(v) for k, v in state.items()})
+        return self._solve(field, {k: torch.zeros_like(v) for k, v in state.items()}, context)
 
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)
@@ -99,6 +100,7 @@ class RBP(EquilibriumMethod):
             "iterations": free.stats.iterations + adj.stats.iterations,
             "iterations_free": free.stats.iterations,
             "iterations_adjoint": adj.stats.iterations,
+            "sample_iterations": free.stats.mean_sample_iterations + adj.stats.mean_sample_iterations,
             "converged": free.stats.converged and adj.stats.converged,
             "residual_free": free.stats.residual,
             "residual_adjoint": adj.stats.residual,

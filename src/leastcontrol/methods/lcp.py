@@ -93,19 +93,17 @@ class LCPDI(EquilibriumMethod):
         """Run the controlled dynamics from the free equilibrium to ``(s*, ψ*)``."""
         x = system.prepare_input(x)
         free = free if free is not None else self.free_equilibrium(system, x)
-        drive = system.encode(x)
         out = system.output_population
         pops = list(free.state)
         hidden = [p for p in pops if p != out]
-
         B = x.shape[0]
 
-        def field(z) -> Dict[str, torch.Tensor]:
+        def field(z, c) -> Dict[str, torch.Tensor]:
             s = {p: z[p] for p in pops}
-            grad_o = self._loss.grad(z[out], y) / B  # ∇_o of the batch-mean loss
+            grad_o = self._loss.grad(z[out], c["y"]) / B  # ∇_o of the batch-mean loss
             psi = {p: z["e_" + p] for p in hidden}
             psi[out] = self._control(z, grad_o)
-            f, back = system.dynamics_and_state_vjp(s, drive, psi)
+            f, back = system.dynamics_and_state_vjp(s, c["drive"], psi)
             d = {p: f[p] + psi[p] for p in pops}
             d.update({"e_" + p: back[p] for p in hidden})
             d["u_int"] = -grad_o - self.alpha * z["u_int"]
@@ -114,7 +112,7 @@ class LCPDI(EquilibriumMethod):
         z0 = dict(free.state)
         z0.update({"e_" + p: torch.zeros_like(free.state[p]) for p in hidden})
         z0["u_int"] = torch.zeros_like(free.state[out])
-        res = self._solver.solve(field, z0)
+        res = self._solve(field, z0, {"drive": system.encode(x), "y": y})
         z = res.state
         control = {p: z["e_" + p] for p in hidden}
         control[out] = self._control(z, self._loss.grad(z[out], y) / B)
@@ -133,6 +131,7 @@ class LCPDI(EquilibriumMethod):
             "iterations": free.stats.iterations + ctrl.stats.iterations,
             "iterations_free": free.stats.iterations,
             "iterations_controlled": ctrl.stats.iterations,
+            "sample_iterations": free.stats.mean_sample_iterations + ctrl.stats.mean_sample_iterations,
             "converged": free.stats.converged and ctrl.stats.converged,
             "converged_free": free.stats.converged,
             "converged_controlled": ctrl.stats.converged,
