@@ -206,7 +206,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         order = torch.randperm(n_train, generator=shuffle)
-        sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "converged": 0.0}
+        sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0}
         seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
                    leave=False, dynamic_ncols=True)
@@ -224,6 +224,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             sums["loss"] += out.loss * n
             sums["correct"] += (out.accuracy or 0.0) * n
             sums["iterations"] += out.stats.get("iterations", 0)
+            sums["sample_iterations"] += out.stats.get("sample_iterations", out.stats.get("iterations", 0))
             sums["converged"] += bool(out.stats.get("converged", True))
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{sums['correct'] / seen:.3f}",
                             iters=f"{sums['iterations'] / (b + 1):.0f}")
@@ -241,6 +242,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "train_accuracy": sums["correct"] / seen,
             "test_accuracy": evaluated,
             "mean_iterations": sums["iterations"] / steps_per_epoch,
+            "mean_sample_iterations": sums["sample_iterations"] / steps_per_epoch,
             "converged_fraction": sums["converged"] / steps_per_epoch,
             "seconds": epoch_seconds,
             "lr": optimizer.param_groups[0]["lr"],

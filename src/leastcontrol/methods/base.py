@@ -54,6 +54,21 @@ def accumulate_grads(system: EquilibriumSystem, grads: Dict[str, torch.Tensor]) 
             p.grad.add_(g.detach())
 
 
+def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[str, Any]:
+    """Statistics of a free solve followed by a second one (``adjoint`` or ``controlled``)."""
+    stats: Dict[str, Any] = {
+        "iterations": free.stats.iterations + second.stats.iterations,
+        "sample_iterations": (free.stats.mean_sample_iterations or free.stats.iterations)
+        + (second.stats.mean_sample_iterations or second.stats.iterations),
+        "converged": free.stats.converged and second.stats.converged,
+    }
+    for name, res in (("free", free), (phase, second)):
+        stats[f"iterations_{name}"] = res.stats.iterations
+        stats[f"converged_{name}"] = res.stats.converged
+        stats[f"residual_{name}"] = res.stats.residual
+    return stats
+
+
 def _check_number(name, value, *, positive=True, allow_zero=False):
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok and positive:

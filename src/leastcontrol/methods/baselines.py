@@ -7,7 +7,7 @@ import torch
 
 from ..solvers import SolveResult, SolverStats
 from ..systems.base import EquilibriumSystem
-from .base import EquilibriumMethod, Method, MethodOutput
+from .base import EquilibriumMethod, Method, MethodOutput, two_phase_stats
 
 
 @dataclass
@@ -96,13 +96,4 @@ class RBP(EquilibriumMethod):
         adj = self.adjoint(system, x, free.state, y)
         grads = system.param_vjp(free.state, x, adj.state)
         loss, acc = self._summary(system.readout(free.state), y)
-        stats = {
-            "iterations": free.stats.iterations + adj.stats.iterations,
-            "iterations_free": free.stats.iterations,
-            "iterations_adjoint": adj.stats.iterations,
-            "sample_iterations": free.stats.mean_sample_iterations + adj.stats.mean_sample_iterations,
-            "converged": free.stats.converged and adj.stats.converged,
-            "residual_free": free.stats.residual,
-            "residual_adjoint": adj.stats.residual,
-        }
-        return MethodOutput(loss, acc, grads, stats)
+        return MethodOutput(loss, acc, grads, two_phase_stats(free, "adjoint", adj))

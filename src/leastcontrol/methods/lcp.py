@@ -33,7 +33,7 @@ import torch
 from ..errors import ConfigError
 from ..solvers import SolveResult, SolverStats
 from ..systems.base import EquilibriumSystem, State
-from .base import EquilibriumMethod, MethodOutput, _check_number
+from .base import EquilibriumMethod, MethodOutput, _check_number, two_phase_stats
 
 
 @dataclass
@@ -127,15 +127,6 @@ class LCPDI(EquilibriumMethod):
         grads = {n: -g for n, g in vjp.items()}
         loss, acc = self._summary(system.readout(free.state), y)
         control_norm = 0.5 * sum(c.pow(2).sum() for c in ctrl.control.values())
-        stats = {
-            "iterations": free.stats.iterations + ctrl.stats.iterations,
-            "iterations_free": free.stats.iterations,
-            "iterations_controlled": ctrl.stats.iterations,
-            "sample_iterations": free.stats.mean_sample_iterations + ctrl.stats.mean_sample_iterations,
-            "converged": free.stats.converged and ctrl.stats.converged,
-            "converged_free": free.stats.converged,
-            "converged_controlled": ctrl.stats.converged,
-            "residual_controlled": ctrl.stats.residual,
-            "control_norm": float(control_norm),
-        }
+        stats = two_phase_stats(free, "controlled", SolveResult(ctrl.state, ctrl.stats))
+        stats["control_norm"] = float(control_norm)
         return MethodOutput(loss, acc, grads, stats)
