@@ -44,8 +44,11 @@ def test_closed_form_vjps_equal_autograd(make):
         assert torch.allclose(vjp_fast[k], vjp_ref[k], atol=1e-10, rtol=0)
 
 
-def test_param_vjp_equals_autograd_of_inner_product():
-    net = tiny_rnn()
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff, lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))],
+                         ids=["rnn", "ff", "ff-deep"])
+def test_local_param_vjp_equals_autograd_of_inner_product(make):
+    """The built-ins' outer-product (∂θ f)ᵀ c equals autograd of ⟨f(s, θ), c⟩."""
+    net = make()
     x, _ = batch()
     xs = net.prepare_input(x)
     g = torch.Generator().manual_seed(5)
@@ -56,7 +59,10 @@ def test_param_vjp_equals_autograd_of_inner_product():
     inner = sum((f[k] * cot[k]).sum() for k in f)
     names, params = zip(*net.named_parameters())
     ref = dict(zip(names, torch.autograd.grad(inner, params)))
+    assert set(got) == set(ref)
     assert rel_err(got, ref) < 1e-13
+    generic = EquilibriumSystem.param_vjp(net, state, xs, cot)
+    assert rel_err(got, generic) < 1e-13
 
 
 class LinearSystem(EquilibriumSystem):

@@ -46,7 +46,7 @@ def accumulate_grads(system: EquilibriumSystem, grads: Dict[str, torch.Tensor]) 
     """Add ``grads`` into ``p.grad`` (like ``loss.backward()`` does), creating it where absent."""
     for name, p in system.named_parameters():
         g = grads.get(name)
-        if g is None:
+        if g is None or not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = g.detach().clone()

@@ -68,6 +68,12 @@ class RecurrentEquilibrium(EquilibriumSystem):
         back = torch.addmm(a_v @ self.W, a_o, self.D)
         return f, {"v": slope * back - a_v, "o": -a_o}
 
+    def param_vjp(self, state, x, cotangent):
+        # Local outer products: postsynaptic cotangent times presynaptic rate (or input).
+        r = torch.tanh(state["v"])
+        c_v, c_o = cotangent["v"], cotangent["o"]
+        return {"U": c_v.t() @ x, "b": c_v.sum(0), "W": c_v.t() @ r, "D": c_o.t() @ r, "c": c_o.sum(0)}
+
 
 class FeedforwardEquilibrium(EquilibriumSystem):
     """A layered tanh network written as an equilibrium system.
@@ -138,6 +144,19 @@ class FeedforwardEquilibrium(EquilibriumSystem):
         back = [a_next @ W for a_next, W in zip(a_blocks[1:], self.W)] + [cotangent["o"] @ self.D]
         vjp_v = torch.cat([slope * g for (_, slope), g in zip(pairs, back)], dim=-1) - cotangent["v"]
         return f, {"v": vjp_v, "o": -cotangent["o"]}
+
+    def param_vjp(self, state, x, cotangent):
+        # Local outer products: each block's cotangent times the rate of the block it reads.
+        rates = [torch.tanh(h) for h in self.blocks(state["v"])]
+        c_blocks = self.blocks(cotangent["v"])
+        c_o = cotangent["o"]
+        grads = {"U": c_blocks[0].t() @ x, "b": c_blocks[0].sum(0)}
+        for i, (c_next, r_prev) in enumerate(zip(c_blocks[1:], rates[:-1])):
+            grads[f"W.{i}"] = c_next.t() @ r_prev
+            grads[f"b_W.{i}"] = c_next.sum(0)
+        grads["D"] = c_o.t() @ rates[-1]
+        grads["c"] = c_o.sum(0)
+        return grads
 
     def explicit_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ordinary layer-by-layer forward pass; returns the output ``o`` (logits)."""
