@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from leastcontrol.errors import ConfigError, SolverDivergedError
-from leastcontrol.methods import BP, LCPDI, RBP, get_method
+from leastcontrol.methods import BP, LCPDI, LCPEBD, RBP, get_method
 
 from .helpers import F64, batch, cosine, rel_err, tiny_ff, tiny_rnn
 
@@ -197,7 +197,7 @@ def test_bp_on_recurrent_system_is_a_clear_error():
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="bp, lcp-di, rbp"):
+    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, rbp"):
         get_method("backprop")
 
 
@@ -232,3 +232,20 @@ def test_bad_targets_are_rejected():
         RBP()(net, x, torch.full((4,), 7))
     with pytest.raises(ValueError, match="integer class indices"):
         RBP()(net, x, torch.zeros(4))
+
+
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
+@pytest.mark.parametrize("settings", [dict(ebd_optim="sgd", ebd_lr=0.2, ebd_steps=3000, ff_init=True),
+                                      dict(ebd_optim="adam", ebd_lr=0.01, ebd_steps=800, ff_init=False)],
+                         ids=["sgd-ff-init", "adam-zero-init"])
+def test_energy_route_matches_dynamic_inversion(make, settings):
+    net = make()
+    x, y = batch()
+    xs = net.prepare_input(x)
+    di = LCPDI(alpha=0.5, k_i=1.0, tol=1e-12, max_iter=20000)
+    ebd = LCPEBD(alpha=0.5, **settings)
+    assert ebd.beta == di.beta
+    psi_di = di.controlled_equilibrium(net, xs, y).control
+    psi_ebd = ebd.controlled_equilibrium(net, xs, y).control
+    assert cosine(psi_ebd, psi_di) > 0.99
+    assert cosine(ebd.gradients(net, xs, y).grads, di.gradients(net, xs, y).grads) > 0.99

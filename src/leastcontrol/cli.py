@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tol", type=float, default=None, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
     g.add_argument("--max-iter", type=_positive_int, default=None, help="max solver steps (lcp-di 800, rbp 200)")
     g.add_argument("--solver", default=None, choices=SOLVERS.names(), help="fixed-point solver (euler)")
+    g.add_argument("--ebd-optim", default=None, choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
+    g.add_argument("--ebd-lr", type=float, default=None, help="lcp-ebd: its learning rate (0.01)")
+    g.add_argument("--ebd-steps", type=_positive_int, default=None, help="lcp-ebd: optimiser steps (800)")
+    g.add_argument("--ff-init", action=argparse.BooleanOptionalAction, default=None,
+                   help="lcp-ebd: start from the free equilibrium (off)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: at the end)")
     t.add_argument("--json-out", default=None, help="write config, history and test accuracy to this JSON file")
@@ -85,7 +90,8 @@ def _train(args) -> int:
         limit_train=args.limit_train, limit_test=args.limit_test, hidden=args.hidden, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
         grad_clip=args.grad_clip, alpha=args.alpha, k_i=args.k_i, k_p=args.k_p, dt=args.dt, tol=args.tol,
-        max_iter=args.max_iter, solver=args.solver, seed=args.seed, eval_every=args.eval_every,
+        max_iter=args.max_iter, solver=args.solver, ebd_optim=args.ebd_optim, ebd_lr=args.ebd_lr,
+        ebd_steps=args.ebd_steps, ff_init=args.ff_init, seed=args.seed, eval_every=args.eval_every,
         json_out=args.json_out, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet,
     )
     print(f"leastcontrol train: model={config.model} method={config.method} dataset={config.dataset} "

@@ -23,7 +23,8 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 
 # Published MNIST settings (docs/LCP.md §4): gradient clipping 10 for the RNN.
 DEFAULT_GRAD_CLIP = {"rnn": 10.0}
-METHOD_OPTIONS = ("alpha", "k_i", "k_p", "dt", "tol", "max_iter", "solver")
+METHOD_OPTIONS = ("alpha", "k_i", "k_p", "dt", "tol", "max_iter", "solver",
+                  "ebd_optim", "ebd_lr", "ebd_steps", "ff_init")
 
 
 @dataclass
@@ -56,6 +57,10 @@ class TrainConfig:
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     solver: Optional[str] = None
+    ebd_optim: Optional[str] = None
+    ebd_lr: Optional[float] = None
+    ebd_steps: Optional[int] = None
+    ff_init: Optional[bool] = None
     seed: int = 0
     eval_every: int = 1
     eval_batch_size: int = 1000

@@ -2,7 +2,7 @@
 
 Built-ins: ``bp`` (backprop through the layered forward pass), ``rbp``
 (recurrent backprop / implicit differentiation), ``lcp-di`` (least control
-with dynamic inversion). Add your own with :func:`register_method`.
+with dynamic inversion), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
 """
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Callable
 from ..registry import Registry
 from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads
 from .baselines import BP, RBP
+from .ebd import LCPEBD
 from .lcp import LCPDI, ControlledEquilibrium
 
 METHODS: Registry[Method] = Registry("method")
 METHODS.register("bp", BP)
 METHODS.register("rbp", RBP)
 METHODS.register("lcp-di", LCPDI)
+METHODS.register("lcp-ebd", LCPEBD)
 
 
 def register_method(name: str, factory: Callable[..., Method], *, overwrite: bool = False):
@@ -33,5 +35,5 @@ def get_method(name: str, **settings) -> Method:
     return METHODS.create(name, **settings)
 
 
-__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI",
+__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD",
            "ControlledEquilibrium", "METHODS", "register_method", "get_method"]
