@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from leastcontrol.errors import ConfigError, SolverDivergedError
-from leastcontrol.methods import BP, LCPDI, LCPEBD, RBP, get_method
+from leastcontrol.methods import BP, LCPDI, LCPEBD, LCPKP, RBP, get_method
 
 from .helpers import F64, batch, cosine, rel_err, tiny_ff, tiny_rnn
 
@@ -197,7 +197,7 @@ def test_bp_on_recurrent_system_is_a_clear_error():
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, rbp"):
+    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, lcp-kp, rbp"):
         get_method("backprop")
 
 
@@ -249,3 +249,46 @@ def test_energy_route_matches_dynamic_inversion(make, settings):
     psi_ebd = ebd.controlled_equilibrium(net, xs, y).control
     assert cosine(psi_ebd, psi_di) > 0.99
     assert cosine(ebd.gradients(net, xs, y).grads, di.gradients(net, xs, y).grads) > 0.99
+
+
+@pytest.mark.parametrize("make", [tiny_rnn, lambda: tiny_ff(sizes=(5, 4, 6, 3, 3))], ids=["rnn", "ff-deep"])
+def test_kolen_pollack_with_exact_transposes_is_dynamic_inversion(make):
+    net = make()
+    x, y = batch()
+    xs = net.prepare_input(x)
+    kp = LCPKP(alpha=0.5, tol=1e-12, max_iter=20000)
+    kp.prepare(net)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for key, name in net.feedback_pathways().items():
+            net.feedback[key].copy_(params[name].t())
+    assert all(c > 1 - 1e-12 for c in kp.alignment(net).values())
+    di = LCPDI(alpha=0.5, tol=1e-12, max_iter=20000)
+    assert rel_err(kp.controlled_equilibrium(net, xs, y).control, di.controlled_equilibrium(net, xs, y).control) < 1e-10
+    g_kp, g_di = kp.gradients(net, xs, y).grads, di.gradients(net, xs, y).grads
+    for name, g in g_di.items():
+        assert torch.allclose(g_kp[name], g, atol=1e-12)
+    for key, name in net.feedback_pathways().items():  # ΔB = ΔWᵀ
+        assert torch.equal(g_kp[f"feedback.{key}"], g_kp[name].t())
+
+
+def test_kolen_pollack_feedback_aligns_with_forward_transposes():
+    from leastcontrol.train import TrainConfig, train
+
+    result = train(TrainConfig(model="rnn", method="lcp-kp", hidden=32, lr=5e-3, kappa=0.01, epochs=8,
+                               batch_size=32, limit_train=640, limit_test=100, eval_every=0, progress=False))
+    net = result["system"]
+    alignment = LCPKP().alignment(net)
+    assert alignment["W"] > 0.9 and alignment["D"] > 0.9, alignment
+    assert "feedback.W" in net.state_dict()
+
+
+def test_kolen_pollack_decay_shrinks_every_weight_matrix():
+    net = tiny_rnn()
+    kp = LCPKP(kappa=0.1)
+    kp.prepare(net)
+    before = {n: p.clone() for n, p in net.named_parameters()}
+    kp.after_step(net)
+    for n, p in net.named_parameters():
+        factor = 0.9 if p.dim() == 2 else 1.0
+        assert torch.allclose(p, factor * before[n]), n

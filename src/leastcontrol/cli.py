@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--alpha", type=float, default=None, help="controller leak α (lcp-di: 0.1)")
     g.add_argument("--k-i", type=float, default=None, help="integral gain (lcp-di: 1)")
     g.add_argument("--k-p", type=float, default=None, help="proportional gain (lcp-di: 0)")
+    g.add_argument("--kappa", type=float, default=None, help="lcp-kp: weight decay per step (1e-6)")
     g.add_argument("--dt", type=float, default=None, help="Euler step (1)")
     g.add_argument("--tol", type=float, default=None, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
     g.add_argument("--max-iter", type=_positive_int, default=None, help="max solver steps (lcp-di 800, rbp 200)")
@@ -89,7 +90,7 @@ def _train(args) -> int:
         model=args.model, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
         limit_train=args.limit_train, limit_test=args.limit_test, hidden=args.hidden, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-        grad_clip=args.grad_clip, alpha=args.alpha, k_i=args.k_i, k_p=args.k_p, dt=args.dt, tol=args.tol,
+        grad_clip=args.grad_clip, alpha=args.alpha, k_i=args.k_i, k_p=args.k_p, kappa=args.kappa, dt=args.dt, tol=args.tol,
         max_iter=args.max_iter, solver=args.solver, ebd_optim=args.ebd_optim, ebd_lr=args.ebd_lr,
         ebd_steps=args.ebd_steps, ff_init=args.ff_init, seed=args.seed, eval_every=args.eval_every,
         json_out=args.json_out, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet,

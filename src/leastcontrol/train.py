@@ -23,7 +23,7 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 
 # Published MNIST settings (docs/LCP.md §4): gradient clipping 10 for the RNN.
 DEFAULT_GRAD_CLIP = {"rnn": 10.0}
-METHOD_OPTIONS = ("alpha", "k_i", "k_p", "dt", "tol", "max_iter", "solver",
+METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init")
 
 
@@ -53,6 +53,7 @@ class TrainConfig:
     alpha: Optional[float] = None
     k_i: Optional[float] = None
     k_p: Optional[float] = None
+    kappa: Optional[float] = None
     dt: Optional[float] = None
     tol: Optional[float] = None
     max_iter: Optional[int] = None
@@ -174,6 +175,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     method = config.build_method()
     data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.limit_test)
     system = build_system(config, data)
+    method.prepare(system)  # e.g. feedback weights, before the optimizer sees the parameters
     params = list(system.parameters())
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -223,6 +225,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
+            method.after_step(system)
             scheduler.step()
             n = len(y)
             seen += n

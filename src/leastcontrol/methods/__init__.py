@@ -2,7 +2,8 @@
 
 Built-ins: ``bp`` (backprop through the layered forward pass), ``rbp``
 (recurrent backprop / implicit differentiation), ``lcp-di`` (least control
-with dynamic inversion), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
+with dynamic inversion), ``lcp-kp`` (dynamic inversion through learned
+Kolen-Pollack feedback weights), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..registry import Registry
 from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads
 from .baselines import BP, RBP
 from .ebd import LCPEBD
+from .kp import LCPKP
 from .lcp import LCPDI, ControlledEquilibrium
 
 METHODS: Registry[Method] = Registry("method")
@@ -19,6 +21,7 @@ METHODS.register("bp", BP)
 METHODS.register("rbp", RBP)
 METHODS.register("lcp-di", LCPDI)
 METHODS.register("lcp-ebd", LCPEBD)
+METHODS.register("lcp-kp", LCPKP)
 
 
 def register_method(name: str, factory: Callable[..., Method], *, overwrite: bool = False):
@@ -35,5 +38,5 @@ def get_method(name: str, **settings) -> Method:
     return METHODS.create(name, **settings)
 
 
-__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD",
+__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD", "LCPKP",
            "ControlledEquilibrium", "METHODS", "register_method", "get_method"]

@@ -115,6 +115,12 @@ class Method:
         """Gradients on validated inputs, without touching ``.grad``."""
         raise NotImplementedError
 
+    def prepare(self, system: EquilibriumSystem) -> None:
+        """Add what the method needs to the system (e.g. feedback weights); call before making the optimizer."""
+
+    def after_step(self, system: EquilibriumSystem) -> None:
+        """Hook to call after each optimizer step (e.g. weight decay of Kolen-Pollack)."""
+
     @torch.no_grad()
     def predict(self, system: EquilibriumSystem, x: torch.Tensor) -> torch.Tensor:
         """Output population (logits) at the free equilibrium, shape ``(B, n_out)``."""

@@ -83,6 +83,10 @@ class LCPDI(EquilibriumMethod):
         """Control strength β of the relaxed problem ``H_β``."""
         return self.k_i / self.alpha + self.k_p
 
+    def _feedback(self, system: EquilibriumSystem):
+        """Matrices replacing the weight transposes on the way back (``None``: the exact transposes)."""
+        return None
+
     def _control(self, z, grad_o):
         u = self.k_i * z["u_int"]
         return u - self.k_p * grad_o if self.k_p else u
@@ -97,13 +101,15 @@ class LCPDI(EquilibriumMethod):
         pops = list(free.state)
         hidden = [p for p in pops if p != out]
         B = x.shape[0]
+        feedback = self._feedback(system)
+        vjp_options = {} if feedback is None else {"feedback": feedback}
 
         def field(z, c) -> Dict[str, torch.Tensor]:
             s = {p: z[p] for p in pops}
             grad_o = self._loss.grad(z[out], c["y"]) / B  # ∇_o of the batch-mean loss
             psi = {p: z["e_" + p] for p in hidden}
             psi[out] = self._control(z, grad_o)
-            f, back = system.dynamics_and_state_vjp(s, c["drive"], psi)
+            f, back = system.dynamics_and_state_vjp(s, c["drive"], psi, **vjp_options)
             d = {p: f[p] + psi[p] for p in pops}
             d.update({"e_" + p: back[p] for p in hidden})
             d["u_int"] = -grad_o - self.alpha * z["u_int"]

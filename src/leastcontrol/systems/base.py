@@ -115,12 +115,50 @@ class EquilibriumSystem(nn.Module):
         """``(∂_s f)ᵀ c`` for a cotangent ``c`` shaped like the state (generic: ``torch.func.vjp``)."""
         return self.dynamics_and_state_vjp(state, drive, cotangent)[1]
 
-    def dynamics_and_state_vjp(self, state, drive, cotangent):
-        """``(f(s), (∂_s f)ᵀ c)`` with one forward evaluation and one VJP."""
+    def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
+        """``(f(s), (∂_s f)ᵀ c)`` with one forward evaluation and one VJP.
+
+        ``feedback`` (systems with :meth:`feedback_pathways` only) maps a pathway
+        to a matrix used in place of the transpose of its forward weight.
+        """
+        if feedback is not None:
+            raise ValueError(f"{type(self).__name__} has no feedback pathways; "
+                             "lcp-kp needs a built-in system (ff or rnn)")
         drive = _detach(drive)
         primal = {k: v.detach() for k, v in state.items()}
         f, vjp_fn = torch.func.vjp(lambda s: self.dynamics(s, drive), primal)
         return f, vjp_fn(dict(cotangent))[0]
+
+    # --- feedback pathways (Kolen-Pollack) -----------------------------------------
+    def feedback_pathways(self) -> Dict[str, str]:
+        """Pathway key -> name of the forward weight whose transpose carries the VJP.
+
+        Empty for systems whose VJP has no explicit weight transposes.
+        """
+        return {}
+
+    def add_feedback(self, generator: torch.Generator | None = None) -> nn.ParameterDict:
+        """Create separate feedback weights, one per pathway, random with unit Frobenius norm.
+
+        They are parameters of the system (``self.feedback``), so they are saved
+        with its ``state_dict`` and visible to an optimizer built afterwards.
+        """
+        if not self.feedback_pathways():
+            raise ValueError(f"{type(self).__name__} has no feedback pathways; "
+                             "lcp-kp needs a built-in system (ff or rnn)")
+        if getattr(self, "feedback", None) is None:
+            params = dict(self.named_parameters())
+            fb = nn.ParameterDict()
+            for key, name in self.feedback_pathways().items():
+                shape = params[name].t().shape
+                m = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+                fb[key] = nn.Parameter(m / m.norm())
+            self.feedback = fb
+        return self.feedback
+
+    def pathway(self, key: str, weight: torch.Tensor, feedback) -> torch.Tensor:
+        """The matrix M with ``a @ M`` the backward pass through ``weight``: W itself, or a feedback Bᵀ."""
+        return weight if feedback is None else feedback[key].t()
 
     def param_vjp(self, state: Mapping[str, torch.Tensor], x: torch.Tensor,
                   cotangent: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

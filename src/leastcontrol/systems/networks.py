@@ -59,13 +59,17 @@ class RecurrentEquilibrium(EquilibriumSystem):
             "o": torch.addmm(self.c, r, self.D.t()) - state["o"],
         }
 
-    def dynamics_and_state_vjp(self, state, drive, cotangent):
-        # Closed form: (∂_v f)ᵀ a = −a_v + φ'(v) ⊙ (a_v W + a_o D),  (∂_o f)ᵀ a = −a_o.
+    def feedback_pathways(self):
+        return {"W": "W", "D": "D"}
+
+    def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
+        # Closed form: (∂_v f)ᵀ a = −a_v + φ'(v) ⊙ (a_v W + a_o D),  (∂_o f)ᵀ a = −a_o;
+        # with feedback, W and D on the way back are replaced by Bᵀ and D̃ᵀ.
         v, o = state["v"], state["o"]
         a_v, a_o = cotangent["v"], cotangent["o"]
         r, slope = _tanh_and_slope(v)
         f = {"v": torch.addmm(drive, r, self.W.t()) - v, "o": torch.addmm(self.c, r, self.D.t()) - o}
-        back = torch.addmm(a_v @ self.W, a_o, self.D)
+        back = torch.addmm(a_v @ self.pathway("W", self.W, feedback), a_o, self.pathway("D", self.D, feedback))
         return f, {"v": slope * back - a_v, "o": -a_o}
 
     def param_vjp(self, state, x, cotangent):
@@ -134,14 +138,20 @@ class FeedforwardEquilibrium(EquilibriumSystem):
         v_target, o_target = self._targets(rates, drive)
         return {"v": v_target - state["v"], "o": o_target - state["o"]}
 
-    def dynamics_and_state_vjp(self, state, drive, cotangent):
+    def feedback_pathways(self):
+        pathways = {f"W_{i}": f"W.{i}" for i in range(len(self.W))}
+        pathways["D"] = "D"
+        return pathways
+
+    def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
         pairs = [_tanh_and_slope(h) for h in self.blocks(state["v"])]
         rates = [r for r, _ in pairs]
         v_target, o_target = self._targets(rates, drive)
         f = {"v": v_target - state["v"], "o": o_target - state["o"]}
         # Block l−1 receives φ'(h_{l−1}) ⊙ (a_l W_l); the last block gets φ'(h) ⊙ (a_o D).
         a_blocks = self.blocks(cotangent["v"])
-        back = [a_next @ W for a_next, W in zip(a_blocks[1:], self.W)] + [cotangent["o"] @ self.D]
+        back = [a_next @ self.pathway(f"W_{i}", W, feedback) for i, (a_next, W) in enumerate(zip(a_blocks[1:], self.W))]
+        back.append(cotangent["o"] @ self.pathway("D", self.D, feedback))
         vjp_v = torch.cat([slope * g for (_, slope), g in zip(pairs, back)], dim=-1) - cotangent["v"]
         return f, {"v": vjp_v, "o": -cotangent["o"]}
 
