@@ -134,3 +134,46 @@ def test_cli_diverging_solver(capsys):
                  "--limit-train", "64", "--quiet"])
     assert code == 2
     assert "diverged" in capsys.readouterr().err
+
+
+def test_shipped_configs_load_and_match_the_published_settings():
+    from pathlib import Path
+
+    from leastcontrol.train import config_from_mapping, load_config_file
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("mnist-*.toml"))
+    assert len(files) >= 8
+    for path in files:
+        config = config_from_mapping(load_config_file(path))
+        assert (config.dataset, config.epochs, config.batch_size, config.lr) == ("mnist", 30, 64, 1e-3)
+        assert path.stem == f"mnist-{config.model}-{config.method}"
+        assert config.grad_clip == (10.0 if config.model == "rnn" else 0.0)
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    from leastcontrol.train import load_config_file
+
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text('model = "rnn"\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'.*valid keys:.*lr"):
+        load_config_file(bad_key)
+    bad_type = tmp_path / "b.json"
+    bad_type.write_text('{"epochs": "ten"}')
+    with pytest.raises(ConfigError, match="key 'epochs' must be int"):
+        load_config_file(bad_type)
+    broken = tmp_path / "c.toml"
+    broken.write_text("model = \n")
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        load_config_file(broken)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config_file(tmp_path / "missing.toml")
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "ff"\nmethod = "bp"\nhidden = 16\nepochs = 3\nlimit_train = 128\nlimit_test = 32\n')
+    out = tmp_path / "r.json"
+    assert main(["train", "--config", str(cfg), "--epochs", "1", "--json-out", str(out), "--quiet"]) == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["model"], config["method"], config["hidden"], config["epochs"]) == ("ff", "bp", 16, 1)
+    assert config["dataset"] == "digits" and config["lr"] == 1e-3

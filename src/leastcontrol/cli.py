@@ -24,14 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser, default_dataset: Optional[str] = "digits"):
-    p.add_argument("--dataset", default=default_dataset, choices=DATASETS.names(),
-                   help="digits: bundled 8x8 digits (offline); mnist: MNIST IDX files (downloaded when missing); "
-                        "idx: any MNIST-format directory given by --data-dir")
-    p.add_argument("--data-dir", default=None,
+def _add_data_args(p: argparse.ArgumentParser, train: bool):
+    # For train, unset flags stay absent so that a --config file can supply them.
+    unset = {"default": argparse.SUPPRESS} if train else {"default": None}
+    p.add_argument("--dataset", choices=DATASETS.names(), **unset,
+                   help="digits (default for train): bundled 8x8 digits, offline; mnist: MNIST IDX files "
+                        "(downloaded when missing); idx: any MNIST-format directory given by --data-dir")
+    p.add_argument("--data-dir", **unset,
                    help="directory with the data files (default: $LEASTCONTROL_DATA, else the user cache)")
-    p.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training samples")
-    p.add_argument("--limit-test", type=_positive_int, default=None, help="use the first N test samples")
+    p.add_argument("--limit-train", type=_positive_int, **unset, help="use the first N training samples")
+    p.add_argument("--limit-test", type=_positive_int, **unset, help="use the first N test samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,61 +42,61 @@ def build_parser() -> argparse.ArgumentParser:
         description="Learn equilibrium systems with the least-control principle (Meulemans et al., NeurIPS 2022).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train an equilibrium network",
-                       description="Train an equilibrium network; defaults are the published MNIST settings.")
-    t.add_argument("--model", default="rnn", choices=SYSTEMS.names(), help="ff: layered network; rnn: recurrent")
-    t.add_argument("--method", default="lcp-di", choices=METHODS.names(), help="learning rule")
-    _add_data_args(t)
-    t.add_argument("--hidden", type=_positive_int, default=256, help="hidden units (per layer for ff)")
-    t.add_argument("--epochs", type=_positive_int, default=None,
+    t = sub.add_parser("train", help="train an equilibrium network", argument_default=argparse.SUPPRESS,
+                       description="Train an equilibrium network; defaults are the published MNIST settings. "
+                                   "Flags override the values of --config.")
+    t.add_argument("--config", help="TOML or JSON file of settings (see configs/); flags override it")
+    t.add_argument("--model", choices=SYSTEMS.names(), help="ff: layered network; rnn: recurrent (default)")
+    t.add_argument("--method", choices=METHODS.names(), help="learning rule (default lcp-di)")
+    _add_data_args(t, train=True)
+    t.add_argument("--hidden", type=_positive_int, help="hidden units, per layer for ff (256)")
+    t.add_argument("--epochs", type=_positive_int,
                    help="training epochs (default 30; 8 on digits)")
-    t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "none"],
-                   help="cosine: per-step decay to 0.1*lr over the run")
-    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: 10 for rnn, off for ff; 0 = off)")
+    t.add_argument("--batch-size", type=_positive_int, help="(64)")
+    t.add_argument("--lr", type=float, help="learning rate (1e-3)")
+    t.add_argument("--optimizer", choices=["adam", "sgd"], help="(adam)")
+    t.add_argument("--schedule", choices=["cosine", "none"],
+                   help="cosine (default): per-step decay to 0.1*lr over the run")
+    t.add_argument("--grad-clip", type=float, help="max gradient norm (default: 10 for rnn, off for ff; 0 = off)")
     g = t.add_argument_group("dynamics and control (defaults: the method's published settings)")
-    g.add_argument("--alpha", type=float, default=None, help="controller leak α (lcp-di: 0.1)")
-    g.add_argument("--k-i", type=float, default=None, help="integral gain (lcp-di: 1)")
-    g.add_argument("--k-p", type=float, default=None, help="proportional gain (lcp-di: 0)")
-    g.add_argument("--kappa", type=float, default=None, help="lcp-kp: weight decay per step (1e-6)")
-    g.add_argument("--dt", type=float, default=None, help="Euler step (1)")
-    g.add_argument("--tol", type=float, default=None, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
-    g.add_argument("--max-iter", type=_positive_int, default=None, help="max solver steps (lcp-di 800, rbp 200)")
-    g.add_argument("--solver", default=None, choices=SOLVERS.names(), help="fixed-point solver (euler)")
-    g.add_argument("--ebd-optim", default=None, choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
-    g.add_argument("--ebd-lr", type=float, default=None, help="lcp-ebd: its learning rate (0.01)")
-    g.add_argument("--ebd-steps", type=_positive_int, default=None, help="lcp-ebd: optimiser steps (800)")
-    g.add_argument("--ff-init", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--alpha", type=float, help="controller leak α (lcp-di: 0.1)")
+    g.add_argument("--k-i", type=float, help="integral gain (lcp-di: 1)")
+    g.add_argument("--k-p", type=float, help="proportional gain (lcp-di: 0)")
+    g.add_argument("--kappa", type=float, help="lcp-kp: weight decay per step (1e-6)")
+    g.add_argument("--dt", type=float, help="Euler step (1)")
+    g.add_argument("--tol", type=float, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
+    g.add_argument("--max-iter", type=_positive_int, help="max solver steps (lcp-di 800, rbp 200)")
+    g.add_argument("--solver", choices=SOLVERS.names(), help="fixed-point solver (euler)")
+    g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
+    g.add_argument("--ebd-lr", type=float, help="lcp-ebd: its learning rate (0.01)")
+    g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")
+    g.add_argument("--ff-init", action=argparse.BooleanOptionalAction,
                    help="lcp-ebd: start from the free equilibrium (off)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-every", type=int, default=1, help="evaluate on the test set every N epochs (0: at the end)")
-    t.add_argument("--json-out", default=None, help="write config, history and test accuracy to this JSON file")
-    t.add_argument("--checkpoint", default=None, help="save model/optimizer state here after every epoch")
+    t.add_argument("--seed", type=int, help="(0)")
+    t.add_argument("--eval-every", type=int, help="evaluate on the test set every N epochs (1; 0: only at the end)")
+    t.add_argument("--json-out", help="write config, history and test accuracy to this JSON file")
+    t.add_argument("--checkpoint", help="save model/optimizer state here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(quiet=False)
 
     e = sub.add_parser("eval", help="test accuracy of a saved checkpoint")
     e.add_argument("--checkpoint", required=True)
-    _add_data_args(e, default_dataset=None)
+    _add_data_args(e, train=False)
     e.add_argument("--json-out", default=None)
     return parser
 
 
 def _train(args) -> int:
-    from .train import TrainConfig, train
+    from .train import config_from_mapping, load_config_file, train
 
-    epochs = args.epochs if args.epochs is not None else (8 if args.dataset == "digits" else 30)
-    config = TrainConfig(
-        model=args.model, method=args.method, dataset=args.dataset, data_dir=args.data_dir,
-        limit_train=args.limit_train, limit_test=args.limit_test, hidden=args.hidden, epochs=epochs,
-        batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-        grad_clip=args.grad_clip, alpha=args.alpha, k_i=args.k_i, k_p=args.k_p, kappa=args.kappa, dt=args.dt, tol=args.tol,
-        max_iter=args.max_iter, solver=args.solver, ebd_optim=args.ebd_optim, ebd_lr=args.ebd_lr,
-        ebd_steps=args.ebd_steps, ff_init=args.ff_init, seed=args.seed, eval_every=args.eval_every,
-        json_out=args.json_out, checkpoint=args.checkpoint, resume=args.resume, progress=not args.quiet,
-    )
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update(given)
+    if "epochs" not in values and values.get("dataset", "digits") == "digits":
+        values["epochs"] = 8  # the embedded default job: about a minute on two cores
+    values["progress"] = not args.quiet
+    config = config_from_mapping(values, source="command line")
     print(f"leastcontrol train: model={config.model} method={config.method} dataset={config.dataset} "
           f"epochs={config.epochs} ({config.build_method()!r})", flush=True)
     result = train(config)
@@ -119,8 +121,10 @@ def _eval(args) -> int:
     data_dir = args.data_dir or config.data_dir
     data = load_dataset(dataset, data_dir, args.limit_train or 1, args.limit_test)
     system = build_system(config, data)
+    method = config.build_method()
+    method.prepare(system)  # e.g. feedback weights that the checkpoint holds
     system.load_state_dict(state["system"])
-    accuracy = evaluate(config.build_method(), system, data.test_x, data.test_y, config.eval_batch_size)
+    accuracy = evaluate(method, system, data.test_x, data.test_y, config.eval_batch_size)
     print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "
           f"(epoch {state['epoch']})")
     if args.json_out:

@@ -5,11 +5,13 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import time
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -106,6 +108,70 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if typing.get_origin(tp) is Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def config_from_mapping(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """Build a :class:`TrainConfig` from a mapping, naming any unknown key or wrongly typed value.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or an invalid value.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{key}'; valid keys: {', '.join(sorted(hints))}")
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{source}: key '{key}' must be {_type_name(hints[key])}, got {value!r}")
+    return TrainConfig(**values)
+
+
+def load_config_file(path: str | Path) -> Dict[str, Any]:
+    """Read a run configuration from a TOML (``.toml``) or JSON file; keys are :class:`TrainConfig` fields.
+
+    Raises:
+        ConfigError: missing or unparsable file, unknown key, wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a table of settings")
+    config_from_mapping(values, source=str(path))  # validate the file on its own, naming the file
+    return values
 
 
 def build_system(config: TrainConfig, data: Dataset) -> EquilibriumSystem:
