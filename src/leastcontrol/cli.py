@@ -1,4 +1,4 @@
-"""Command line: ``leastcontrol train | eval``.
+"""Command line: ``leastcontrol train | eval | reproduce``.
 
 ``leastcontrol train`` with no arguments trains the recurrent equilibrium
 network with LCP-DI on the bundled digits data (offline, about a minute).
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from .data import DATASETS
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(quiet=False)
 
+    r = sub.add_parser("reproduce", help="run the published table (each row's config, several seeds)")
+    r.add_argument("benchmark", choices=["mnist"])
+    r.add_argument("--out", default="runs/reproduce", help="output folder (finished runs there are skipped)")
+    r.add_argument("--rows", nargs="+", default=None, help="subset of rows, e.g. ff-bp rnn-lcp-di (default: all)")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0])
+    r.add_argument("--epochs", type=_positive_int, default=None, help="override every row's epochs (30)")
+    r.add_argument("--limit-train", type=_positive_int, default=None)
+    r.add_argument("--limit-test", type=_positive_int, default=None)
+    r.add_argument("--dataset", default=None, choices=DATASETS.names(), help="override the data set (mnist)")
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--quiet", action="store_true")
+
     e = sub.add_parser("eval", help="test accuracy of a saved checkpoint")
     e.add_argument("--checkpoint", required=True)
     _add_data_args(e, train=False)
@@ -106,6 +119,18 @@ def _train(args) -> int:
           f"converged batches {result['converged_fraction']:.2f}")
     if config.json_out:
         print(f"results written to {config.json_out}")
+    return 0
+
+
+def _reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    overrides = {k: getattr(args, k) for k in ("epochs", "limit_train", "limit_test", "dataset", "data_dir")
+                 if getattr(args, k) is not None}
+    table = reproduce(args.benchmark, args.out, rows=args.rows, seeds=args.seeds, overrides=overrides,
+                      progress=not args.quiet)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"written: {args.out}/results.md, results.csv, accuracy.png and one JSON per run ({len(table)} rows)")
     return 0
 
 
@@ -138,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval}[args.command](args)
+        return {"train": _train, "eval": _eval, "reproduce": _reproduce}[args.command](args)
     except LeastControlError as exc:
         print(f"leastcontrol: error: {exc}", file=sys.stderr)
         return 2

@@ -343,6 +343,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         "train_seconds": train_seconds,
         "converged_fraction": (sum(h["converged_fraction"] for h in history) / len(history)) if history else None,
     }
+    if hasattr(method, "alignment"):
+        result["feedback_alignment"] = method.alignment(system)
     if config.json_out:
         write_json(config.json_out, result)
     result["system"] = system
