@@ -197,7 +197,7 @@ def test_bp_on_recurrent_system_is_a_clear_error():
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, lcp-kp, rbp"):
+    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
         get_method("backprop")
 
 
@@ -292,3 +292,48 @@ def test_kolen_pollack_decay_shrinks_every_weight_matrix():
     for n, p in net.named_parameters():
         factor = 0.9 if p.dim() == 2 else 1.0
         assert torch.allclose(p, factor * before[n]), n
+
+
+def test_linear_feedback_learning_aligns_with_dynamic_inversion():
+    """Repeated noisy phases on one batch turn Q u* towards the dynamic-inversion control e*."""
+    from leastcontrol.methods import LCPLF
+    from leastcontrol.systems import RecurrentEquilibrium
+
+    g = torch.Generator().manual_seed(0)
+    net = RecurrentEquilibrium(6, 24, 4, dtype=F64, generator=g)
+    x = torch.rand(32, 6, generator=g, dtype=F64)
+    y = torch.randint(0, 4, (32,), generator=g)
+    e_star = LCPDI(tol=1e-10, max_iter=5000).controlled_equilibrium(net, x, y).control["v"]
+    lf = LCPLF(tol=1e-10, max_iter=5000, tau_q=1e3)
+    lf.prepare(net, generator=g)
+    assert net.lf_Q.shape == (24, 4) and "lf_Q" in net.state_dict()
+
+    def alignment():
+        ctrl = lf.controlled_equilibrium(net, x, y)
+        return cosine({"v": ctrl.control["o"] @ net.lf_Q.t()}, {"v": e_star}), ctrl
+
+    cosines = []
+    for _ in range(6):
+        c, ctrl = alignment()
+        cosines.append(c)
+        lf.learn_feedback(net, x, y, ctrl)
+    assert all(b > a for a, b in zip(cosines, cosines[1:])), cosines
+    assert cosines[-1] - cosines[0] > 0.05
+
+
+def test_linear_feedback_update_is_slope_modulated_feedback():
+    from leastcontrol.methods import LCPLF
+
+    net = tiny_rnn()
+    x, y = batch()
+    xs = net.prepare_input(x)
+    lf = LCPLF(alpha=0.5, tol=1e-12, max_iter=20000, noise_steps=0)
+    ctrl = lf.controlled_equilibrium(net, xs, y)
+    f = net.dynamics(ctrl.state, net.encode(xs).detach())
+    u = ctrl.control["o"]
+    assert torch.allclose(f["o"] + u, torch.zeros_like(u), atol=1e-10)             # ψ_o = −f_o
+    assert torch.allclose(f["v"] + u @ net.lf_Q.t(), torch.zeros_like(f["v"]), atol=1e-10)  # Q u* = −f_v
+    slope = 1 - torch.tanh(ctrl.state["v"]) ** 2
+    assert torch.allclose(ctrl.control["v"], slope * (u @ net.lf_Q.t()))
+    out = lf.gradients(net, xs, y)
+    assert torch.allclose(out.grads["W"], -ctrl.control["v"].T @ torch.tanh(ctrl.state["v"]), atol=1e-12)

@@ -15,6 +15,10 @@ from leastcontrol.train import TrainConfig, load_checkpoint, train
     # Weaker control (β = 0.1) on the small RNN: its controlled dynamics settle in a few hundred
     # steps, so four epochs fit a unit test; the published β = 10 is exercised by the default job.
     ("rnn", "lcp-di", {"k_i": 0.01}),
+    # Shorter noisy phases and energy descents than published, to keep the suite to minutes.
+    ("ff", "lcp-kp", {}), ("ff", "lcp-lf", {"noise_steps": 40}), ("ff", "lcp-ebd", {"ebd_steps": 100, "ebd_lr": 0.05}),
+    ("rnn", "lcp-kp", {"k_i": 0.01}), ("rnn", "lcp-lf", {"k_i": 0.01, "noise_steps": 40}),
+    ("rnn", "lcp-ebd", {"alpha": 10.0, "ebd_lr": 1e-3, "ebd_steps": 200, "ff_init": True}),
 ])
 def test_each_method_learns_digits(model, method, options):
     result = train(TrainConfig(model=model, method=method, hidden=64, lr=5e-3, epochs=4,
@@ -89,7 +93,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_bad_configuration_fails_before_training():
     with pytest.raises(ValueError, match="ff, rnn"):
         TrainConfig(model="lstm")
-    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, lcp-kp, rbp"):
+    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
         TrainConfig(method="eqprop")
     with pytest.raises(ValueError, match="digits, idx, mnist"):
         TrainConfig(dataset="cifar100")

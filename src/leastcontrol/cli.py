@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")
     g.add_argument("--ff-init", action=argparse.BooleanOptionalAction,
                    help="lcp-ebd: start from the free equilibrium (off)")
+    lf = t.add_argument_group("lcp-lf: learning the linear feedback Q in a noisy phase")
+    lf.add_argument("--sigma", type=float, help="hidden noise std (0.01)")
+    lf.add_argument("--tau-noise", type=float, help="noise correlation time in steps (20)")
+    lf.add_argument("--noise-steps", type=int, help="length of the noisy phase (200; 0: Q fixed)")
+    lf.add_argument("--tau-q", type=float, help="time constant of Q (1e5)")
+    lf.add_argument("--wd-q", type=float, help="weight decay of Q (0.01)")
+    lf.add_argument("--timescale", type=float, help="speed-up of the noisy phase, enters squared (5)")
     t.add_argument("--seed", type=int, help="(0)")
     t.add_argument("--eval-every", type=int, help="evaluate on the test set every N epochs (1; 0: only at the end)")
     t.add_argument("--json-out", help="write config, history and test accuracy to this JSON file")

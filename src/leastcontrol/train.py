@@ -26,7 +26,8 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 # Published MNIST settings (docs/LCP.md §4): gradient clipping 10 for the RNN.
 DEFAULT_GRAD_CLIP = {"rnn": 10.0}
 METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver",
-                  "ebd_optim", "ebd_lr", "ebd_steps", "ff_init")
+                  "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
+                  "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
 
 
 @dataclass
@@ -64,6 +65,12 @@ class TrainConfig:
     ebd_lr: Optional[float] = None
     ebd_steps: Optional[int] = None
     ff_init: Optional[bool] = None
+    sigma: Optional[float] = None
+    tau_noise: Optional[float] = None
+    noise_steps: Optional[int] = None
+    tau_q: Optional[float] = None
+    wd_q: Optional[float] = None
+    timescale: Optional[float] = None
     seed: int = 0
     eval_every: int = 1
     eval_batch_size: int = 1000

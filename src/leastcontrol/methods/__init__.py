@@ -3,7 +3,7 @@
 Built-ins: ``bp`` (backprop through the layered forward pass), ``rbp``
 (recurrent backprop / implicit differentiation), ``lcp-di`` (least control
 with dynamic inversion), ``lcp-kp`` (dynamic inversion through learned
-Kolen-Pollack feedback weights), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
+Kolen-Pollack feedback weights), ``lcp-lf`` (learned linear feedback), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .baselines import BP, RBP
 from .ebd import LCPEBD
 from .kp import LCPKP
 from .lcp import LCPDI, ControlledEquilibrium
+from .lf import LCPLF
 
 METHODS: Registry[Method] = Registry("method")
 METHODS.register("bp", BP)
@@ -22,6 +23,7 @@ METHODS.register("rbp", RBP)
 METHODS.register("lcp-di", LCPDI)
 METHODS.register("lcp-ebd", LCPEBD)
 METHODS.register("lcp-kp", LCPKP)
+METHODS.register("lcp-lf", LCPLF)
 
 
 def register_method(name: str, factory: Callable[..., Method], *, overwrite: bool = False):
@@ -38,5 +40,5 @@ def get_method(name: str, **settings) -> Method:
     return METHODS.create(name, **settings)
 
 
-__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD", "LCPKP",
+__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
            "ControlledEquilibrium", "METHODS", "register_method", "get_method"]

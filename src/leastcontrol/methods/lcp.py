@@ -83,6 +83,9 @@ class LCPDI(EquilibriumMethod):
         """Control strength β of the relaxed problem ``H_β``."""
         return self.k_i / self.alpha + self.k_p
 
+    def _after_controlled(self, system, x, y, ctrl: ControlledEquilibrium) -> None:
+        """Hook for routes that learn from the controlled equilibrium (e.g. LF's feedback matrix)."""
+
     def _feedback(self, system: EquilibriumSystem):
         """Matrices replacing the weight transposes on the way back (``None``: the exact transposes)."""
         return None
@@ -127,7 +130,7 @@ class LCPDI(EquilibriumMethod):
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)
         ctrl = self.controlled_equilibrium(system, x, y, free)
-        B = x.shape[0]
+        self._after_controlled(system, x, y, ctrl)
         # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, summed over the batch (L is already a batch mean).
         vjp = system.param_vjp(ctrl.state, x, ctrl.control)
         grads = {n: -g for n, g in vjp.items()}

@@ -129,6 +129,10 @@ class EquilibriumSystem(nn.Module):
         f, vjp_fn = torch.func.vjp(lambda s: self.dynamics(s, drive), primal)
         return f, vjp_fn(dict(cotangent))[0]
 
+    def rate_slope(self, state: Mapping[str, torch.Tensor]) -> State:
+        """``φ'`` of every non-output population, for rules that modulate a feedback signal by it."""
+        raise ValueError(f"{type(self).__name__} does not define rate_slope; lcp-lf needs a built-in system (ff or rnn)")
+
     # --- feedback pathways (Kolen-Pollack) -----------------------------------------
     def feedback_pathways(self) -> Dict[str, str]:
         """Pathway key -> name of the forward weight whose transpose carries the VJP.

@@ -62,6 +62,9 @@ class RecurrentEquilibrium(EquilibriumSystem):
     def feedback_pathways(self):
         return {"W": "W", "D": "D"}
 
+    def rate_slope(self, state):
+        return {"v": 1.0 - torch.tanh(state["v"]).pow(2)}
+
     def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
         # Closed form: (∂_v f)ᵀ a = −a_v + φ'(v) ⊙ (a_v W + a_o D),  (∂_o f)ᵀ a = −a_o;
         # with feedback, W and D on the way back are replaced by Bᵀ and D̃ᵀ.
@@ -137,6 +140,9 @@ class FeedforwardEquilibrium(EquilibriumSystem):
         rates = [torch.tanh(h) for h in self.blocks(state["v"])]
         v_target, o_target = self._targets(rates, drive)
         return {"v": v_target - state["v"], "o": o_target - state["o"]}
+
+    def rate_slope(self, state):
+        return {"v": 1.0 - torch.tanh(state["v"]).pow(2)}
 
     def feedback_pathways(self):
         pathways = {f"W_{i}": f"W.{i}" for i in range(len(self.W))}
