@@ -337,3 +337,26 @@ def test_linear_feedback_update_is_slope_modulated_feedback():
     assert torch.allclose(ctrl.control["v"], slope * (u @ net.lf_Q.t()))
     out = lf.gradients(net, xs, y)
     assert torch.allclose(out.grads["W"], -ctrl.control["v"].T @ torch.tanh(ctrl.state["v"]), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd"])
+@pytest.mark.parametrize("make", [tiny_rnn, lambda: tiny_ff(sizes=(5, 4, 6, 3, 3))], ids=["rnn", "ff-deep"])
+def test_explicit_outer_product_update_equals_autograd_vjp(name, make):
+    """Every LCP route's update equals the generic autograd VJP −(∂θ f(s*))ᵀ ψ* at its own (s*, ψ*)."""
+    from leastcontrol.methods import local_update
+    from leastcontrol.systems import EquilibriumSystem
+
+    net = make()
+    x, y = batch()
+    xs = net.prepare_input(x)
+    method = get_method(name, alpha=0.5, **({} if name == "lcp-ebd" else {"tol": 1e-12, "max_iter": 20000}))
+    method.prepare(net)
+    ctrl = method.controlled_equilibrium(net, xs, y)
+    explicit = local_update(net, xs, ctrl)
+    generic = EquilibriumSystem.param_vjp(net, ctrl.state, xs, ctrl.control)
+    forward = [n for n, _ in net.named_parameters() if not n.startswith("feedback.")]
+    for n in forward:
+        assert torch.allclose(explicit[n], -generic[n], atol=1e-8, rtol=0), n
+    out = method.gradients(net, xs, y)
+    for n in forward:
+        assert torch.allclose(out.grads[n], explicit[n], atol=1e-8, rtol=0), n

@@ -64,10 +64,11 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
 
 def _markdown(table: List[Dict[str, Any]], header: str) -> str:
     lines = [header, "",
-             "| row | test accuracy (%) | seeds | s / epoch | mean iterations | converged batches | feedback alignment |",
+             "| row | test accuracy (%) | seeds | s / epoch | mean iterations | converged batches "
+             "| feedback alignment (cos with the forward transpose) |",
              "|---|---|---|---|---|---|---|"]
     for e in table:
-        align = ", ".join(f"cos({k}) {v:.3f}" for k, v in e.get("feedback_alignment", {}).items()) or "–"
+        align = ", ".join(f"{k} {v:.3f}" for k, v in e.get("feedback_alignment", {}).items()) or "–"
         lines.append(f"| {e['row']} | {e['test_accuracy_mean']:.2f} ± {e['test_accuracy_std']:.2f} | {e['seeds']} | "
                      f"{e['seconds_per_epoch']:.1f} | {e['mean_iterations']:.1f} | {e['converged_fraction']:.2f} | {align} |")
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads
 from .baselines import BP, RBP
 from .ebd import LCPEBD
 from .kp import LCPKP
-from .lcp import LCPDI, ControlledEquilibrium
+from .lcp import LCPDI, ControlledEquilibrium, local_update
 from .lf import LCPLF
 
 METHODS: Registry[Method] = Registry("method")
@@ -41,4 +41,4 @@ def get_method(name: str, **settings) -> Method:
 
 
 __all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
-           "ControlledEquilibrium", "METHODS", "register_method", "get_method"]
+           "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method"]

@@ -21,7 +21,7 @@ from ..errors import ConfigError, SolverDivergedError
 from ..solvers import SolveResult, SolverStats
 from ..systems.base import EquilibriumSystem
 from .base import EquilibriumMethod, MethodOutput, _check_number, two_phase_stats
-from .lcp import ControlledEquilibrium
+from .lcp import ControlledEquilibrium, local_update
 
 
 @dataclass
@@ -93,7 +93,7 @@ class LCPEBD(EquilibriumMethod):
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)
         ctrl = self.controlled_equilibrium(system, x, y, free)
-        grads = {n: -g for n, g in system.param_vjp(ctrl.state, x, ctrl.control).items()}
+        grads = local_update(system, x, ctrl)
         loss, acc = self._summary(system.readout(free.state), y)
         stats = two_phase_stats(free, "controlled", SolveResult(ctrl.state, ctrl.stats))
         stats["control_norm"] = float(0.5 * sum(c.pow(2).sum() for c in ctrl.control.values()))

@@ -36,6 +36,22 @@ from ..systems.base import EquilibriumSystem, State
 from .base import EquilibriumMethod, MethodOutput, _check_number, two_phase_stats
 
 
+def local_update(system: EquilibriumSystem, x: torch.Tensor, ctrl: "ControlledEquilibrium") -> Dict[str, torch.Tensor]:
+    """The LCP update ``∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*``, summed over the batch.
+
+    For the built-in networks this is computed as explicit outer products of
+    postsynaptic control and presynaptic rate (``ΔW = −ψ_vᵀ φ(v*)``, ``ΔU = −ψ_vᵀ x``,
+    ``ΔD = −ψ_oᵀ φ(v*)``, biases ``−Σ ψ``); other systems use one autograd VJP in θ.
+
+    Args:
+        system: the equilibrium system. x: validated inputs ``(B, n_in)``.
+        ctrl: the controlled equilibrium (state ``s*`` and control ``ψ*``).
+    Returns:
+        Parameter name -> update, with the sign of a loss gradient.
+    """
+    return {n: -g for n, g in system.param_vjp(ctrl.state, x, ctrl.control).items()}
+
+
 @dataclass
 class ControlledEquilibrium:
     """The optimal controlled state ``s*``, its control ``ψ*`` and the solver statistics."""
@@ -132,8 +148,7 @@ class LCPDI(EquilibriumMethod):
         ctrl = self.controlled_equilibrium(system, x, y, free)
         self._after_controlled(system, x, y, ctrl)
         # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, summed over the batch (L is already a batch mean).
-        vjp = system.param_vjp(ctrl.state, x, ctrl.control)
-        grads = {n: -g for n, g in vjp.items()}
+        grads = local_update(system, x, ctrl)
         loss, acc = self._summary(system.readout(free.state), y)
         control_norm = 0.5 * sum(c.pow(2).sum() for c in ctrl.control.values())
         stats = two_phase_stats(free, "controlled", SolveResult(ctrl.state, ctrl.stats))

@@ -71,6 +71,20 @@ class LCPLF(LCPDI):
             q = torch.randn(hidden, system.n_out, generator=generator, dtype=system.dtype) / math.sqrt(system.n_out)
             system.register_buffer("lf_Q", q.to(system.device))
 
+    @torch.no_grad()
+    def alignment(self, system: EquilibriumSystem) -> Dict[str, float]:
+        """Cosine between Q's rows for the last hidden units and ``Dᵀ``, the output weights' transpose.
+
+        Dynamic inversion sends the output control back through ``Dᵀ`` (times φ'); this measures
+        how far the learned feedback has turned towards that pathway.
+        """
+        D = dict(system.named_parameters()).get("D")
+        if D is None:
+            return {}
+        Q = self._Q(system)[-D.shape[1]:]
+        a, b = Q.reshape(-1), D.t().reshape(-1)
+        return {"Q": float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))}
+
     def _Q(self, system):
         self.prepare(system)
         return system.lf_Q
