@@ -71,19 +71,23 @@ class LCPEBD(EquilibriumMethod):
         params = list(state.values())
         opt = (torch.optim.Adam(params, lr=self.ebd_lr) if self.ebd_optim == "adam"
                else torch.optim.SGD(params, lr=self.ebd_lr))
-        for step in range(1, self.ebd_steps + 1):
+
+        def energy_grad():
+            # ∇_s E = (∂_s f)ᵀ f + (1/α) ∇_s L, with L the batch-mean loss.
             f = system.dynamics(state, drive)
             grad = system.state_vjp(state, drive, f)
             grad[out] = grad[out] + self._loss.grad(state[out], y) / (B * self.alpha)
+            return f, grad
+
+        for step in range(1, self.ebd_steps + 1):
+            _, grad = energy_grad()
             for k, p in state.items():
                 p.grad = grad[k]
             opt.step()
             if step % 50 == 0 and not all(torch.isfinite(p).all() for p in params):
                 bad = next(k for k, p in state.items() if not torch.isfinite(p).all())
                 raise SolverDivergedError(bad, step, "lcp-ebd optimiser")
-        f = system.dynamics(state, drive)
-        grad = system.state_vjp(state, drive, f)
-        grad[out] = grad[out] + self._loss.grad(state[out], y) / (B * self.alpha)
+        f, grad = energy_grad()
         scale = sum(v.pow(2).sum() for v in state.values()).sqrt().clamp_min(1e-30)
         residual = float(sum(g.pow(2).sum() for g in grad.values()).sqrt() / scale)
         stats = SolverStats(self.ebd_steps, residual, residual < self.tol, float(residual < self.tol), [residual])
