@@ -5,8 +5,16 @@ principle for local learning at equilibrium", NeurIPS 2022.
 """
 from .errors import (CheckpointError, ConfigError, DataFormatError, DatasetNotFoundError,
                      LeastControlError, SolverDivergedError)
-from .methods import BP, LCPDI, RBP, Method, MethodOutput, get_method, register_method
+from .methods import (BP, LCPDI, LCPEBD, LCPKP, LCPLF, RBP, Method, MethodOutput, get_method, local_update,
+                      register_method)
 from .solvers import Anderson, Euler, SolveResult, SolverStats, get_solver
 from .systems import EquilibriumSystem, FeedforwardEquilibrium, RecurrentEquilibrium, get_system
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataFormatError", "DatasetNotFoundError", "LeastControlError",
+    "SolverDivergedError", "BP", "RBP", "LCPDI", "LCPKP", "LCPLF", "LCPEBD", "Method", "MethodOutput",
+    "get_method", "local_update", "register_method", "Anderson", "Euler", "SolveResult", "SolverStats",
+    "get_solver", "EquilibriumSystem", "FeedforwardEquilibrium", "RecurrentEquilibrium", "get_system",
+]

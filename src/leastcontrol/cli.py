@@ -6,7 +6,6 @@ network with LCP-DI on the bundled digits data (offline, about a minute).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
