@@ -93,7 +93,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_bad_configuration_fails_before_training():
     with pytest.raises(ValueError, match="ff, rnn"):
         TrainConfig(model="lstm")
-    with pytest.raises(ValueError, match="bp, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
+    with pytest.raises(ValueError, match="bp, bptt, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
         TrainConfig(method="eqprop")
     with pytest.raises(ValueError, match="digits, idx, mnist"):
         TrainConfig(dataset="cifar100")

@@ -5,7 +5,7 @@ principle for local learning at equilibrium", NeurIPS 2022.
 """
 from .errors import (CheckpointError, ConfigError, DataFormatError, DatasetNotFoundError,
                      LeastControlError, SolverDivergedError)
-from .methods import (BP, LCPDI, LCPEBD, LCPKP, LCPLF, RBP, Method, MethodOutput, get_method, local_update,
+from .methods import (BP, BPTT, LCPDI, LCPEBD, LCPKP, LCPLF, RBP, Method, MethodOutput, get_method, local_update,
                       register_method)
 from .solvers import Anderson, Euler, SolveResult, SolverStats, get_solver
 from .systems import EquilibriumSystem, FeedforwardEquilibrium, RecurrentEquilibrium, get_system
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataFormatError", "DatasetNotFoundError", "LeastControlError",
-    "SolverDivergedError", "BP", "RBP", "LCPDI", "LCPKP", "LCPLF", "LCPEBD", "Method", "MethodOutput",
+    "SolverDivergedError", "BP", "BPTT", "RBP", "LCPDI", "LCPKP", "LCPLF", "LCPEBD", "Method", "MethodOutput",
     "get_method", "local_update", "register_method", "Anderson", "Euler", "SolveResult", "SolverStats",
     "get_solver", "EquilibriumSystem", "FeedforwardEquilibrium", "RecurrentEquilibrium", "get_system",
 ]

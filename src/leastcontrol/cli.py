@@ -13,6 +13,7 @@ from typing import List, Optional
 from .data import DATASETS
 from .errors import LeastControlError
 from .methods import METHODS
+from .methods.base import IMPLS
 from .solvers import SOLVERS
 from .systems import SYSTEMS
 
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tol", type=float, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
     g.add_argument("--max-iter", type=_positive_int, help="max solver steps (lcp-di 800, rbp 200)")
     g.add_argument("--solver", choices=SOLVERS.names(), help="fixed-point solver (euler)")
+    g.add_argument("--check-every", type=_positive_int, help="test convergence every k solver steps (10)")
+    g.add_argument("--warm-start-tol", type=float,
+                   help="tolerance of the free solve that starts the controlled dynamics (lcp: 1e-4)")
+    g.add_argument("--impl", choices=IMPLS,
+                   help="fast (default): closed-form VJPs, sample freezing; autograd: research-code reference path")
     g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
     g.add_argument("--ebd-lr", type=float, help="lcp-ebd: its learning rate (0.01)")
     g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")

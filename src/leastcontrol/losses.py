@@ -34,6 +34,14 @@ class Loss:
             o = output.detach().requires_grad_(True)
             return torch.autograd.grad(self.value(o, target).sum(), o)[0]
 
+    def dense_target(self, target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The target as a tensor shaped like ``output``, read by :meth:`dense_grad` every solver step."""
+        return target
+
+    def dense_grad(self, output: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """:meth:`grad` from a :meth:`dense_target` (a fresh tensor the caller may modify in place)."""
+        return self.grad(output, dense)
+
 
 class CrossEntropy(Loss):
     """Softmax cross-entropy on logits ``o``; targets are class indices ``(B,)``."""
@@ -60,6 +68,13 @@ class CrossEntropy(Loss):
         g[torch.arange(output.shape[0], device=output.device), target] -= 1.0
         return g
 
+    def dense_target(self, target, output):
+        return F.one_hot(target, output.shape[-1]).to(output.dtype)
+
+    def dense_grad(self, output, dense):
+        # softmax(o) − onehot(y): two kernels, no indexing in the solver loop.
+        return torch.softmax(output, dim=-1).sub_(dense)
+
 
 class SquaredError(Loss):
     """``½‖o − y‖²`` per sample; targets have the shape of the output."""
@@ -80,6 +95,12 @@ class SquaredError(Loss):
 
     def grad(self, output, target):
         return output - target.to(output.dtype)
+
+    def dense_target(self, target, output):
+        return target.to(output.dtype)
+
+    def dense_grad(self, output, dense):
+        return output - dense
 
 
 LOSSES: Registry[Loss] = Registry("loss")

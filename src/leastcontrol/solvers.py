@@ -40,6 +40,7 @@ class SolverStats:
         trace: residual at every convergence check.
         fallbacks: (Anderson) steps where the least-squares solve failed and a plain step was used.
         mean_sample_iterations: steps per sample, averaged (below ``iterations`` when samples freeze).
+        restarts: (Anderson) safeguard restarts from a sample's best iterate.
     """
 
     iterations: int
@@ -49,6 +50,7 @@ class SolverStats:
     trace: List[float] = dc_field(default_factory=list)
     fallbacks: int = 0
     mean_sample_iterations: float | None = None
+    restarts: int = 0
 
 
 @dataclass
@@ -60,7 +62,8 @@ class SolveResult:
 class _Layout:
     """Converts between the user's state structure and a dict of ``(B, …)`` tensors."""
 
-    def __init__(self, state0):
+    def __init__(self, state0, labels=None):
+        self.labels = labels or {}
         if isinstance(state0, torch.Tensor):
             self.kind, self.names = "tensor", ["state"]
             self.as_dict = {"state": state0}
@@ -104,14 +107,28 @@ class _Layout:
 
     def unpack(self, z: torch.Tensor):
         parts = torch.split(z, self.sizes, dim=1)
-        return {k: p.reshape(self.shapes[k]) for k, p in zip(self.names, parts)}
+        return {k: p.reshape(p.shape[0], *self.shapes[k][1:]) for k, p in zip(self.names, parts)}
 
     def first_nonfinite(self, d) -> str:
         """The population that blew up: the first non-finite one, else (norm overflow) the largest."""
         for k in self.names:
             if not torch.isfinite(d[k]).all():
-                return k
-        return max(self.names, key=lambda k: float(d[k].abs().max()) if d[k].numel() else 0.0)
+                return self._segment(k, d[k])
+        key = max(self.names, key=lambda k: float(d[k].abs().max()) if d[k].numel() else 0.0)
+        return self._segment(key, d[key])
+
+
+    def _segment(self, key, t) -> str:
+        """For a packed buffer with ``labels[key] = [(name, width), ...]``: the first non-finite
+        segment, else (norm overflow) the one with the largest entry."""
+        segments, start = [], 0
+        for name, width in self.labels.get(key, ()):
+            part = t[:, start:start + width]
+            if not torch.isfinite(part).all():
+                return name
+            segments.append((float(part.abs().max()) if part.numel() else 0.0, name))
+            start += width
+        return max(segments)[1] if segments else key
 
 
 def _sq_norms(d) -> torch.Tensor:
@@ -148,13 +165,16 @@ class Solver:
     def __repr__(self):
         return f"{type(self).__name__}(dt={self.dt}, tol={self.tol}, max_iter={self.max_iter})"
 
-    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None) -> SolveResult:
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
+              labels: Dict[str, list] | None = None) -> SolveResult:
         """Settle ``ds/dt = field(s)`` (or ``field(s, context)`` when ``context`` is given).
 
         Args:
             field: the vector field, a function of the state (and of ``context``).
             state0: initial state: tensor, tuple or dict of tensors, batch first.
             context: batch-aligned tensors the field reads (e.g. inputs, targets).
+            labels: for a state entry that packs several populations along dim 1,
+                ``{key: [(population, width), ...]}``, so errors name the population.
         Returns:
             :class:`SolveResult` with the final state (same structure as ``state0``) and stats.
         Raises:
@@ -177,6 +197,56 @@ class Solver:
         return r
 
 
+class _Freezer:
+    """Per-sample freezing shared by the solvers.
+
+    Holds the final state of every sample that has converged and the indices
+    of those still iterating; the solver keeps iterating on the active rows
+    only, so a few slow samples do not make the whole batch pay.
+    """
+
+    def __init__(self, template: Dict[str, torch.Tensor], enabled: bool):
+        first = next(iter(template.values()))
+        B, device = first.shape[0], first.device
+        self.enabled = enabled
+        self.out = {k: v.clone() for k, v in template.items()} if enabled else None
+        self.active = torch.arange(B, device=device)
+        self.final_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
+        self.sample_steps = torch.zeros(B, dtype=torch.float64, device=device)
+
+    def record(self, res: torch.Tensor, step: int) -> None:
+        self.final_res[self.active] = res.double()
+        self.sample_steps[self.active] = step
+
+    def freeze(self, done: torch.Tensor, final: Dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Store the rows ``done`` of ``final``; return the keep-mask for the caller's tensors (or None)."""
+        if not self.enabled or not bool(done.any()):
+            return None
+        rows = self.active[done]
+        for k, v in final.items():
+            self.out[k][rows] = v[done]
+        keep = ~done
+        self.active = self.active[keep]
+        return keep
+
+    def result(self, final: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if not self.enabled:
+            return final
+        for k, v in final.items():
+            self.out[k][self.active] = v
+        return self.out
+
+    def stats(self, step: int, tol: float, trace: List[float], fallbacks: int = 0, restarts: int = 0) -> SolverStats:
+        r = float(self.final_res.max())
+        frac = float((self.final_res < tol).double().mean())
+        return SolverStats(step, r, r < tol, frac, trace, fallbacks,
+                           float(self.sample_steps.mean()), restarts)
+
+
+def _subset(d: Dict[str, torch.Tensor] | None, keep: torch.Tensor):
+    return None if d is None else {k: v[keep] for k, v in d.items()}
+
+
 class Euler(Solver):
     """Forward-Euler iteration ``s_{t+1} = s_t + dt · g(s_t)``.
 
@@ -197,20 +267,15 @@ class Euler(Solver):
         super().__init__(dt, tol, max_iter, **kwargs)
         self.freeze = bool(freeze)
 
-    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None) -> SolveResult:
-        layout = _Layout(state0)
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
+              labels: Dict[str, list] | None = None) -> SolveResult:
+        layout = _Layout(state0, labels)
         g_field = layout.wrap(field, context is not None)
         s = layout.as_dict
-        B = next(iter(s.values())).shape[0]
-        device = next(iter(s.values())).device
-        freeze = self.freeze and context is not None
-        out = {k: v.clone() for k, v in s.items()} if freeze else None
-        active = torch.arange(B, device=device)
-        final_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
-        sample_steps = torch.zeros(B, dtype=torch.float64, device=device)
+        frozen = _Freezer(s, self.freeze and context is not None)
         ctx = context
         trace: List[float] = []
-        r, step = math.inf, 0
+        step = 0
         for step in range(1, self.max_iter + 1):
             g = g_field(s, ctx)
             check = step % self.check_every == 0 or step == self.max_iter
@@ -222,28 +287,13 @@ class Euler(Solver):
                 continue
             r = self._check(layout, res, s, step)
             trace.append(r)
-            final_res[active] = res.double()
-            sample_steps[active] = step
+            frozen.record(res, step)
             if r < self.tol:
                 break
-            if freeze:
-                done = res < self.tol
-                if bool(done.any()):
-                    rows = active[done]
-                    for k in layout.names:
-                        out[k][rows] = s[k][done]
-                    keep = ~done
-                    active = active[keep]
-                    s = {k: v[keep] for k, v in s.items()}
-                    ctx = {k: v[keep] for k, v in ctx.items()}
-        if freeze:
-            for k in layout.names:
-                out[k][active] = s[k]
-            s = out
-        r = float(final_res.max())
-        frac = float((final_res < self.tol).double().mean())
-        stats = SolverStats(step, r, r < self.tol, frac, trace, mean_sample_iterations=float(sample_steps.mean()))
-        return self._finish(layout, s, stats)
+            keep = frozen.freeze(res < self.tol, s)
+            if keep is not None:
+                s, ctx = _subset(s, keep), _subset(ctx, keep)
+        return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace))
 
 
 class Anderson(Solver):
@@ -251,76 +301,108 @@ class Anderson(Solver):
 
     Keeps the last ``memory`` iterates, mixes them with weights that minimise
     the norm of the combined residual (sum-to-one constraint, Tikhonov
-    regularisation ``reg`` relative to the Gram matrix's scale). A sample whose
-    small linear system is singular falls back to a plain step (counted in
-    ``stats.fallbacks``). The best iterate (smallest residual) is returned.
+    regularisation ``reg`` relative to the Gram matrix's scale, solved in
+    float64). A sample whose small linear system is singular takes a plain
+    step instead (counted in ``stats.fallbacks``). Safeguard: a sample whose
+    residual grows above ``restart`` times its best one restarts from its best
+    iterate with an empty memory (``stats.restarts``). Each sample returns its
+    best iterate; with ``freeze=True`` (and a ``context``) converged samples
+    leave the batch as in :class:`Euler`.
 
     Args:
         memory: number of past iterates mixed (m).
         mixing: damping β of the update ``Σ α_j (s_j + β·dt·g_j)``.
         reg: regularisation of the least-squares system.
+        restart: residual growth factor that triggers a restart (``inf``: never).
+        freeze: drop converged samples from the batch.
     """
 
     name = "anderson"
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
-                 memory: int = 5, mixing: float = 1.0, reg: float = 1e-8, **kwargs):
+                 memory: int = 5, mixing: float = 1.0, reg: float = 1e-8, restart: float = 10.0,
+                 start_below: float = 1e-2, freeze: bool = True, **kwargs):
         super().__init__(dt, tol, max_iter, **kwargs)
         if not (isinstance(memory, int) and memory >= 1):
             raise ConfigError(f"memory must be a positive integer, got {memory!r}")
         if not (0 < mixing <= 1):
             raise ConfigError(f"mixing must be in (0, 1], got {mixing!r}")
+        if not restart > 1:
+            raise ConfigError(f"restart must be > 1, got {restart!r}")
         self.memory, self.mixing, self.reg = memory, float(mixing), float(reg)
+        self.restart, self.start_below, self.freeze = float(restart), float(start_below), bool(freeze)
 
-    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None) -> SolveResult:
-        layout = _Layout(state0)
+    def _weights(self, G: torch.Tensor, valid: torch.Tensor):
+        """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots."""
+        B, m, _ = G.shape
+        G64 = G.double()
+        gram = G64 @ G64.transpose(1, 2)
+        pair = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(m, dtype=gram.dtype, device=G.device)
+        gram = torch.where(pair, gram, 0.0)
+        scale = (gram.diagonal(dim1=1, dim2=2).sum(1) / valid.sum(1).clamp_min(1)).clamp_min(_TINY)
+        # Invalid slots get an identity row and a zero right-hand side, so their weight is exactly 0.
+        gram = gram + (self.reg * scale)[:, None, None] * eye + torch.where(~valid, 1.0, 0.0)[:, :, None] * eye
+        rhs = valid.to(gram.dtype)[:, :, None]
+        w, info = torch.linalg.solve_ex(gram, rhs)
+        w = w.squeeze(-1)
+        wsum = w.sum(1, keepdim=True)
+        ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
+        alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
+        return alpha.to(G.dtype), ok
+
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
+              labels: Dict[str, list] | None = None) -> SolveResult:
+        layout = _Layout(state0, labels)
         g_field = layout.wrap(field, context is not None)
         z = layout.pack(layout.as_dict)
+        frozen = _Freezer({"z": z}, self.freeze and context is not None)
         B, N = z.shape
         m = self.memory
         X = z.new_zeros(B, m, N)   # past iterates
         G = z.new_zeros(B, m, N)   # their steps dt·g
+        valid = torch.zeros(B, m, dtype=torch.bool, device=z.device)
+        best_z, best_r = z.clone(), z.new_full((B,), math.inf, dtype=torch.float64)
+        ctx = context
         trace: List[float] = []
-        best_z, best_r = z.clone(), z.new_full((B,), math.inf)
-        r, fallbacks, step = math.inf, 0, 0
+        # Counted on the device; read once at the end (no sync per step).
+        fallbacks = torch.zeros((), dtype=torch.int64, device=z.device)
+        restarts = torch.zeros((), dtype=torch.int64, device=z.device)
+        step = 0
         for step in range(1, self.max_iter + 1):
-            gz = self.dt * layout.pack(g_field(layout.unpack(z), context))
-            res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt()
-            if not torch.isfinite(res).all():
-                raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
+            gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
+            res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
             improved = res < best_r
             best_r = torch.where(improved, res, best_r)
             best_z = torch.where(improved[:, None], z, best_z)
             if step % self.check_every == 0 or step == self.max_iter:
+                if not bool(torch.isfinite(res).all()):
+                    raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
                 r = float(best_r.max())
                 trace.append(r)
+                frozen.record(best_r, step)
                 if r < self.tol:
                     break
+                keep = frozen.freeze(best_r < self.tol, {"z": best_z})
+                if keep is not None:
+                    z, gz, res, X, G, valid = z[keep], gz[keep], res[keep], X[keep], G[keep], valid[keep]
+                    best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
             slot = (step - 1) % m
             X[:, slot], G[:, slot] = z, gz
-            k = min(step, m)
-            if k == 1:
-                z = z + self.mixing * gz
-                continue
-            Gk, Xk = G[:, :k], X[:, :k]
-            # The Gram matrix squares the conditioning: form and solve it in float64.
-            G64 = Gk.double()
-            gram = G64 @ G64.transpose(1, 2)
-            scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(_TINY)
-            gram = gram + (self.reg * scale)[:, None, None] * torch.eye(k, dtype=gram.dtype, device=z.device)
-            w, info = torch.linalg.solve_ex(gram, gram.new_ones(B, k, 1))
-            w = w.squeeze(-1).to(z.dtype)
-            wsum = w.sum(1, keepdim=True)
-            ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
-            alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
-            mixed = (alpha[:, :, None] * (Xk + self.mixing * Gk)).sum(1)
-            plain = z + self.mixing * gz
-            if not bool(ok.all()):
-                fallbacks += int((~ok).sum())
-            z = torch.where(ok[:, None], mixed, plain)
-        frac = float((best_r < self.tol).double().mean())
-        stats = SolverStats(step, r, r < self.tol, frac, trace, fallbacks, float(step))
-        return self._finish(layout, layout.unpack(best_z), stats)
+            valid[:, slot] = True
+            alpha, ok = self._weights(G, valid)
+            mixed = (alpha[:, :, None] * (X + self.mixing * G)).sum(1)
+            z = torch.where(ok[:, None], mixed, z + self.mixing * gz)
+            fallbacks += (~ok).sum()
+            # Safeguard: a sample whose residual grew far above its best restarts from its best iterate.
+            blown = res > self.restart * best_r
+            restarts += blown.sum()
+            z = torch.where(blown[:, None], best_z, z)
+            # Far from a fixed point the plain dynamics choose the basin; acceleration starts near it.
+            valid = valid & ~(blown | (res > self.start_below))[:, None]
+        final = frozen.result({"z": best_z})["z"]
+        stats = frozen.stats(step, self.tol, trace, int(fallbacks), int(restarts))
+        return self._finish(layout, layout.unpack(final), stats)
 
 
 SOLVERS: Registry[Solver] = Registry("solver")

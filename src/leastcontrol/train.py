@@ -25,7 +25,7 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 
 # Published MNIST settings (docs/LCP.md §4): gradient clipping 10 for the RNN.
 DEFAULT_GRAD_CLIP = {"rnn": 10.0}
-METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver",
+METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "warm_start_tol",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
 
@@ -61,6 +61,9 @@ class TrainConfig:
     tol: Optional[float] = None
     max_iter: Optional[int] = None
     solver: Optional[str] = None
+    check_every: Optional[int] = None
+    impl: Optional[str] = None
+    warm_start_tol: Optional[float] = None
     ebd_optim: Optional[str] = None
     ebd_lr: Optional[float] = None
     ebd_steps: Optional[int] = None

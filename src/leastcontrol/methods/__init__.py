@@ -1,6 +1,7 @@
 """Learning rules behind one interface: ``out = method(system, x, y)``.
 
-Built-ins: ``bp`` (backprop through the layered forward pass), ``rbp``
+Built-ins: ``bp`` (backprop through the layered forward pass), ``bptt``
+(backprop through ``max_iter`` unrolled steps), ``rbp``
 (recurrent backprop / implicit differentiation), ``lcp-di`` (least control
 with dynamic inversion), ``lcp-kp`` (dynamic inversion through learned
 Kolen-Pollack feedback weights), ``lcp-lf`` (learned linear feedback), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
@@ -11,7 +12,7 @@ from typing import Callable
 
 from ..registry import Registry
 from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads
-from .baselines import BP, RBP
+from .baselines import BP, BPTT, RBP
 from .ebd import LCPEBD
 from .kp import LCPKP
 from .lcp import LCPDI, ControlledEquilibrium, local_update
@@ -19,6 +20,7 @@ from .lf import LCPLF
 
 METHODS: Registry[Method] = Registry("method")
 METHODS.register("bp", BP)
+METHODS.register("bptt", BPTT)
 METHODS.register("rbp", RBP)
 METHODS.register("lcp-di", LCPDI)
 METHODS.register("lcp-ebd", LCPEBD)
@@ -40,5 +42,5 @@ def get_method(name: str, **settings) -> Method:
     return METHODS.create(name, **settings)
 
 
-__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
+__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "BPTT", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
            "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method"]

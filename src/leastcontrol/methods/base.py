@@ -13,6 +13,7 @@ population at the free equilibrium.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict
@@ -22,7 +23,9 @@ import torch
 from ..errors import ConfigError
 from ..losses import Loss, get_loss
 from ..solvers import SOLVERS, SolveResult, get_solver
-from ..systems.base import EquilibriumSystem
+from ..systems.base import EquilibriumSystem, autograd_dynamics_and_state_vjp
+
+IMPLS = ("fast", "autograd")
 
 
 @dataclass
@@ -140,6 +143,11 @@ class EquilibriumMethod(Method):
         max_iter: maximum steps of every solve.
         solver: ``euler`` or ``anderson`` (see :mod:`leastcontrol.solvers`).
         check_every: test convergence every k steps (each test costs norms and a sync).
+        impl: ``fast`` (default): closed-form VJPs of the built-in systems (``torch.func``
+            for user systems), convergence checked every ``check_every`` steps, converged
+            samples frozen. ``autograd``: the reference path of the published research
+            code — one ``torch.autograd.grad`` per step, a check (host sync) every step,
+            no freezing; kept for cross-checks and as the speed baseline.
     """
 
     dt: float = 1.0
@@ -147,6 +155,7 @@ class EquilibriumMethod(Method):
     max_iter: int = 800
     solver: str = "euler"
     check_every: int = 10
+    impl: str = "fast"
 
     def __post_init__(self):
         super().__post_init__()
@@ -156,23 +165,55 @@ class EquilibriumMethod(Method):
             raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
         if self.solver not in SOLVERS:
             SOLVERS.factory(self.solver)  # raises, listing the valid names
-        self._solver = get_solver(self.solver, dt=self.dt, tol=self.tol, max_iter=self.max_iter,
-                                  check_every=self.check_every)
+        if self.impl not in IMPLS:
+            raise ConfigError(f"unknown impl '{self.impl}'; valid: {', '.join(IMPLS)}")
+        if self.impl == "autograd" and self.solver != "euler":
+            raise ConfigError("impl 'autograd' is the research-code reference and runs the euler solver only; "
+                              "use impl 'fast' for other solvers")
+        self._solver = self._make_solver(self.tol)
 
-    def _solve(self, field, state0, context: Dict[str, Any]):
+    def _make_solver(self, tol: float):
+        options = {"check_every": self.check_every}
+        if self.impl == "autograd":
+            options = {"check_every": 1, "freeze": False}
+        return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
+
+    def _dynamics_and_vjp(self, system: EquilibriumSystem):
+        """The ``(f, (∂_s f)ᵀ c)`` routine of the chosen implementation."""
+        if self.impl == "autograd":
+            return functools.partial(autograd_dynamics_and_state_vjp, system)
+        return system.dynamics_and_state_vjp
+
+    def _solve(self, field, state0, context: Dict[str, Any], solver=None, labels=None):
         """Run the solver on ``field(s, context)``; the context is batch-aligned data.
 
         When every context entry is a batch-first tensor the solver may subset it
         (freezing converged samples); otherwise it is bound into a closure.
         """
+        solver = solver or self._solver
         B = next(iter(state0.values())).shape[0]
         if all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B for v in context.values()):
-            return self._solver.solve(field, state0, context)
-        return self._solver.solve(lambda s: field(s, context), state0)
+            return solver.solve(field, state0, context, labels)
+        return solver.solve(lambda s: field(s, context), state0, None, labels)
+
+    def _solve_flat(self, field, z0: torch.Tensor, context: Dict[str, Any], solver=None,
+                    populations: Dict[str, int] | None = None) -> SolveResult:
+        """:meth:`_solve` on one flat ``(B, N)`` buffer; ``field(z, context)`` returns ``ż``.
+
+        ``populations`` (name -> width, in buffer order) names the culprit if the solve diverges.
+        """
+        labels = {"z": list(populations.items())} if populations else None
+        res = self._solve(lambda d, c: {"z": field(d["z"], c)}, {"z": z0}, context, solver, labels)
+        return SolveResult(res.state["z"], res.stats)
 
     @torch.no_grad()
-    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
-        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state."""
+    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver=None) -> SolveResult:
+        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state (with ``solver``, else the method's)."""
         x = system.prepare_input(x)
-        return self._solve(lambda s, c: system.dynamics(s, c["drive"]), system.init_state(x.shape[0]),
-                           {"drive": system.encode(x)})
+        if self.impl == "autograd":
+            return self._solve(lambda s, c: system.dynamics(s, c["drive"]), system.init_state(x.shape[0]),
+                               {"drive": system.encode(x)}, solver)
+        op = system.flat_operator()
+        s0 = x.new_zeros(x.shape[0], op.n_state)
+        res = self._solve_flat(lambda s, c: op.f(s, c["drive"]), s0, {"drive": op.drive(x)}, solver, op.sizes)
+        return SolveResult(op.unpack(res.state), res.stats)

@@ -60,6 +60,35 @@ class BP(Method):
 
 
 @dataclass
+class BPTT(EquilibriumMethod):
+    """Backpropagation through time over a fixed number of Euler steps.
+
+    Unrolls ``max_iter`` steps of the free dynamics from the zero state with
+    autograd and differentiates the mean loss at the last state. Memory grows
+    linearly with the number of steps (every intermediate state is stored) —
+    the cost that implicit differentiation and LCP avoid; kept as a baseline.
+    """
+
+    name = "bptt"
+    max_iter: int = 100
+
+    def gradients(self, system, x, y):
+        named = [(n, p) for n, p in system.named_parameters() if p.requires_grad]
+        with torch.enable_grad():
+            drive = system.encode(x)
+            s = system.init_state(x.shape[0])
+            for _ in range(self.max_iter):
+                f = system.dynamics(s, drive)
+                s = {k: s[k] + self.dt * f[k] for k in s}
+            out = system.readout(s)
+            grads = torch.autograd.grad(self._loss.value(out, y).mean(), [p for _, p in named], allow_unused=True)
+        grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
+        loss, acc = self._summary(out.detach(), y)
+        return MethodOutput(loss, acc, grads, {"iterations": self.max_iter, "iterations_free": self.max_iter,
+                                               "converged": True})
+
+
+@dataclass
 class RBP(EquilibriumMethod):
     """Recurrent backpropagation (implicit differentiation).
 
@@ -81,11 +110,25 @@ class RBP(EquilibriumMethod):
         B = x.shape[0]
         out = system.output_population
         # The per-sample loss gradient; dividing by B makes λ the adjoint of the batch mean.
-        context = {"drive": system.encode(x), "dL": self._loss.grad(system.readout(state), y) / B}
+        dL = self._loss.grad(system.readout(state), y) / B
+        if self.impl == "autograd":
+            return self._adjoint_reference(system, x, state, dL)
+        op = system.flat_operator()
+        s = op.pack(state)
+        dL_flat = torch.cat([s.new_zeros(B, op.n_state - dL.shape[1]), dL], dim=1)  # output population last
+        res = self._solve_flat(lambda lam, c: op.vjp(c["state"], c["drive"], lam).add_(c["dL"]),
+                               torch.zeros_like(s), {"drive": op.drive(x), "dL": dL_flat, "state": s},
+                               populations=op.sizes)
+        return SolveResult(op.unpack(res.state), res.stats)
+
+    def _adjoint_reference(self, system, x, state, dL) -> SolveResult:
+        out = system.output_population
+        context = {"drive": system.encode(x), "dL": dL}
         context.update({"state_" + k: v for k, v in state.items()})
+        vjp = self._dynamics_and_vjp(system)
 
         def field(lam, c):
-            back = system.state_vjp({k: c["state_" + k] for k in lam}, c["drive"], lam)
+            back = vjp({k: c["state_" + k] for k in lam}, c["drive"], lam)[1]
             back[out] = back[out] + c["dL"]
             return back
 

@@ -72,10 +72,12 @@ class LCPEBD(EquilibriumMethod):
         opt = (torch.optim.Adam(params, lr=self.ebd_lr) if self.ebd_optim == "adam"
                else torch.optim.SGD(params, lr=self.ebd_lr))
 
+        vjp = self._dynamics_and_vjp(system)
+
         def energy_grad():
             # ∇_s E = (∂_s f)ᵀ f + (1/α) ∇_s L, with L the batch-mean loss.
             f = system.dynamics(state, drive)
-            grad = system.state_vjp(state, drive, f)
+            grad = vjp(state, drive, f)[1]
             grad[out] = grad[out] + self._loss.grad(state[out], y) / (B * self.alpha)
             return f, grad
 

@@ -69,6 +69,9 @@ class LCPDI(EquilibriumMethod):
     Args:
         alpha: leak α of the integral controller (Euler needs ``|1 − dt·α| < 1``).
         k_i: integral gain. k_p: proportional gain. Control strength ``β = k_i/α + k_p``.
+        warm_start_tol: tolerance of the free solve that starts the controlled dynamics
+            (and gives the reported training loss); the controlled solve still reaches
+            ``tol``, so a loose warm start only saves steps. ``None``: ``tol``.
         dt, tol, max_iter, solver: settings of the free and the controlled solves.
 
     >>> from leastcontrol.systems import RecurrentEquilibrium
@@ -82,10 +85,15 @@ class LCPDI(EquilibriumMethod):
     alpha: float = 0.1
     k_i: float = 1.0
     k_p: float = 0.0
+    warm_start_tol: float | None = 1e-4
 
     def __post_init__(self):
         super().__post_init__()
         _check_number("alpha", self.alpha)
+        if self.warm_start_tol is not None:
+            _check_number("warm_start_tol", self.warm_start_tol, allow_zero=True)
+        self._warm_solver = (self._solver if self.warm_start_tol is None
+                             else self._make_solver(max(self.warm_start_tol, self.tol)))
         _check_number("k_i", self.k_i)
         _check_number("k_p", self.k_p, allow_zero=True)
         if self.solver == "euler" and not abs(1.0 - self.dt * self.alpha) < 1.0:
@@ -115,20 +123,67 @@ class LCPDI(EquilibriumMethod):
                                free: SolveResult | None = None) -> ControlledEquilibrium:
         """Run the controlled dynamics from the free equilibrium to ``(s*, ψ*)``."""
         x = system.prepare_input(x)
-        free = free if free is not None else self.free_equilibrium(system, x)
+        free = free if free is not None else self.warm_start(system, x)
+        if self.impl == "autograd":
+            return self._controlled_reference(system, x, y, free)
+        return self._controlled_flat(system, x, y, free)
+
+    def _controlled_flat(self, system, x, y, free) -> ControlledEquilibrium:
+        """The fast path: one flat buffer ``z = [s | e | u_int]``, a few fused kernels per step.
+
+        With the output population last in ``s``, ``ψ = [e | u]`` is the tail of
+        ``z`` (a view when ``u = u_int``), and the step is
+
+            ż = [f(s) + ψ,  ((∂_s f)ᵀ ψ)_hidden,  −∇_o L − α u_int].
+        """
+        op = system.flat_operator(self._feedback(system))
+        N = op.n_state
+        n_out = op.sizes[system.output_population]
+        n_e = N - n_out
+        inv_B = 1.0 / x.shape[0]   # ∇_o of the batch-mean loss, B the full batch
+        plain_control = self.k_i == 1.0 and not self.k_p
+
+        def field(z, c):
+            s, u_int = z[:, :N], z[:, N + n_e:]
+            grad_o = self._loss.dense_grad(s[:, n_e:], c["target"]).mul_(inv_B)
+            if plain_control:
+                psi = z[:, N:]
+            else:
+                u = self.k_i * u_int - self.k_p * grad_o if self.k_p else self.k_i * u_int
+                psi = torch.cat([z[:, N:N + n_e], u], dim=1)
+            f, back = op.f_and_vjp(s, c["drive"], psi)
+            return torch.cat([f.add_(psi), back[:, :n_e], grad_o.add_(u_int, alpha=self.alpha).neg_()], dim=1)
+
+        s0 = op.pack(free.state)
+        z0 = torch.cat([s0, s0.new_zeros(s0.shape[0], N)], dim=1)
+        context = {"drive": op.drive(x), "target": self._loss.dense_target(y, s0[:, n_e:])}
+        populations = {**op.sizes, **{"e_" + k: w for k, w in op.sizes.items() if k != system.output_population},
+                       "u_int": n_out}
+        res = self._solve_flat(field, z0, context, populations=populations)
+        z = res.state
+        state = op.unpack(z[:, :N])
+        grad_o = self._loss.dense_grad(z[:, n_e:N], context["target"]).mul_(inv_B)
+        u_int = z[:, N + n_e:]
+        u = self.k_i * u_int - self.k_p * grad_o if self.k_p else self.k_i * u_int
+        control = op.unpack(torch.cat([z[:, N:N + n_e], u], dim=1))
+        return ControlledEquilibrium(state, control, res.stats, free)
+
+    def _controlled_reference(self, system, x, y, free) -> ControlledEquilibrium:
+        """The reference path (``impl="autograd"``): populations as a dict, one autograd VJP per step."""
         out = system.output_population
         pops = list(free.state)
         hidden = [p for p in pops if p != out]
         B = x.shape[0]
         feedback = self._feedback(system)
         vjp_options = {} if feedback is None else {"feedback": feedback}
+        dynamics_and_vjp = self._dynamics_and_vjp(system)
 
         def field(z, c) -> Dict[str, torch.Tensor]:
             s = {p: z[p] for p in pops}
             grad_o = self._loss.grad(z[out], c["y"]) / B  # ∇_o of the batch-mean loss
             psi = {p: z["e_" + p] for p in hidden}
             psi[out] = self._control(z, grad_o)
-            f, back = system.dynamics_and_state_vjp(s, c["drive"], psi, **vjp_options)
+            f, back = dynamics_and_vjp(s, c["drive"], psi, **vjp_options)
             d = {p: f[p] + psi[p] for p in pops}
             d.update({"e_" + p: back[p] for p in hidden})
             d["u_int"] = -grad_o - self.alpha * z["u_int"]
@@ -143,8 +198,12 @@ class LCPDI(EquilibriumMethod):
         control[out] = self._control(z, self._loss.grad(z[out], y) / B)
         return ControlledEquilibrium({p: z[p] for p in pops}, control, res.stats, free)
 
+    def warm_start(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
+        """The free equilibrium to ``warm_start_tol``: where the controlled dynamics start."""
+        return self.free_equilibrium(system, x, self._warm_solver)
+
     def gradients(self, system, x, y):
-        free = self.free_equilibrium(system, x)
+        free = self.warm_start(system, x)
         ctrl = self.controlled_equilibrium(system, x, y, free)
         self._after_controlled(system, x, y, ctrl)
         # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, summed over the batch (L is already a batch mean).

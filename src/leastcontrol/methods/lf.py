@@ -114,7 +114,7 @@ class LCPLF(LCPDI):
     def controlled_equilibrium(self, system, x, y, free=None) -> ControlledEquilibrium:
         """Controlled dynamics with linear feedback, from the free equilibrium."""
         x = system.prepare_input(x)
-        free = free if free is not None else self.free_equilibrium(system, x)
+        free = free if free is not None else self.warm_start(system, x)
         out, hid = system.output_population, self._hidden(system)
         B = x.shape[0]
         z0 = dict(free.state, u_int=torch.zeros_like(free.state[out]))

@@ -129,6 +129,20 @@ class EquilibriumSystem(nn.Module):
         f, vjp_fn = torch.func.vjp(lambda s: self.dynamics(s, drive), primal)
         return f, vjp_fn(dict(cotangent))[0]
 
+    # --- flat fast path ------------------------------------------------------------
+    def flat_order(self) -> list:
+        """Population order of the flat state: hidden populations, then the output population last."""
+        names = [n for n in self.population_sizes() if n != self.output_population]
+        return names + [self.output_population]
+
+    def flat_operator(self, feedback=None) -> "FlatOperator":
+        """The dynamics and their state VJP on one flat ``(B, N)`` buffer (see :class:`FlatOperator`).
+
+        Weights are read (and for the built-ins stacked) once, so call it once
+        per solve, after the last parameter update.
+        """
+        return FlatOperator(self, feedback)
+
     def rate_slope(self, state: Mapping[str, torch.Tensor]) -> State:
         """``φ'`` of every non-output population, for rules that modulate a feedback signal by it."""
         raise ValueError(f"{type(self).__name__} does not define rate_slope; lcp-lf needs a built-in system (ff or rnn)")
@@ -180,6 +194,69 @@ class EquilibriumSystem(nn.Module):
                 grad_outputs=[cotangent[k] for k in keys], allow_unused=True,
             )
         return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(named, grads)}
+
+
+def autograd_dynamics_and_state_vjp(system: EquilibriumSystem, state, drive, cotangent, feedback=None):
+    """``(f(s), (∂_s f)ᵀ c)`` the plain way: build the graph of ``f`` and call ``torch.autograd.grad``.
+
+    This is how the published research code runs every step of the controlled
+    and adjoint dynamics. It is kept as the reference path (``impl="autograd"``)
+    for cross-checks and as the speed baseline; :meth:`EquilibriumSystem.dynamics_and_state_vjp`
+    is the fast path. Feedback weights (Kolen-Pollack) have no autograd form,
+    so with ``feedback`` the system's own pass is used.
+    """
+    if feedback is not None:
+        return system.dynamics_and_state_vjp(state, drive, cotangent, feedback=feedback)
+    drive = _detach(drive)
+    with torch.enable_grad():
+        primal = {k: v.detach().requires_grad_(True) for k, v in state.items()}
+        f = system.dynamics(primal, drive)
+        keys = [k for k in f if k in cotangent]
+        grads = torch.autograd.grad([f[k] for k in keys], [primal[k] for k in primal],
+                                    grad_outputs=[cotangent[k] for k in keys], allow_unused=True)
+    back = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(primal.items(), grads)}
+    return {k: v.detach() for k, v in f.items()}, back
+
+
+class FlatOperator:
+    """``f`` and ``(∂_s f)ᵀ a`` on flat states, for solvers that step one buffer.
+
+    A flat state is the populations of :meth:`EquilibriumSystem.flat_order`
+    concatenated along the feature axis, shape ``(B, N)``. This generic version
+    splits the buffer and calls the system's dict methods; the built-in
+    networks override it with a few fused kernels per step.
+
+    Attributes:
+        sizes: population name -> width, in flat order.
+        n_state: ``N``.
+    """
+
+    def __init__(self, system: EquilibriumSystem, feedback=None):
+        self.system, self.feedback = system, feedback
+        widths = system.population_sizes()
+        self.sizes = {n: widths[n] for n in system.flat_order()}
+        self.n_state = sum(self.sizes.values())
+
+    def drive(self, x: torch.Tensor):
+        """The input drive the other methods read (here: whatever ``encode`` returns)."""
+        return self.system.encode(x)
+
+    def pack(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([state[n].reshape(state[n].shape[0], -1) for n in self.sizes], dim=1)
+
+    def unpack(self, flat: torch.Tensor) -> State:
+        return dict(zip(self.sizes, torch.split(flat, list(self.sizes.values()), dim=1)))
+
+    def f(self, s: torch.Tensor, drive) -> torch.Tensor:
+        return self.pack(self.system.dynamics(self.unpack(s), drive))
+
+    def f_and_vjp(self, s: torch.Tensor, drive, a: torch.Tensor):
+        options = {} if self.feedback is None else {"feedback": self.feedback}
+        f, back = self.system.dynamics_and_state_vjp(self.unpack(s), drive, self.unpack(a), **options)
+        return self.pack(f), self.pack(back)
+
+    def vjp(self, s: torch.Tensor, drive, a: torch.Tensor) -> torch.Tensor:
+        return self.f_and_vjp(s, drive, a)[1]
 
 
 def _detach(drive):

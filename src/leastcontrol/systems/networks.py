@@ -11,7 +11,7 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from .base import EquilibriumSystem, sizes_check, uniform_init_
+from .base import EquilibriumSystem, FlatOperator, sizes_check, uniform_init_
 
 
 def _tanh_and_slope(v: torch.Tensor):
@@ -75,11 +75,53 @@ class RecurrentEquilibrium(EquilibriumSystem):
         back = torch.addmm(a_v @ self.pathway("W", self.W, feedback), a_o, self.pathway("D", self.D, feedback))
         return f, {"v": slope * back - a_v, "o": -a_o}
 
+    def flat_operator(self, feedback=None):
+        return _RecurrentFlat(self, feedback)
+
     def param_vjp(self, state, x, cotangent):
         # Local outer products: postsynaptic cotangent times presynaptic rate (or input).
         r = torch.tanh(state["v"])
         c_v, c_o = cotangent["v"], cotangent["o"]
         return {"U": c_v.t() @ x, "b": c_v.sum(0), "W": c_v.t() @ r, "D": c_o.t() @ r, "c": c_o.sum(0)}
+
+
+class _RecurrentFlat(FlatOperator):
+    """Fused flat step of :class:`RecurrentEquilibrium` on ``s = [v | o]``.
+
+    With the readout stacked under the recurrent weights, ``M = [W; D]`` (or its
+    feedback replacement on the way back) and the drive ``[Ux + b | c]``:
+
+        f(s)      = φ(v) Mᵀ + drive − s                         (one matmul)
+        (∂_s f)ᵀ a = −a + [φ'(v) ⊙ (a M) | 0]                   (one matmul)
+    """
+
+    def __init__(self, system, feedback=None):
+        super().__init__(system, feedback)
+        self.H = system.n_hidden
+        self.forward_t = torch.cat([system.W, system.D]).t().detach().contiguous()
+        self.back = torch.cat([system.pathway("W", system.W, feedback),
+                               system.pathway("D", system.D, feedback)]).detach().contiguous()
+
+    def drive(self, x):
+        d = self.system.encode(x)
+        return torch.cat([d, self.system.c.expand(d.shape[0], -1)], dim=1)
+
+    def f(self, s, drive):
+        return torch.addmm(drive, torch.tanh(s[:, :self.H]), self.forward_t).sub_(s)
+
+    def _vjp(self, r, a):
+        bk = a @ self.back
+        bk.addcmul_(bk * r, r, value=-1.0)          # φ'(v) ⊙ (a M), with φ' = 1 − φ²
+        vjp = a.neg()
+        vjp[:, :self.H] += bk
+        return vjp
+
+    def f_and_vjp(self, s, drive, a):
+        r = torch.tanh(s[:, :self.H])
+        return torch.addmm(drive, r, self.forward_t).sub_(s), self._vjp(r, a)
+
+    def vjp(self, s, drive, a):
+        return self._vjp(torch.tanh(s[:, :self.H]), a)
 
 
 class FeedforwardEquilibrium(EquilibriumSystem):
