@@ -105,6 +105,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--quiet", action="store_true")
 
+    b = sub.add_parser("bench", help="time and memory of every method, interleaved; ratios to the baselines")
+    b.add_argument("--data-dir", default=None, help="MNIST directory (default: random inputs of MNIST shape)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    b.add_argument("--batches", type=_positive_int, default=20, help="timed batches per row (20)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed batches per row first (3)")
+    b.add_argument("--pretrain", type=int, default=156,
+                   help="batches of bp (ff) / lcp-di (rnn) training before any row starts (156: one 10k epoch)")
+    b.add_argument("--batch-size", type=_positive_int, default=64)
+    b.add_argument("--hidden", type=_positive_int, default=256)
+    b.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    b.add_argument("--json-out", default=None, help="write every figure and the ratios to this JSON file")
+    b.add_argument("--quiet", action="store_true")
+
+    m = sub.add_parser("meta", help="meta-learning: the inner problem as an equilibrium, LCP against iMAML")
+    m.add_argument("--task", default="sinusoid", choices=["sinusoid"])
+    m.add_argument("--method", default="lcp", choices=["lcp", "imaml", "fomaml", "contrastive"])
+    m.add_argument("--shots", type=_positive_int, default=10, help="support points per task (10)")
+    m.add_argument("--queries", type=_positive_int, default=10, help="query points per training task (10)")
+    m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
+    m.add_argument("--meta-steps", type=_positive_int, default=1000)
+    m.add_argument("--meta-lr", type=float, default=1e-3)
+    m.add_argument("--inner-solver", default="gd", choices=["gd", "adam"])
+    m.add_argument("--inner-lr", type=float, default=0.02)
+    m.add_argument("--inner-steps", type=_positive_int, default=100)
+    m.add_argument("--lam", type=float, default=1.0, help="pull λ of the adapted weights towards ω (1.0)")
+    m.add_argument("--beta", type=float, default=0.1, help="control strength (lcp) / nudging (contrastive)")
+    m.add_argument("--route", default="di", choices=["di", "energy"], help="lcp: dynamic inversion or energy")
+    m.add_argument("--cg-steps", type=_positive_int, default=10, help="imaml conjugate-gradient steps (10)")
+    m.add_argument("--eval-tasks", type=_positive_int, default=1000)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--json-out", default=None)
+    m.add_argument("--quiet", action="store_true")
+
     e = sub.add_parser("eval", help="test accuracy of a saved checkpoint")
     e.add_argument("--checkpoint", required=True)
     _add_data_args(e, train=False)
@@ -146,6 +179,32 @@ def _reproduce(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import BenchConfig, main_bench
+
+    config = BenchConfig(batch_size=args.batch_size, hidden=args.hidden, batches=args.batches, warmup=args.warmup,
+                         pretrain=args.pretrain, data_dir=args.data_dir, device=args.device,
+                         memory=not args.no_memory, json_out=args.json_out, progress=not args.quiet)
+    main_bench(config)
+    return 0
+
+
+def _meta(args) -> int:
+    from .meta.train import MetaConfig, meta_train
+
+    config = MetaConfig(task=args.task, method=args.method, shots=args.shots, queries=args.queries,
+                        meta_batch=args.meta_batch, meta_steps=args.meta_steps, meta_lr=args.meta_lr,
+                        inner_solver=args.inner_solver, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
+                        lam=args.lam, beta=args.beta, route=args.route, cg_steps=args.cg_steps,
+                        eval_tasks=args.eval_tasks, seed=args.seed, json_out=args.json_out,
+                        progress=not args.quiet)
+    result = meta_train(config)
+    test, before = result["test"], result["test_untrained"]
+    print(f"{config.task} {config.method}: held-out {test['metric']} {test['mean']:.4f} ± {test['ci95']:.4f} "
+          f"over {test['tasks']} tasks (untrained: {before['mean']:.4f}); meta-training {result['train_seconds']:.1f}s")
+    return 0
+
+
 def _eval(args) -> int:
     from .data import load_dataset
     from .train import TrainConfig, build_system, evaluate, load_checkpoint
@@ -175,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "reproduce": _reproduce}[args.command](args)
+        return {"train": _train, "eval": _eval, "reproduce": _reproduce, "bench": _bench, "meta": _meta}[args.command](args)
     except LeastControlError as exc:
         print(f"leastcontrol: error: {exc}", file=sys.stderr)
         return 2

@@ -108,7 +108,6 @@ class RBP(EquilibriumMethod):
     def adjoint(self, system: EquilibriumSystem, x: torch.Tensor, state, y: torch.Tensor) -> SolveResult:
         """Solve ``(∂_s f(s°))ᵀ λ = −∇_s L(s°)`` by the adjoint dynamics; ``state`` is ``s°``."""
         B = x.shape[0]
-        out = system.output_population
         # The per-sample loss gradient; dividing by B makes λ the adjoint of the batch mean.
         dL = self._loss.grad(system.readout(state), y) / B
         if self.impl == "autograd":

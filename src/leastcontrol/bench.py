@@ -1,0 +1,345 @@
+"""Speed and memory benchmark of the learning methods: ``leastcontrol bench``.
+
+Every row (model × method × implementation × solver settings) trains its own
+copy of the same starting network on the same MNIST-sized batches. The rows
+are timed interleaved — batch ``i`` of every row before batch ``i + 1`` of
+any — so a slow spell of a noisy machine hits all rows alike and the ratios
+stay fair. Peak memory of one training batch is measured in a fresh
+subprocess per setting (CPU: peak resident set size; CUDA:
+``torch.cuda.max_memory_allocated``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from .atomic import write_json
+from .errors import ConfigError
+from .methods import get_method
+from .methods.base import EquilibriumMethod, Method
+from .systems import get_system
+
+# Published settings (docs/LCP.md §4) for every row; bench rows add their own overrides.
+PUBLISHED = {
+    "bp": {}, "bptt": {}, "rbp": {"tol": 1e-4, "max_iter": 200},
+    "lcp-di": {}, "lcp-kp": {}, "lcp-lf": {},
+    ("ff", "lcp-ebd"): {"ebd_lr": 0.01, "ebd_steps": 800, "ff_init": False},
+    ("rnn", "lcp-ebd"): {"ebd_lr": 1e-3, "ebd_steps": 200, "ff_init": True},
+}
+GRAD_CLIP = {"rnn": 10.0, "ff": 0.0}
+
+
+@dataclass
+class Row:
+    """One benchmarked setting."""
+
+    model: str
+    method: str
+    impl: str = "fast"
+    options: Dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def build(self) -> Method:
+        key = (self.model, self.method)
+        settings = dict(PUBLISHED.get(key, PUBLISHED.get(self.method, {})))
+        settings.update(self.options)
+        if self.impl != "fast":
+            settings["impl"] = self.impl
+        return get_method(self.method, **settings)
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{self.model}-{self.method}" + ("" if self.impl == "fast" else f"-{self.impl}")
+
+
+def default_rows() -> List[Row]:
+    """The ten published rows, plus the rows the ratios need."""
+    rows = [Row("ff", "bp")] + [Row("ff", m) for m in ("lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")]
+    rows += [Row("rnn", "rbp")] + [Row("rnn", m) for m in ("lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")]
+    rows += [
+        Row("rnn", "lcp-di", impl="autograd"),
+        Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
+        Row("rnn", "rbp", options={"solver": "anderson"}, label="rnn-rbp-anderson"),
+    ]
+    return rows
+
+
+@dataclass
+class BenchConfig:
+    """Settings of a benchmark run; validated at construction."""
+
+    batch_size: int = 64
+    hidden: int = 256
+    batches: int = 20
+    warmup: int = 3
+    pretrain: int = 156
+    data_dir: Optional[str] = None
+    device: str = "cpu"
+    memory: bool = True
+    seed: int = 0
+    json_out: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        for key in ("batch_size", "hidden", "batches"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("warmup", "pretrain"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 0):
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+
+
+def _batches(config: BenchConfig, n: int):
+    """``n`` MNIST-sized batches: real MNIST from ``data_dir`` if given, else uniform noise with random labels."""
+    g = torch.Generator().manual_seed(config.seed)
+    B = config.batch_size
+    if config.data_dir:
+        from .data import load_dataset
+        ds = load_dataset("mnist", config.data_dir, limit_train=n * B, limit_test=1)
+        x = ds.train_x.reshape(len(ds.train_x), -1)
+        y = ds.train_y
+        idx = torch.randperm(len(x), generator=g)
+        x, y = x[idx], y[idx]
+        reps = math.ceil(n * B / len(x))
+        x, y = x.repeat(reps, 1)[: n * B], y.repeat(reps)[: n * B]
+    else:
+        x = torch.rand(n * B, 784, generator=g)
+        y = torch.randint(0, 10, (n * B,), generator=g)
+    dev = torch.device(config.device)
+    return [(x[i * B:(i + 1) * B].to(dev), y[i * B:(i + 1) * B].to(dev)) for i in range(n)]
+
+
+def _network(model: str, config: BenchConfig):
+    g = torch.Generator().manual_seed(config.seed)
+    return get_system(model, 784, 10, hidden=config.hidden, generator=g).to(config.device)
+
+
+class _Trainer:
+    """One row's network, optimizer and the step it times."""
+
+    def __init__(self, row: Row, net, config: BenchConfig):
+        self.row, self.net = row, net
+        self.method = row.build()
+        self.method.prepare(net)
+        self.opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        self.clip = GRAD_CLIP[row.model]
+        self.seconds: List[float] = []
+        self.iterations: List[float] = []
+        self.sample_iterations: List[float] = []
+
+    def step(self, x, y, record: bool) -> None:
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        out = self.method(self.net, x, y)
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
+        self.opt.step()
+        self.method.after_step(self.net)
+        sync()
+        if record:
+            self.seconds.append(time.perf_counter() - t0)
+            self.iterations.append(float(out.stats.get("iterations", 0)))
+            self.sample_iterations.append(float(out.stats.get("sample_iterations", out.stats.get("iterations", 0))))
+
+    def inference_seconds(self, batches, repeats: int = 5) -> float:
+        sync = torch.cuda.synchronize if batches[0][0].is_cuda else (lambda: None)
+        times = []
+        for x, _ in batches[:repeats]:
+            sync()
+            t0 = time.perf_counter()
+            self.method.predict(self.net, x)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
+    out = method.gradients(copy.deepcopy(net), *method._inputs(net, x, y))
+    return torch.cat([g.reshape(-1) for _, g in sorted(out.grads.items())])
+
+
+def update_cosine(row: Row, net, x, y) -> Optional[float]:
+    """Cosine between the row's parameter update and the autograd reference path's, on one batch."""
+    if row.impl != "fast":
+        return None
+    method = row.build()
+    if not isinstance(method, EquilibriumMethod) or row.method == "bptt":
+        return None
+    reference = Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k != "solver"}).build()
+    torch.manual_seed(0)
+    a = _flat_grads(method, net, x, y)
+    torch.manual_seed(0)
+    b = _flat_grads(reference, net, x, y)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def _pretrained(model: str, config: BenchConfig, batches) -> Any:
+    """The starting network of every row of ``model``: ``pretrain`` batches of its baseline (bp / lcp-di)."""
+    net = _network(model, config)
+    if config.pretrain:
+        trainer = _Trainer(Row(model, "bp" if model == "ff" else "lcp-di"), net, config)
+        for i in tqdm(range(config.pretrain), desc=f"pretrain {model}", disable=not config.progress, leave=False):
+            x, y = batches[i % len(batches)]
+            trainer.step(x, y, record=False)
+    return net
+
+
+def peak_memory_mb(row: Row, config: BenchConfig) -> float:
+    """Peak memory of one training batch of ``row``, measured in a fresh process (MB)."""
+    spec = json.dumps({"row": asdict(row), "config": asdict(config)})
+    proc = subprocess.run([sys.executable, "-c", "import sys, leastcontrol.bench as b; b._memory_probe(sys.argv[1])", spec],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe for {row.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _rss_mb(field_name: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _memory_probe(spec: str) -> None:
+    """Subprocess entry: print the peak memory (MB) one training batch adds."""
+    data = json.loads(spec)
+    row, config = Row(**data["row"]), BenchConfig(**{**data["config"], "progress": False, "data_dir": None})
+    torch.set_num_threads(1)
+    net = _network(row.model, config)
+    trainer = _Trainer(row, net, config)
+    (x, y), = _batches(config, 1)
+    if config.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        trainer.step(x, y, record=False)
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
+        return
+    try:  # reset the kernel's high-water mark so the peak is this batch's alone
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    base = _rss_mb("VmRSS")
+    trainer.step(x, y, record=False)
+    print(max(_rss_mb("VmHWM") - base, 0.0))
+
+
+def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str, Any]:
+    """Time every row interleaved and return ``{"config", "rows", "ratios"}`` (see ``docs/performance.md``)."""
+    rows = rows or default_rows()
+    n = config.warmup + config.batches
+    batches = _batches(config, max(n, 8))
+    start = {m: _pretrained(m, config, batches) for m in sorted({r.model for r in rows})}
+    trainers = [_Trainer(r, copy.deepcopy(start[r.model]), config) for r in rows]
+    for i in tqdm(range(n), desc="bench rounds", disable=not config.progress):
+        x, y = batches[i % len(batches)]
+        for t in trainers:
+            t.step(x, y, record=i >= config.warmup)
+    results = []
+    for t in tqdm(trainers, desc="inference, cosines", disable=not config.progress, leave=False):
+        med = statistics.median(t.seconds)
+        iters = statistics.mean(t.iterations)
+        x, y = batches[0]
+        results.append({
+            "model": t.row.model, "method": t.row.method, "impl": t.row.impl, "label": t.row.name,
+            "solver": getattr(t.method, "solver", "-"), "tol": getattr(t.method, "tol", None),
+            "max_iter": getattr(t.method, "max_iter", None),
+            "seconds_per_batch_median": med, "seconds_per_batch_min": min(t.seconds),
+            "mean_iterations": iters, "mean_sample_iterations": statistics.mean(t.sample_iterations),
+            "seconds_per_iteration": med / iters if iters else None,
+            "peak_memory_mb": None,
+            "inference_seconds_per_batch": t.inference_seconds(batches),
+            "update_cosine_vs_autograd": update_cosine(t.row, start[t.row.model], x, y),
+        })
+    by = {r["label"]: r for r in results}
+    memory: Dict[str, float] = {}
+    if config.memory:
+        probes = {"lcp_di_100": Row("rnn", "lcp-di", options={"tol": 0.0, "max_iter": 100}),
+                  "lcp_di_800": Row("rnn", "lcp-di", options={"tol": 0.0, "max_iter": 800}),
+                  "bptt_100": Row("rnn", "bptt", options={"max_iter": 100}),
+                  "bptt_800": Row("rnn", "bptt", options={"max_iter": 800})}
+        for key, row in tqdm(probes.items(), desc="memory", disable=not config.progress, leave=False):
+            memory[key] = peak_memory_mb(row, config)
+        for r in tqdm(results, desc="memory per row", disable=not config.progress, leave=False):
+            r["peak_memory_mb"] = peak_memory_mb(Row(r["model"], r["method"], r["impl"],
+                                                     _row_options(rows, r["label"])), config)
+    return {"config": asdict(config), "rows": results, "memory_probes_mb": memory,
+            "ratios": _ratios(by, memory)}
+
+
+def _row_options(rows: List[Row], label: str) -> Dict[str, Any]:
+    return next(r.options for r in rows if r.name == label)
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str, Any]:
+    def sec(label):
+        return by[label]["seconds_per_batch_median"] if label in by else None
+
+    def its(label):
+        return by[label]["mean_iterations"] if label in by else None
+
+    return {
+        "rnn_lcp_di_autograd_over_fast": _ratio(sec("rnn-lcp-di-autograd"), sec("rnn-lcp-di")),
+        "rnn_lcp_di_iterations_autograd_over_fast": _ratio(its("rnn-lcp-di-autograd"), its("rnn-lcp-di")),
+        "rnn_lcp_di_over_rbp": _ratio(sec("rnn-lcp-di"), min(filter(None, [sec("rnn-rbp"), sec("rnn-rbp-anderson")]),
+                                                             default=None)),
+        "rnn_lcp_di_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4"), sec("rnn-rbp")),
+        "ff_lcp_di_over_bp": _ratio(sec("ff-lcp-di"), sec("ff-bp")),
+        "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
+        "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),
+    }
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """The rows and ratios as a Markdown table (also printed on the terminal)."""
+    lines = ["| row | solver | tol | s/batch median | s/batch min | iterations | iters/sample | ms/iteration "
+             "| peak MB | inference s/batch | cos vs autograd |", "|" + "---|" * 11]
+    for r in result["rows"]:
+        def f(v, spec):
+            return "–" if v is None else format(v, spec)
+        lines.append(f"| {r['label']} | {r['solver']} | {f(r['tol'], 'g')} | {r['seconds_per_batch_median']:.4f} "
+                     f"| {r['seconds_per_batch_min']:.4f} | {r['mean_iterations']:.1f} | {r['mean_sample_iterations']:.1f} "
+                     f"| {f(r['seconds_per_iteration'] and 1000 * r['seconds_per_iteration'], '.3f')} "
+                     f"| {f(r['peak_memory_mb'], '.1f')} | {r['inference_seconds_per_batch']:.4f} "
+                     f"| {f(r['update_cosine_vs_autograd'], '.6f')} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {'–' if v is None else format(v, '.3f')} |" for k, v in result["ratios"].items()]
+    if result.get("memory_probes_mb"):
+        lines += ["", "| memory probe (tol 0: every iteration runs) | peak MB |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in result["memory_probes_mb"].items()]
+    return "\n".join(lines)
+
+
+def main_bench(config: BenchConfig) -> Dict[str, Any]:
+    """Run the benchmark, print the table, write ``json_out`` atomically."""
+    result = run_bench(config)
+    print(format_table(result))
+    if config.json_out:
+        write_json(Path(config.json_out), result)
+    return result

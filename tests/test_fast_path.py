@@ -1,0 +1,173 @@
+"""The fast path (flat fused steps, sample freezing, loose warm start) against the autograd reference."""
+import pytest
+import torch
+
+from leastcontrol.bench import BenchConfig, Row, run_bench
+from leastcontrol.cli import main
+from leastcontrol.errors import ConfigError
+from leastcontrol.methods import get_method
+from leastcontrol.solvers import Anderson
+from leastcontrol.systems.base import autograd_dynamics_and_state_vjp
+
+from helpers import F64, batch, rel_err, tiny_ff, tiny_rnn
+
+SYSTEMS = [tiny_rnn, tiny_ff, lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))]
+IDS = ["rnn", "ff", "ff-deep"]
+
+
+def _random_flat(net, B=4, seed=5):
+    op = net.flat_operator()
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, op.n_state, generator=g, dtype=F64),
+            torch.randn(B, op.n_state, generator=g, dtype=F64))
+
+
+@pytest.mark.parametrize("make", SYSTEMS, ids=IDS)
+def test_flat_operator_equals_autograd(make):
+    """f and (∂_s f)ᵀ a of the flat fast path equal one torch.autograd.grad call, to 1e-10 in float64."""
+    net = make()
+    x, _ = batch(n_in=5, n_out=net.n_out)
+    x = net.prepare_input(x)
+    op = net.flat_operator()
+    s, a = _random_flat(net)
+    f_ref, vjp_ref = autograd_dynamics_and_state_vjp(net, op.unpack(s), net.encode(x), op.unpack(a))
+    with torch.no_grad():
+        f, vjp = op.f_and_vjp(s, op.drive(x), a)
+        only_f, only_vjp = op.f(s, op.drive(x)), op.vjp(s, op.drive(x), a)
+    assert torch.allclose(f, op.pack(f_ref), atol=1e-12, rtol=0)
+    assert torch.allclose(vjp, op.pack(vjp_ref), atol=1e-10, rtol=0)
+    assert torch.allclose(only_f, f, atol=0, rtol=0) and torch.allclose(only_vjp, vjp, atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("make", SYSTEMS, ids=IDS)
+def test_flat_operator_with_feedback_uses_the_feedback_weights(make):
+    """With Kolen-Pollack feedback set to the exact transposes, the flat VJP is the exact one."""
+    net = make()
+    fb = net.add_feedback()
+    with torch.no_grad():
+        params = dict(net.named_parameters())
+        for key, name in net.feedback_pathways().items():
+            fb[key].copy_(params[name].t())
+    x, _ = batch(n_in=5, n_out=net.n_out)
+    x = net.prepare_input(x)
+    s, a = _random_flat(net)
+    with torch.no_grad():
+        exact = net.flat_operator().vjp(s, net.flat_operator().drive(x), a)
+        via_feedback = net.flat_operator(fb).vjp(s, net.flat_operator(fb).drive(x), a)
+        with torch.no_grad():
+            for p in fb.values():
+                p.mul_(-1.0)
+        flipped = net.flat_operator(fb).vjp(s, net.flat_operator(fb).drive(x), a)
+    assert torch.allclose(via_feedback, exact, atol=1e-12, rtol=0)
+    assert not torch.allclose(flipped, exact, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["lcp-di", "rbp", "lcp-ebd", "lcp-kp"])
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
+def test_fast_and_autograd_paths_give_the_same_update(name, make):
+    net = make()
+    x, y = batch(n_in=5, n_out=net.n_out)
+    options = {"tol": 1e-10, "max_iter": 3000}
+    if name == "lcp-ebd":
+        options = {"ebd_steps": 300, "ebd_lr": 0.01, "ff_init": True}
+    fast = get_method(name, **options)
+    ref = get_method(name, impl="autograd", **options)
+    fast.prepare(net)
+    g_fast = fast.gradients(net, *fast._inputs(net, x, y)).grads
+    g_ref = ref.gradients(net, *ref._inputs(net, x, y)).grads
+    assert rel_err(g_fast, g_ref) < 1e-6
+
+
+def test_autograd_path_checks_every_step_and_does_not_freeze():
+    net = tiny_rnn()
+    x, y = batch()
+    m = get_method("lcp-di", impl="autograd", tol=1e-8)
+    assert m._solver.check_every == 1 and not m._solver.freeze
+    out = m.gradients(net, *m._inputs(net, x, y))
+    assert out.stats["converged"]
+
+
+def test_freezing_changes_no_result_beyond_the_tolerance():
+    """Frozen samples stop at their own tolerance; the update moves by about tol, not more."""
+    net = tiny_rnn(w_scale=0.9)
+    x, y = batch(B=16, seed=4)
+    tol = 1e-7
+    frozen = get_method("lcp-di", tol=tol, max_iter=5000, check_every=1, warm_start_tol=None)
+    whole = get_method("lcp-di", tol=tol, max_iter=5000, check_every=1, warm_start_tol=None)
+    whole._solver.freeze = whole._warm_solver.freeze = False
+    a = frozen.gradients(net, *frozen._inputs(net, x, y))
+    b = whole.gradients(net, *whole._inputs(net, x, y))
+    assert a.stats["converged"] and b.stats["converged"]
+    assert a.stats["sample_iterations"] < b.stats["iterations"]  # samples did freeze early
+    assert rel_err(a.grads, b.grads) < 100 * tol
+
+
+def test_loose_warm_start_reaches_the_same_controlled_equilibrium():
+    net = tiny_rnn(w_scale=0.9)
+    x, y = batch(B=8)
+    tight = get_method("lcp-di", tol=1e-10, max_iter=5000, warm_start_tol=None)
+    loose = get_method("lcp-di", tol=1e-10, max_iter=5000, warm_start_tol=1e-3)
+    a = tight.gradients(net, *tight._inputs(net, x, y))
+    b = loose.gradients(net, *loose._inputs(net, x, y))
+    assert b.stats["iterations_free"] < a.stats["iterations_free"]
+    assert rel_err(b.grads, a.grads) < 1e-7
+
+
+def test_bptt_tends_to_rbp_on_a_contractive_network():
+    net = tiny_rnn(w_scale=0.5)
+    x, y = batch()
+    rbp = get_method("rbp", tol=1e-13, max_iter=5000)
+    bptt = get_method("bptt", max_iter=200)
+    g_rbp = rbp.gradients(net, *rbp._inputs(net, x, y)).grads
+    g_bptt = bptt.gradients(net, *bptt._inputs(net, x, y)).grads
+    assert rel_err(g_bptt, g_rbp) < 1e-8
+
+
+def test_anderson_freezes_and_restarts_without_changing_the_fixed_point():
+    A = torch.tensor([[0.5, 0.2], [-0.1, 0.6]], dtype=F64)
+    b = torch.tensor([[1.0, -2.0], [0.5, 0.3], [3.0, 1.0]], dtype=F64)
+    exact = torch.linalg.solve(torch.eye(2, dtype=F64) - A, b.t()).t()
+
+    def field(s, c):
+        return {"x": s["x"] @ A.t() + c["b"] - s["x"]}
+
+    s0 = {"x": torch.zeros(3, 2, dtype=F64)}
+    for solver in (Anderson(tol=1e-12, max_iter=500, check_every=1),
+                   Anderson(tol=1e-12, max_iter=500, check_every=1, restart=1.0001, start_below=1e9)):
+        res = solver.solve(field, s0, {"b": b})
+        assert res.stats.converged
+        assert torch.allclose(res.state["x"], exact, atol=1e-9)
+
+
+def test_impl_settings_are_validated():
+    with pytest.raises(ConfigError, match="fast, autograd"):
+        get_method("lcp-di", impl="compiled")
+    with pytest.raises(ConfigError, match="euler solver only"):
+        get_method("rbp", impl="autograd", solver="anderson")
+
+
+def test_bench_returns_every_figure_and_ratio(tmp_path):
+    config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
+    rows = [Row("ff", "bp"), Row("ff", "lcp-di"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),
+            Row("rnn", "lcp-di", impl="autograd"), Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4")]
+    result = run_bench(config, rows)
+    keys = {"model", "method", "impl", "max_iter", "seconds_per_batch_median", "seconds_per_batch_min",
+            "mean_iterations", "peak_memory_mb", "inference_seconds_per_batch", "update_cosine_vs_autograd"}
+    assert len(result["rows"]) == len(rows)
+    for r in result["rows"]:
+        assert keys <= set(r)
+        assert 0 < r["seconds_per_batch_min"] <= r["seconds_per_batch_median"]
+    by = {r["label"]: r for r in result["rows"]}
+    assert by["rnn-lcp-di"]["update_cosine_vs_autograd"] > 0.9999
+    ratios = result["ratios"]
+    for key in ("rnn_lcp_di_autograd_over_fast", "rnn_lcp_di_over_rbp", "rnn_lcp_di_over_rbp_equal_tol",
+                "ff_lcp_di_over_bp"):
+        assert ratios[key] > 0
+    assert ratios["lcp_di_memory_800_over_100"] is None  # memory probes were skipped
+
+
+def test_bench_cli_rejects_a_missing_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "--device", "cuda", "--quiet"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

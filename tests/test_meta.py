@@ -1,0 +1,130 @@
+"""Meta-learning: meta-gradients against closed forms on a quadratic inner problem."""
+import pytest
+import torch
+from torch import nn
+
+from leastcontrol.errors import ConfigError
+from leastcontrol.meta import InnerProblem, InnerSettings, LCPMeta, Sinusoid, TaskBatch, get_meta_method
+
+F64 = torch.float64
+
+
+def _quadratic(T=3, K=6, d=4, lam=0.7, seed=0):
+    """A linear learner with squared error: L_train is quadratic, so φ* and the meta-gradient are closed forms."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Linear(d, 1).double()
+    problem = InnerProblem(net, "mse", lam=lam)
+    x = torch.randn(T, K, d, generator=g, dtype=F64)
+    y = torch.randn(T, K, 1, generator=g, dtype=F64)
+    xq = torch.randn(T, K, d, generator=g, dtype=F64)
+    yq = torch.randn(T, K, 1, generator=g, dtype=F64)
+    omega = torch.randn(problem.n_params, generator=g, dtype=F64)
+    return problem, omega, TaskBatch(x, y, xq, yq)
+
+
+def _analytic(problem, omega, batch):
+    """φ*_t = (H_t + λI)⁻¹(λω − c_t); meta-gradient λ (H_t + λI)⁻¹ ∇L_val(φ*_t), averaged over tasks."""
+    P, lam = problem.n_params, problem.lam
+    grads = []
+    for t in range(batch.x.shape[0]):
+        zero = torch.zeros(P, dtype=F64)
+        H = torch.autograd.functional.hessian(lambda p: problem.task_loss(p, batch.x[t], batch.y[t]), zero)
+        c = torch.func.grad(problem.task_loss)(zero, batch.x[t], batch.y[t])
+        A = H + lam * torch.eye(P, dtype=F64)
+        phi = torch.linalg.solve(A, lam * omega - c)
+        gval = torch.func.grad(problem.task_loss)(phi, batch.xq[t], batch.yq[t])
+        grads.append(lam * torch.linalg.solve(A, gval))
+    return torch.stack(grads).mean(0)
+
+
+INNER = InnerSettings(solver="gd", lr=0.1, steps=5000, tol=1e-12)
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_imaml_equals_the_analytic_meta_gradient():
+    problem, omega, batch = _quadratic()
+    exact = _analytic(problem, omega, batch)
+    out = get_meta_method("imaml", inner=INNER, cg_steps=20)(problem, omega, batch)
+    assert torch.allclose(out.grad, exact, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("route", ["di", "energy"])
+def test_lcp_over_beta_tends_to_the_implicit_gradient(route):
+    problem, omega, batch = _quadratic()
+    exact = _analytic(problem, omega, batch)
+    errors = []
+    for beta in (1.0, 0.1, 0.01):
+        kw = {"tol": 1e-12, "max_iter": 20000} if route == "di" else {"energy_steps": 3000, "energy_lr": 1e-3}
+        out = get_meta_method("lcp", inner=INNER, beta=beta, route=route, **kw)(problem, omega, batch)
+        errors.append(float((out.grad - exact).norm() / exact.norm()))
+    assert _cos(out.grad, exact) > 0.99
+    if route == "di":
+        assert errors[2] < errors[1] < errors[0]  # the error shrinks with β
+
+
+def test_contrastive_tends_to_the_implicit_gradient():
+    problem, omega, batch = _quadratic()
+    exact = _analytic(problem, omega, batch)
+    out = get_meta_method("contrastive", inner=INNER, beta=1e-3)(problem, omega, batch)
+    assert _cos(out.grad, exact) > 0.999
+
+
+def test_lcp_update_is_lambda_psi_from_the_controlled_equilibrium_alone():
+    problem, omega, batch = _quadratic()
+    method = LCPMeta(inner=INNER, beta=0.1, tol=1e-12, max_iter=20000)
+    free = method.adapt(problem, omega, batch)
+    ctrl = method.controlled_equilibrium(problem, omega, batch, free.state)
+    # ψ* = −f(φ*) at the controlled equilibrium, and the update reads nothing but it.
+    assert torch.allclose(ctrl.psi, -problem.field(ctrl.phi, omega.expand_as(ctrl.phi), batch.x, batch.y), atol=1e-9)
+    out = method(problem, omega, batch)
+    assert torch.allclose(out.grad, (-problem.lam * ctrl.psi / 0.1).mean(0), atol=1e-10)
+
+
+def test_fomaml_is_the_validation_gradient_at_the_adapted_weights():
+    problem, omega, batch = _quadratic()
+    method = get_meta_method("fomaml", inner=INNER)
+    phi = method.adapt(problem, omega, batch).state
+    out = method(problem, omega, batch)
+    expected = torch.stack([torch.func.grad(problem.task_loss)(phi[t], batch.xq[t], batch.yq[t]) for t in range(3)]).mean(0)
+    assert torch.allclose(out.grad, expected, atol=1e-12)
+
+
+def test_sinusoid_tasks_follow_the_published_distribution():
+    g = torch.Generator().manual_seed(0)
+    b = Sinusoid(shots=5, queries=7).sample(200, g)
+    assert b.x.shape == (200, 5, 1) and b.xq.shape == (200, 7, 1)
+    assert float(b.x.abs().max()) <= 5.0 and float(b.y.abs().max()) <= 5.0
+
+
+def test_bad_meta_settings_fail_clearly():
+    with pytest.raises(ValueError, match="contrastive, fomaml, imaml, lcp"):
+        get_meta_method("maml")
+    with pytest.raises(ConfigError, match="di, energy"):
+        get_meta_method("lcp", route="newton")
+    with pytest.raises(ConfigError, match="adam, gd"):
+        InnerSettings(solver="lbfgs")
+
+
+def test_meta_cli_writes_the_documented_json(tmp_path):
+    import json
+    from leastcontrol.cli import main
+    out = tmp_path / "meta.json"
+    code = main(["meta", "--method", "lcp", "--meta-steps", "2", "--meta-batch", "2", "--inner-steps", "5",
+                 "--eval-tasks", "8", "--quiet", "--json-out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"config", "history", "test", "train_seconds"}
+    assert set(result["test"]) == {"metric", "mean", "ci95", "tasks"}
+    assert result["test"]["metric"] == "mse" and result["test"]["tasks"] == 8
+    assert result["history"][-1]["step"] == 2
+
+
+def test_meta_config_rejects_bad_values():
+    from leastcontrol.meta.train import MetaConfig
+    with pytest.raises(ConfigError, match="sinusoid"):
+        MetaConfig(task="omniglot-large")
+    with pytest.raises(ConfigError, match="lam"):
+        MetaConfig(lam=0.0)
