@@ -9,7 +9,7 @@ from leastcontrol.methods import get_method
 from leastcontrol.solvers import Anderson
 from leastcontrol.systems.base import autograd_dynamics_and_state_vjp
 
-from helpers import F64, batch, rel_err, tiny_ff, tiny_rnn
+from .helpers import F64, batch, rel_err, tiny_ff, tiny_rnn
 
 SYSTEMS = [tiny_rnn, tiny_ff, lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))]
 IDS = ["rnn", "ff", "ff-deep"]
@@ -69,7 +69,7 @@ def test_fast_and_autograd_paths_give_the_same_update(name, make):
     x, y = batch(n_in=5, n_out=net.n_out)
     options = {"tol": 1e-10, "max_iter": 3000}
     if name == "lcp-ebd":
-        options = {"ebd_steps": 300, "ebd_lr": 0.01, "ff_init": True}
+        options = {"ebd_steps": 300, "ebd_lr": 0.01, "ff_init": True, "tol": 1e-12, "max_iter": 3000}
     fast = get_method(name, **options)
     ref = get_method(name, impl="autograd", **options)
     fast.prepare(net)
