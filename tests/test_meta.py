@@ -128,3 +128,21 @@ def test_meta_config_rejects_bad_values():
         MetaConfig(task="omniglot-large")
     with pytest.raises(ConfigError, match="lam"):
         MetaConfig(lam=0.0)
+
+
+def test_batched_mlp_fast_path_equals_the_functional_path():
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 5), nn.ReLU(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    fast = InnerProblem(net, "cross_entropy", lam=1.0)
+    generic = InnerProblem(net, "cross_entropy", lam=1.0)
+    generic._layers = None
+    assert fast._layers is not None
+    phi = torch.randn(3, fast.n_params, generator=g, dtype=F64)
+    x = torch.randn(3, 6, 2, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (3, 6), generator=g)
+    v = torch.randn_like(phi)
+    assert torch.allclose(fast.losses(phi, x, y), generic.losses(phi, x, y), atol=1e-12)
+    assert torch.allclose(fast.grads(phi, x, y), generic.grads(phi, x, y), atol=1e-12)
+    assert torch.allclose(fast.hvp(phi, x, y, v), generic.hvp(phi, x, y, v), atol=1e-10)
+    single = torch.stack([torch.func.grad(generic.task_loss)(phi[t], x[t], y[t]) for t in range(3)])
+    assert torch.allclose(fast.grads(phi, x, y), single, atol=1e-12)

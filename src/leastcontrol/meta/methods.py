@@ -144,8 +144,8 @@ class LCPMeta(MetaMethod):
     name = "lcp"
     beta: float = 0.1
     route: str = "di"
-    tol: float = 1e-6
-    max_iter: int = 1000
+    tol: float = 1e-5
+    max_iter: int = 500
     energy_steps: int = 300
     energy_lr: float = 1e-3
 

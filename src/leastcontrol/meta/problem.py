@@ -22,7 +22,7 @@ from typing import Dict
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from ..errors import ConfigError, SolverDivergedError
 from ..solvers import SolveResult, SolverStats, get_solver
@@ -50,8 +50,8 @@ class InnerSettings:
     """
 
     solver: str = "gd"
-    lr: float = 0.02
-    steps: int = 100
+    lr: float = 0.01
+    steps: int = 300
     tol: float = 1e-5
 
     def __post_init__(self):
@@ -61,6 +61,24 @@ class InnerSettings:
             raise ConfigError(f"inner lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ConfigError(f"inner steps must be a positive integer, got {self.steps!r}")
+
+
+def _mlp_layers(model: nn.Module, names):
+    """``[(kind, weight index, bias index)]`` for a Sequential MLP, else ``None`` (generic path)."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    layers = []
+    for i, m in enumerate(model):
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            layers.append(("linear", index[f"{i}.weight"], index[f"{i}.bias"]))
+        elif isinstance(m, nn.ReLU):
+            layers.append((torch.relu, None, None))
+        elif isinstance(m, nn.Tanh):
+            layers.append((torch.tanh, None, None))
+        else:
+            return None
+    return layers
 
 
 class InnerProblem:
@@ -90,6 +108,7 @@ class InnerProblem:
         self.n_params = sum(self.sizes)
         self.buffers = dict(model.named_buffers())
         self.lam = lam
+        self._layers = _mlp_layers(model, self.names)
 
     def initial_weights(self) -> torch.Tensor:
         """The model's current weights as one flat vector ``(P,)`` (a natural start for ω)."""
@@ -104,13 +123,37 @@ class InnerProblem:
         return self._loss(out, y)
 
     # --- batched over tasks ------------------------------------------------------
+    def forward(self, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs of every task's learner on its inputs: ``(T, K, ...)``.
+
+        An ``nn.Sequential`` of ``Linear``/``ReLU``/``Tanh`` runs as batched matrix
+        products over the task axis (the fast path); any other model runs under
+        ``vmap(functional_call)``.
+        """
+        if self._layers is None:
+            return vmap(lambda p, xx: functional_call(self.model, (self.unflatten(p), self.buffers), (xx,)))(phi, x)
+        params = [t.reshape(phi.shape[0], *shape) for t, shape in zip(torch.split(phi, self.sizes, dim=1), self.shapes)]
+        h = x
+        for kind, w, b in self._layers:
+            if kind == "linear":
+                h = torch.baddbmm(params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+            else:
+                h = kind(h)
+        return h
+
     def losses(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-task losses ``(T,)``."""
-        return vmap(self.task_loss)(phi, x, y)
+        out = self.forward(phi, x)
+        if self.loss_name == "mse":
+            return (out - y).pow(2).flatten(1).mean(1)
+        T, K = y.shape[:2]
+        return nn.functional.cross_entropy(out.reshape(T * K, -1), y.reshape(-1), reduction="none").reshape(T, K).mean(1)
 
     def grads(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-task loss gradients ``∇_φ L(φ_t)``, shape ``(T, P)``."""
-        return vmap(grad(self.task_loss))(phi, x, y)
+        """Per-task loss gradients ``∇_φ L(φ_t)``, shape ``(T, P)`` (tasks share no weights, so one backward)."""
+        with torch.enable_grad():
+            p = phi.detach().requires_grad_(True)
+            return torch.autograd.grad(self.losses(p, x, y).sum(), p)[0]
 
     def hvp(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-task Hessian-vector products ``∇²L(φ_t) v_t``, shape ``(T, P)``.

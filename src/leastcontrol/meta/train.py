@@ -31,8 +31,8 @@ class MetaConfig:
     meta_steps: int = 1000
     meta_lr: float = 1e-3
     inner_solver: str = "gd"
-    inner_lr: float = 0.02
-    inner_steps: int = 100
+    inner_lr: float = 0.01
+    inner_steps: int = 300
     inner_tol: float = 1e-5
     lam: float = 1.0
     beta: float = 0.1
