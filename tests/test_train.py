@@ -181,3 +181,25 @@ def test_cli_flags_override_the_config_file(tmp_path):
     config = json.loads(out.read_text())["config"]
     assert (config["model"], config["method"], config["hidden"], config["epochs"]) == ("ff", "bp", 16, 1)
     assert config["dataset"] == "digits" and config["lr"] == 1e-3
+
+
+def test_skip_diverged_counts_the_batches_it_skips(monkeypatch):
+    from leastcontrol.errors import SolverDivergedError
+    from leastcontrol.methods.baselines import RBP
+
+    real, calls = RBP.gradients, []
+
+    def first_batch_diverges(self, system, x, y):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SolverDivergedError("v", 130, "euler")
+        return real(self, system, x, y)
+
+    monkeypatch.setattr(RBP, "gradients", first_batch_diverges)
+    config = TrainConfig(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50, progress=False)
+    with pytest.raises(SolverDivergedError):
+        train(config)
+    calls.clear()
+    result = train(TrainConfig(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50,
+                               progress=False, skip_diverged=True))
+    assert result["history"][-1]["skipped_batches"] == 1 and len(calls) == 3

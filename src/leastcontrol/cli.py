@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json-out", help="write config, history and test accuracy to this JSON file")
     t.add_argument("--checkpoint", help="save model/optimizer state here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
+    t.add_argument("--skip-diverged", action="store_true",
+                   help="a batch whose solve diverges makes no update (counted in the history) instead of stopping")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(quiet=False)
 
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit-test", type=_positive_int, default=None)
     r.add_argument("--dataset", default=None, choices=DATASETS.names(), help="override the data set (mnist)")
     r.add_argument("--data-dir", default=None)
+    r.add_argument("--skip-diverged", action="store_true", default=None,
+                   help="a batch whose solve diverges makes no update (counted) instead of stopping the run")
     r.add_argument("--quiet", action="store_true")
 
     b = sub.add_parser("bench", help="time and memory of every method, interleaved; ratios to the baselines")
@@ -170,7 +174,8 @@ def _train(args) -> int:
 def _reproduce(args) -> int:
     from .reproduce import reproduce
 
-    overrides = {k: getattr(args, k) for k in ("epochs", "limit_train", "limit_test", "dataset", "data_dir")
+    overrides = {k: getattr(args, k) for k in ("epochs", "limit_train", "limit_test", "dataset", "data_dir",
+                                               "skip_diverged")
                  if getattr(args, k) is not None}
     table = reproduce(args.benchmark, args.out, rows=args.rows, seeds=args.seeds, overrides=overrides,
                       progress=not args.quiet)

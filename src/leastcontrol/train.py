@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_target, write_json
 from .data import DATASETS, Dataset, load_dataset
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SolverDivergedError
 from .methods import METHODS, Method, get_method
 from .solvers import SOLVERS
 from .systems import SYSTEMS, EquilibriumSystem, get_system
@@ -37,7 +37,9 @@ class TrainConfig:
     Method settings left at ``None`` take the method's published defaults
     (``lcp-di``: tol 1e-6, max 800; ``rbp``: tol 1e-4, max 200).
     ``grad_clip=None`` takes the model's published default (RNN 10, FF none);
-    ``0`` disables clipping.
+    ``0`` disables clipping. ``skip_diverged=True`` turns a batch whose solve
+    diverges into a batch without update (counted as ``skipped_batches`` in the
+    history) instead of an error that stops the run.
     """
 
     model: str = "rnn"
@@ -80,6 +82,7 @@ class TrainConfig:
     json_out: Optional[str] = None
     checkpoint: Optional[str] = None
     resume: bool = False
+    skip_diverged: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -289,7 +292,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         order = torch.randperm(n_train, generator=shuffle)
-        sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0}
+        sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
+                "skipped": 0}
         seen = 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
                    leave=False, dynamic_ncols=True)
@@ -297,7 +301,15 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
             x, y = data.train_x[idx], data.train_y[idx]
             optimizer.zero_grad(set_to_none=True)
-            out = method(system, x, y)
+            try:
+                out = method(system, x, y)
+            except SolverDivergedError:
+                if not config.skip_diverged:
+                    raise
+                # Counted and reported in the history: this batch makes no update.
+                sums["skipped"] += 1
+                scheduler.step()
+                continue
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
@@ -320,14 +332,16 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             evaluated = test_accuracy
         else:
             evaluated = None
+        seen, done = max(seen, 1), max(steps_per_epoch - sums["skipped"], 1)
         record = {
             "epoch": epoch,
             "train_loss": sums["loss"] / seen,
             "train_accuracy": sums["correct"] / seen,
             "test_accuracy": evaluated,
-            "mean_iterations": sums["iterations"] / steps_per_epoch,
-            "mean_sample_iterations": sums["sample_iterations"] / steps_per_epoch,
-            "converged_fraction": sums["converged"] / steps_per_epoch,
+            "mean_iterations": sums["iterations"] / done,
+            "mean_sample_iterations": sums["sample_iterations"] / done,
+            "converged_fraction": sums["converged"] / done,
+            "skipped_batches": sums["skipped"],
             "seconds": epoch_seconds,
             "lr": optimizer.param_groups[0]["lr"],
         }
