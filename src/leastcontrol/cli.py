@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--solver", choices=SOLVERS.names(), help="fixed-point solver (euler)")
     g.add_argument("--check-every", type=_positive_int, help="test convergence every k solver steps (10)")
     g.add_argument("--warm-start-tol", type=float,
-                   help="tolerance of the free solve that starts the controlled dynamics (lcp: 1e-4)")
+                   help="tolerance of the free solve that starts the controlled dynamics (default: --tol)")
     g.add_argument("--impl", choices=IMPLS,
                    help="fast (default): closed-form VJPs, sample freezing; autograd: research-code reference path")
     g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
