@@ -13,7 +13,6 @@ population at the free equilibrium.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict
@@ -23,7 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..losses import Loss, get_loss
 from ..solvers import SOLVERS, SolveResult, get_solver
-from ..systems.base import EquilibriumSystem, autograd_dynamics_and_state_vjp
+from ..systems.base import AutogradFlatOperator, EquilibriumSystem, FlatOperator
 
 IMPLS = ("fast", "autograd")
 
@@ -143,8 +142,8 @@ class EquilibriumMethod(Method):
         max_iter: maximum steps of every solve.
         solver: ``euler`` or ``anderson`` (see :mod:`leastcontrol.solvers`).
         check_every: test convergence every k steps (each test costs norms and a sync).
-        impl: ``fast`` (default): closed-form VJPs of the built-in systems (``torch.func``
-            for user systems), convergence checked every ``check_every`` steps, converged
+        impl: ``fast`` (default): the system's fused flat kernels (closed-form VJPs for the
+            built-in networks), convergence checked every ``check_every`` steps, converged
             samples frozen. ``autograd``: the reference path of the published research
             code — one ``torch.autograd.grad`` per step, a check (host sync) every step,
             no freezing; kept for cross-checks and as the speed baseline.
@@ -178,11 +177,11 @@ class EquilibriumMethod(Method):
             options = {"check_every": 1, "freeze": False}
         return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
 
-    def _dynamics_and_vjp(self, system: EquilibriumSystem):
-        """The ``(f, (∂_s f)ᵀ c)`` routine of the chosen implementation."""
+    def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
+        """``f`` and ``(∂_s f)ᵀ a`` on a flat state: the system's fused kernels, or one autograd call (``impl``)."""
         if self.impl == "autograd":
-            return functools.partial(autograd_dynamics_and_state_vjp, system)
-        return system.dynamics_and_state_vjp
+            return AutogradFlatOperator(system, feedback)
+        return system.flat_operator(feedback)
 
     def _solve(self, field, state0, context: Dict[str, Any], solver=None, labels=None):
         """Run the solver on ``field(s, context)``; the context is batch-aligned data.
@@ -210,10 +209,7 @@ class EquilibriumMethod(Method):
     def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver=None) -> SolveResult:
         """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state (with ``solver``, else the method's)."""
         x = system.prepare_input(x)
-        if self.impl == "autograd":
-            return self._solve(lambda s, c: system.dynamics(s, c["drive"]), system.init_state(x.shape[0]),
-                               {"drive": system.encode(x)}, solver)
-        op = system.flat_operator()
+        op = self._flat_operator(system)
         s0 = x.new_zeros(x.shape[0], op.n_state)
         res = self._solve_flat(lambda s, c: op.f(s, c["drive"]), s0, {"drive": op.drive(x)}, solver, op.sizes)
         return SolveResult(op.unpack(res.state), res.stats)

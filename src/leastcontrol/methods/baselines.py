@@ -110,28 +110,13 @@ class RBP(EquilibriumMethod):
         B = x.shape[0]
         # The per-sample loss gradient; dividing by B makes λ the adjoint of the batch mean.
         dL = self._loss.grad(system.readout(state), y) / B
-        if self.impl == "autograd":
-            return self._adjoint_reference(system, x, state, dL)
-        op = system.flat_operator()
+        op = self._flat_operator(system)
         s = op.pack(state)
         dL_flat = torch.cat([s.new_zeros(B, op.n_state - dL.shape[1]), dL], dim=1)  # output population last
         res = self._solve_flat(lambda lam, c: op.vjp(c["state"], c["drive"], lam).add_(c["dL"]),
                                torch.zeros_like(s), {"drive": op.drive(x), "dL": dL_flat, "state": s},
                                populations=op.sizes)
         return SolveResult(op.unpack(res.state), res.stats)
-
-    def _adjoint_reference(self, system, x, state, dL) -> SolveResult:
-        out = system.output_population
-        context = {"drive": system.encode(x), "dL": dL}
-        context.update({"state_" + k: v for k, v in state.items()})
-        vjp = self._dynamics_and_vjp(system)
-
-        def field(lam, c):
-            back = vjp({k: c["state_" + k] for k in lam}, c["drive"], lam)[1]
-            back[out] = back[out] + c["dL"]
-            return back
-
-        return self._solve(field, {k: torch.zeros_like(v) for k, v in state.items()}, context)
 
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)

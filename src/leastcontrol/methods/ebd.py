@@ -63,38 +63,31 @@ class LCPEBD(EquilibriumMethod):
         """Minimise the energy from the free equilibrium (``ff_init``) or from zero."""
         x = system.prepare_input(x)
         free = free if free is not None else self.free_equilibrium(system, x)
-        drive = system.encode(x)
-        out = system.output_population
-        B = x.shape[0]
-        start = free.state if self.ff_init else system.init_state(B)
-        state = {k: v.clone() for k, v in start.items()}
-        params = list(state.values())
-        opt = (torch.optim.Adam(params, lr=self.ebd_lr) if self.ebd_optim == "adam"
-               else torch.optim.SGD(params, lr=self.ebd_lr))
-
-        vjp = self._dynamics_and_vjp(system)
+        op = self._flat_operator(system)
+        drive = op.drive(x)
+        B, n_e = x.shape[0], op.n_state - op.sizes[system.output_population]
+        z = (op.pack(free.state) if self.ff_init else x.new_zeros(B, op.n_state)).clone()
+        target = self._loss.dense_target(y, z[:, n_e:])
+        opt = (torch.optim.Adam([z], lr=self.ebd_lr) if self.ebd_optim == "adam"
+               else torch.optim.SGD([z], lr=self.ebd_lr))
 
         def energy_grad():
-            # ∇_s E = (∂_s f)ᵀ f + (1/α) ∇_s L, with L the batch-mean loss.
-            f = system.dynamics(state, drive)
-            grad = vjp(state, drive, f)[1]
-            grad[out] = grad[out] + self._loss.grad(state[out], y) / (B * self.alpha)
+            # ∇_s E = (∂_s f)ᵀ f + (1/α) ∇_s L, with L the batch-mean loss (output population last).
+            f = op.f(z, drive)
+            grad = op.vjp(z, drive, f)
+            grad[:, n_e:] += self._loss.dense_grad(z[:, n_e:], target) / (B * self.alpha)
             return f, grad
 
         for step in range(1, self.ebd_steps + 1):
-            _, grad = energy_grad()
-            for k, p in state.items():
-                p.grad = grad[k]
+            z.grad = energy_grad()[1]
             opt.step()
-            if step % 50 == 0 and not all(torch.isfinite(p).all() for p in params):
-                bad = next(k for k, p in state.items() if not torch.isfinite(p).all())
+            if step % 50 == 0 and not bool(torch.isfinite(z).all()):
+                bad = next(k for k, v in op.unpack(z).items() if not torch.isfinite(v).all())
                 raise SolverDivergedError(bad, step, "lcp-ebd optimiser")
         f, grad = energy_grad()
-        scale = sum(v.pow(2).sum() for v in state.values()).sqrt().clamp_min(1e-30)
-        residual = float(sum(g.pow(2).sum() for g in grad.values()).sqrt() / scale)
+        residual = float(grad.norm() / z.norm().clamp_min(1e-30))
         stats = SolverStats(self.ebd_steps, residual, residual < self.tol, float(residual < self.tol), [residual])
-        control = {k: -v for k, v in f.items()}
-        return ControlledEquilibrium({k: v.detach() for k, v in state.items()}, control, stats, free)
+        return ControlledEquilibrium(op.unpack(z.detach().clone()), op.unpack(-f), stats, free)
 
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)

@@ -116,8 +116,9 @@ class LCPDI(EquilibriumMethod):
         """Matrices replacing the weight transposes on the way back (``None``: the exact transposes)."""
         return None
 
-    def _control(self, z, grad_o):
-        u = self.k_i * z["u_int"]
+    def _control(self, u_int, grad_o):
+        """The output control ``u = k_i u_int − k_p ∇_o L``."""
+        u = self.k_i * u_int
         return u - self.k_p * grad_o if self.k_p else u
 
     @torch.no_grad()
@@ -126,19 +127,10 @@ class LCPDI(EquilibriumMethod):
         """Run the controlled dynamics from the free equilibrium to ``(s*, ψ*)``."""
         x = system.prepare_input(x)
         free = free if free is not None else self.warm_start(system, x)
-        if self.impl == "autograd":
-            return self._controlled_reference(system, x, y, free)
-        return self._controlled_flat(system, x, y, free)
-
-    def _controlled_flat(self, system, x, y, free) -> ControlledEquilibrium:
-        """The fast path: one flat buffer ``z = [s | e | u_int]``, a few fused kernels per step.
-
-        With the output population last in ``s``, ``ψ = [e | u]`` is the tail of
-        ``z`` (a view when ``u = u_int``), and the step is
-
-            ż = [f(s) + ψ,  ((∂_s f)ᵀ ψ)_hidden,  −∇_o L − α u_int].
-        """
-        op = system.flat_operator(self._feedback(system))
+        # One flat buffer z = [s | e | u_int]. With the output population last in s,
+        # ψ = [e | u] is the tail of z (a view when u = u_int), and the step is
+        #     ż = [f(s) + ψ,  ((∂_s f)ᵀ ψ)_hidden,  −∇_o L − α u_int].
+        op = self._flat_operator(system, self._feedback(system))
         N = op.n_state
         n_out = op.sizes[system.output_population]
         n_e = N - n_out
@@ -151,8 +143,7 @@ class LCPDI(EquilibriumMethod):
             if plain_control:
                 psi = z[:, N:]
             else:
-                u = self.k_i * u_int - self.k_p * grad_o if self.k_p else self.k_i * u_int
-                psi = torch.cat([z[:, N:N + n_e], u], dim=1)
+                psi = torch.cat([z[:, N:N + n_e], self._control(u_int, grad_o)], dim=1)
             f, back = op.f_and_vjp(s, c["drive"], psi)
             return torch.cat([f.add_(psi), back[:, :n_e], grad_o.add_(u_int, alpha=self.alpha).neg_()], dim=1)
 
@@ -165,40 +156,8 @@ class LCPDI(EquilibriumMethod):
         z = res.state
         state = op.unpack(z[:, :N])
         grad_o = self._loss.dense_grad(z[:, n_e:N], context["target"]).mul_(inv_B)
-        u_int = z[:, N + n_e:]
-        u = self.k_i * u_int - self.k_p * grad_o if self.k_p else self.k_i * u_int
-        control = op.unpack(torch.cat([z[:, N:N + n_e], u], dim=1))
+        control = op.unpack(torch.cat([z[:, N:N + n_e], self._control(z[:, N + n_e:], grad_o)], dim=1))
         return ControlledEquilibrium(state, control, res.stats, free)
-
-    def _controlled_reference(self, system, x, y, free) -> ControlledEquilibrium:
-        """The reference path (``impl="autograd"``): populations as a dict, one autograd VJP per step."""
-        out = system.output_population
-        pops = list(free.state)
-        hidden = [p for p in pops if p != out]
-        B = x.shape[0]
-        feedback = self._feedback(system)
-        vjp_options = {} if feedback is None else {"feedback": feedback}
-        dynamics_and_vjp = self._dynamics_and_vjp(system)
-
-        def field(z, c) -> Dict[str, torch.Tensor]:
-            s = {p: z[p] for p in pops}
-            grad_o = self._loss.grad(z[out], c["y"]) / B  # ∇_o of the batch-mean loss
-            psi = {p: z["e_" + p] for p in hidden}
-            psi[out] = self._control(z, grad_o)
-            f, back = dynamics_and_vjp(s, c["drive"], psi, **vjp_options)
-            d = {p: f[p] + psi[p] for p in pops}
-            d.update({"e_" + p: back[p] for p in hidden})
-            d["u_int"] = -grad_o - self.alpha * z["u_int"]
-            return d
-
-        z0 = dict(free.state)
-        z0.update({"e_" + p: torch.zeros_like(free.state[p]) for p in hidden})
-        z0["u_int"] = torch.zeros_like(free.state[out])
-        res = self._solve(field, z0, {"drive": system.encode(x), "y": y})
-        z = res.state
-        control = {p: z["e_" + p] for p in hidden}
-        control[out] = self._control(z, self._loss.grad(z[out], y) / B)
-        return ControlledEquilibrium({p: z[p] for p in pops}, control, res.stats, free)
 
     def warm_start(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
         """The free equilibrium to ``warm_start_tol``: where the controlled dynamics start."""

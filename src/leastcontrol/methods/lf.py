@@ -101,7 +101,7 @@ class LCPLF(LCPDI):
 
         def field(z, c) -> Dict[str, torch.Tensor]:
             grad_o = self._loss.grad(z[out], c["y"]) / B
-            u = self._control(z, grad_o)
+            u = self._control(z["u_int"], grad_o)
             f = system.dynamics({hid: z[hid], out: z[out]}, c["drive"])
             d = {hid: f[hid] + u @ Q.t(), out: f[out] + u, "u_int": -grad_o - self.alpha * z["u_int"]}
             if noise is not None:
@@ -120,7 +120,7 @@ class LCPLF(LCPDI):
         z0 = dict(free.state, u_int=torch.zeros_like(free.state[out]))
         res = self._solve(self._field(system, y, B), z0, {"drive": system.encode(x), "y": y})
         z = res.state
-        u = self._control(z, self._loss.grad(z[out], y) / B)
+        u = self._control(z["u_int"], self._loss.grad(z[out], y) / B)
         feedback = u @ self._Q(system).t()
         slope = system.rate_slope(z)[hid]
         # The local update reads the feedback signal modulated by φ'(v*).
@@ -144,7 +144,7 @@ class LCPLF(LCPDI):
             eta = self.sigma * eps
             d = self._field(system, y, B, noise=eta)(z, context)
             z = {k: z[k] + self.dt * d[k] for k in z}
-            u = self._control(z, self._loss.grad(z[out], y) / B)
+            u = self._control(z["u_int"], self._loss.grad(z[out], y) / B)
             acc += eta.t() @ (u - u_ref)
             noise = torch.randn(eps.shape, generator=generator, dtype=eps.dtype).to(eps.device)
             eps = a * eps + math.sqrt(1 - a * a) * noise

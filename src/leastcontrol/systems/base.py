@@ -259,6 +259,14 @@ class FlatOperator:
         return self.f_and_vjp(s, drive, a)[1]
 
 
+class AutogradFlatOperator(FlatOperator):
+    """The reference flat operator: every VJP is one ``torch.autograd.grad`` call (research-code style)."""
+
+    def f_and_vjp(self, s: torch.Tensor, drive, a: torch.Tensor):
+        f, back = autograd_dynamics_and_state_vjp(self.system, self.unpack(s), drive, self.unpack(a), self.feedback)
+        return self.pack(f), self.pack(back)
+
+
 def _detach(drive):
     if isinstance(drive, torch.Tensor):
         return drive.detach()
