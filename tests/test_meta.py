@@ -146,3 +146,63 @@ def test_batched_mlp_fast_path_equals_the_functional_path():
     assert torch.allclose(fast.hvp(phi, x, y, v), generic.hvp(phi, x, y, v), atol=1e-10)
     single = torch.stack([torch.func.grad(generic.task_loss)(phi[t], x[t], y[t]) for t in range(3)])
     assert torch.allclose(fast.grads(phi, x, y), single, atol=1e-12)
+
+
+def _analytic_lam_grads(problem, omega, batch):
+    """Meta-gradients for ω and a per-weight λ by autograd through the closed-form φ* = (H + Λ)⁻¹(Λω − c)."""
+    P = problem.n_params
+    lam = problem.lam.clone().requires_grad_(True)
+    om = omega.clone().requires_grad_(True)
+    total = 0.0
+    for t in range(batch.x.shape[0]):
+        zero = torch.zeros(P, dtype=F64)
+        H = torch.autograd.functional.hessian(lambda p: problem.task_loss(p, batch.x[t], batch.y[t]), zero)
+        c = torch.func.grad(problem.task_loss)(zero, batch.x[t], batch.y[t])
+        phi = torch.linalg.solve(H + torch.diag(lam), lam * om - c)
+        total = total + problem.task_loss(phi, batch.xq[t], batch.yq[t])
+    return torch.autograd.grad(total / batch.x.shape[0], (om, lam))
+
+
+def _per_weight_lam_problem():
+    problem, omega, batch = _quadratic()
+    g = torch.Generator().manual_seed(5)
+    problem.lam = 0.3 + torch.rand(problem.n_params, generator=g, dtype=F64)
+    return problem, omega, batch
+
+
+def test_per_weight_lambda_gradients_match_the_closed_form():
+    problem, omega, batch = _per_weight_lam_problem()
+    d_omega, d_lam = _analytic_lam_grads(problem, omega, batch)
+    imaml = get_meta_method("imaml", inner=INNER, cg_steps=20, learn_lam=True)(problem, omega, batch)
+    assert torch.allclose(imaml.grad, d_omega, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(imaml.grad_lam, d_lam, rtol=1e-8, atol=1e-10)
+    lcp = get_meta_method("lcp", inner=INNER, beta=1e-3, tol=1e-13, max_iter=20000, learn_lam=True)(
+        problem, omega, batch)
+    contrastive = get_meta_method("contrastive", inner=INNER, beta=1e-3, learn_lam=True)(problem, omega, batch)
+    for out in (lcp, contrastive):
+        assert _cos(out.grad, d_omega) > 0.999 and _cos(out.grad_lam, d_lam) > 0.999
+    # Without learn_lam no λ gradient is returned; fomaml has none to give.
+    assert get_meta_method("imaml", inner=INNER)(problem, omega, batch).grad_lam is None
+    with pytest.raises(ConfigError, match="no gradient for λ"):
+        get_meta_method("fomaml", learn_lam=True)
+
+
+def test_lcp_lambda_update_is_local():
+    """∇_λ = (φ* − ω) ⊙ ψ* / β: read from the controlled equilibrium and ω alone."""
+    problem, omega, batch = _per_weight_lam_problem()
+    method = LCPMeta(inner=INNER, beta=0.1, tol=1e-12, max_iter=20000, learn_lam=True)
+    free = method.adapt(problem, omega, batch)
+    ctrl = method.controlled_equilibrium(problem, omega, batch, free.state)
+    out = method(problem, omega, batch)
+    assert torch.allclose(out.grad_lam, ((ctrl.phi - omega) * ctrl.psi / 0.1).mean(0), atol=1e-10)
+    assert torch.allclose(out.grad, (-problem.lam * ctrl.psi / 0.1).mean(0), atol=1e-10)
+
+
+def test_learned_lambda_training_moves_lambda(tmp_path):
+    from leastcontrol.meta.train import MetaConfig, meta_train
+    result = meta_train(MetaConfig(method="imaml", learn_lam=True, meta_steps=4, meta_batch=4, inner_steps=20,
+                                   meta_lr=0.05, eval_tasks=8, log_every=2, progress=False))
+    assert "lam_mean" in result["history"][-1]
+    assert result["history"][-1]["lam_mean"] != pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ConfigError, match="no gradient for λ"):
+        MetaConfig(method="fomaml", learn_lam=True)

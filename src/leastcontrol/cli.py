@@ -123,21 +123,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
 
     m = sub.add_parser("meta", help="meta-learning: the inner problem as an equilibrium, LCP against iMAML")
-    m.add_argument("--task", default="sinusoid", choices=["sinusoid"])
+    m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot"])
     m.add_argument("--method", default="lcp", choices=["lcp", "imaml", "fomaml", "contrastive"])
-    m.add_argument("--shots", type=_positive_int, default=10, help="support points per task (10)")
-    m.add_argument("--queries", type=_positive_int, default=10, help="query points per training task (10)")
+    m.add_argument("--ways", type=_positive_int, default=5, help="omniglot: classes per episode (5)")
+    m.add_argument("--shots", type=_positive_int, default=None,
+                   help="support examples per class (omniglot, 1) or per task (sinusoid, 10)")
+    m.add_argument("--queries", type=_positive_int, default=None,
+                   help="query examples per class / task while meta-training (omniglot 15, sinusoid 10)")
+    m.add_argument("--learner", default="conv", choices=["conv", "mlp"],
+                   help="omniglot learner: 4-block conv net, 64 channels (conv) or a faster MLP")
+    m.add_argument("--data-dir", default=None, help="omniglot: directory holding the zip archives")
     m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
     m.add_argument("--meta-steps", type=_positive_int, default=1000)
     m.add_argument("--meta-lr", type=float, default=1e-3)
     m.add_argument("--inner-solver", default="gd", choices=["gd", "adam"])
     m.add_argument("--inner-lr", type=float, default=0.01, help="inner step size (0.01)")
     m.add_argument("--inner-steps", type=_positive_int, default=300, help="inner solver steps (300)")
+    m.add_argument("--inner-tol", type=float, default=1e-5, help="relative-residual tolerance of the inner solves")
     m.add_argument("--lam", type=float, default=1.0, help="pull λ of the adapted weights towards ω (1.0)")
+    m.add_argument("--learn-lam", action="store_true", help="also meta-learn one λ per weight (not fomaml)")
     m.add_argument("--beta", type=float, default=0.1, help="control strength (lcp) / nudging (contrastive)")
     m.add_argument("--route", default="di", choices=["di", "energy"], help="lcp: dynamic inversion or energy")
+    m.add_argument("--controlled-steps", type=_positive_int, default=None,
+                   help="lcp: max steps of the controlled dynamics (default: --inner-steps)")
     m.add_argument("--cg-steps", type=_positive_int, default=10, help="imaml conjugate-gradient steps (10)")
-    m.add_argument("--eval-tasks", type=_positive_int, default=1000)
+    m.add_argument("--eval-tasks", type=_positive_int, default=1000, help="held-out tasks (1000; ≥ 600 for omniglot)")
+    m.add_argument("--eval-queries", type=_positive_int, default=None,
+                   help="query points per held-out task (sinusoid 100) or per class (omniglot: --queries)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json-out", default=None)
     m.add_argument("--quiet", action="store_true")
@@ -197,12 +209,14 @@ def _bench(args) -> int:
 def _meta(args) -> int:
     from .meta.train import MetaConfig, meta_train
 
-    config = MetaConfig(task=args.task, method=args.method, shots=args.shots, queries=args.queries,
+    config = MetaConfig(task=args.task, method=args.method, ways=args.ways, shots=args.shots, queries=args.queries,
+                        learner=args.learner, data_dir=args.data_dir,
                         meta_batch=args.meta_batch, meta_steps=args.meta_steps, meta_lr=args.meta_lr,
                         inner_solver=args.inner_solver, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
-                        lam=args.lam, beta=args.beta, route=args.route, cg_steps=args.cg_steps,
-                        eval_tasks=args.eval_tasks, seed=args.seed, json_out=args.json_out,
-                        progress=not args.quiet)
+                        inner_tol=args.inner_tol, lam=args.lam, learn_lam=args.learn_lam, beta=args.beta, route=args.route,
+                        controlled_steps=args.controlled_steps,
+                        cg_steps=args.cg_steps, eval_tasks=args.eval_tasks, eval_queries=args.eval_queries,
+                        seed=args.seed, json_out=args.json_out, progress=not args.quiet)
     result = meta_train(config)
     test, before = result["test"], result["test_untrained"]
     print(f"{config.task} {config.method}: held-out {test['metric']} {test['mean']:.4f} ± {test['ci95']:.4f} "

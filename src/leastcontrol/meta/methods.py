@@ -1,15 +1,18 @@
 """Meta-gradient methods behind one interface: ``out = method(problem, omega, batch)``.
 
 Every method returns the gradient of the mean validation loss with respect to
-ω (sign of a gradient: ``ω ← ω − η·grad``), averaged over the tasks of the batch:
+ω (sign of a gradient: ``ω ← ω − η·grad``), averaged over the tasks of the batch,
+and, with ``learn_lam=True``, with respect to a per-weight pull λ (Λ = diag λ):
 
-* ``imaml`` — implicit differentiation: ``λ (H + λI)⁻¹ ∇L_val(φ°)``, solved by
-  conjugate gradient on ``(I + H/λ) v = ∇L_val(φ°)`` with Hessian-vector products;
+* ``imaml`` — implicit differentiation: with ``u = (H + Λ)⁻¹ ∇L_val(φ°)`` (conjugate
+  gradient with Hessian-vector products), ``∇_ω = Λ u`` and ``∇_λ = −(φ° − ω) ⊙ u``;
 * ``lcp`` — least control: the controlled equilibrium φ* and its control ψ*,
-  then the local update ``∇_ω H_β = −λ ψ*`` (scaled by ``1/β``), by dynamic
+  then the local updates ``∇_ω H_β = −(∂_ω f)ᵀ ψ* = −λ ⊙ ψ*`` and
+  ``∇_λ H_β = −(∂_λ f)ᵀ ψ* = (φ* − ω) ⊙ ψ*`` (scaled by ``1/β``), by dynamic
   inversion (``route="di"``) or by energy minimisation (``route="energy"``);
-* ``fomaml`` — first order: ``∇L_val(φ°)``;
-* ``contrastive`` — equilibrium propagation: ``λ (φ° − φ_β) / β``, φ_β the
+* ``fomaml`` — first order: ``∇L_val(φ°)`` (no gradient for λ);
+* ``contrastive`` — equilibrium propagation on ``F = L_train + ½ Σ λ (φ − ω)²``:
+  ``∇_ω = λ (φ° − φ_β) / β`` and ``∇_λ = ½[(φ_β − ω)² − (φ° − ω)²] / β``, φ_β the
   equilibrium of the nudged objective ``F + β L_val``.
 
 Reference: Meulemans et al., NeurIPS 2022, §5; Rajeswaran et al. 2019 (iMAML);
@@ -18,7 +21,7 @@ Zucchet et al. 2021 (contrastive meta-learning).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -36,23 +39,31 @@ class TaskBatch:
     y: torch.Tensor
     xq: torch.Tensor
     yq: torch.Tensor
+    classes: Optional[torch.Tensor] = None  # (T, ways): the class behind each label, for classification tasks
 
 
 @dataclass
 class MetaOutput:
-    """A meta-gradient ``(P,)``, the mean post-adaptation validation loss and statistics."""
+    """Meta-gradients ``(P,)`` for ω (and for λ when learned), the mean post-adaptation validation loss, stats."""
 
     grad: torch.Tensor
     val_loss: float
     stats: Dict[str, Any] = field(default_factory=dict)
+    grad_lam: Optional[torch.Tensor] = None
 
 
 @dataclass
 class MetaMethod:
-    """Base of the meta-gradient methods; holds the inner solver settings."""
+    """Base of the meta-gradient methods; holds the inner solver settings.
+
+    Args:
+        inner: how the free inner equilibrium is reached.
+        learn_lam: also return the gradient for a per-weight λ (``MetaOutput.grad_lam``).
+    """
 
     name = "meta"
     inner: InnerSettings = field(default_factory=InnerSettings)
+    learn_lam: bool = False
 
     def adapt(self, problem: InnerProblem, omega: torch.Tensor, batch: TaskBatch):
         """The free equilibrium φ° of every task (the adapted learner)."""
@@ -64,11 +75,12 @@ class MetaMethod:
             val = problem.losses(free.state, batch.xq, batch.yq)
         if not bool(torch.isfinite(val).all()):
             raise SolverDivergedError("phi", free.stats.iterations, "inner solver (lower --inner-lr)")
-        grad, stats = self.meta_gradient(problem, omega, batch, free.state)
+        grad, grad_lam, stats = self.meta_gradient(problem, omega, batch, free.state)
         stats.update(inner_iterations=free.stats.iterations, inner_residual=free.stats.residual)
-        return MetaOutput(grad, float(val.mean()), stats)
+        return MetaOutput(grad, float(val.mean()), stats, grad_lam if self.learn_lam else None)
 
     def meta_gradient(self, problem, omega, batch, phi):
+        """``(∇_ω, ∇_λ or None, stats)``, each gradient averaged over the tasks."""
         raise NotImplementedError
 
 
@@ -78,14 +90,22 @@ class FOMAML(MetaMethod):
 
     name = "fomaml"
 
+    def __post_init__(self):
+        if self.learn_lam:
+            raise ConfigError("fomaml gives no gradient for λ; use lcp, imaml or contrastive to learn it")
+
     def meta_gradient(self, problem, omega, batch, phi):
         with torch.no_grad():
-            return problem.grads(phi, batch.xq, batch.yq).mean(0), {}
+            return problem.grads(phi, batch.xq, batch.yq).mean(0), None, {}
 
 
 @dataclass
 class IMAML(MetaMethod):
-    """Implicit MAML: conjugate gradient on ``(I + H/λ) v = ∇L_val(φ°)``, ``cg_steps`` iterations."""
+    """Implicit MAML: conjugate gradient on ``(H + Λ) u = ∇L_val(φ°)``, ``cg_steps`` iterations.
+
+    For a scalar λ this is the same iteration as CG on iMAML's ``(I + H/λ) v = ∇L_val``
+    (``v = λu``); the symmetric form also holds for a per-weight λ.
+    """
 
     name = "imaml"
     cg_steps: int = 10
@@ -95,7 +115,7 @@ class IMAML(MetaMethod):
             g = problem.grads(phi, batch.xq, batch.yq)
 
             def A(v):
-                return v + problem.hvp(phi, batch.x, batch.y, v) / problem.lam
+                return problem.hvp(phi, batch.x, batch.y, v) + problem.lam * v
 
             v = torch.zeros_like(g)
             r = g.clone()
@@ -112,7 +132,8 @@ class IMAML(MetaMethod):
                 p = r + (rr_new / rr.clamp_min(1e-30)) * p
                 rr = rr_new
             residual = float((rr.sqrt() / (g * g).sum(1, keepdim=True).sqrt().clamp_min(1e-30)).max())
-        return v.mean(0), {"cg_residual": residual}
+            grad_lam = (-(phi - omega) * v).mean(0) if self.learn_lam else None
+        return (problem.lam * v).mean(0), grad_lam, {"cg_residual": residual}
 
 
 @dataclass
@@ -163,10 +184,12 @@ class LCPMeta(MetaMethod):
             return self._energy(problem, omega_t, batch, phi_free)
 
         def field(s, c):
-            f = problem.field(s["phi"], c["omega"], c["x"], c["y"])
-            # (∂_φ f)ᵀ ψ = −(H + λI) ψ: one Hessian-vector product.
-            back = -problem.hvp(s["phi"], c["x"], c["y"], s["psi"]) - problem.lam * s["psi"]
-            return {"phi": f + s["psi"], "psi": back - self.beta * problem.grads(s["phi"], c["xq"], c["yq"])}
+            phi, psi = s["phi"], s["psi"]
+            # f = −∇L − λ(φ − ω) and (∂_φ f)ᵀ ψ = −(H + λ)ψ from one double backward.
+            g, hpsi = problem.grad_and_hvp(phi, c["x"], c["y"], psi)
+            f = -g - problem.lam * (phi - c["omega"])
+            back = -hpsi - problem.lam * psi
+            return {"phi": f + psi, "psi": back - self.beta * problem.grads(phi, c["xq"], c["yq"])}
 
         solver = get_solver("euler", dt=self.inner.lr, tol=self.tol, max_iter=self.max_iter, check_every=5)
         context = {"omega": omega_t, "x": batch.x, "y": batch.y, "xq": batch.xq, "yq": batch.yq}
@@ -194,15 +217,23 @@ class LCPMeta(MetaMethod):
         return ControlledMetaEquilibrium(phi, psi, SolverStats(self.energy_steps, r, False, 0.0, [r]))
 
     @staticmethod
-    def local_update(problem: InnerProblem, ctrl: ControlledMetaEquilibrium, beta: float) -> torch.Tensor:
-        """``−λ ψ* / β`` averaged over tasks: the meta-update from the controlled equilibrium alone."""
-        return (-problem.lam * ctrl.psi / beta).mean(0)
+    def local_update(problem: InnerProblem, omega: torch.Tensor, ctrl: ControlledMetaEquilibrium, beta: float):
+        """The meta-updates from the controlled equilibrium alone, averaged over tasks.
+
+        ``f = −∇L_train(φ) − λ ⊙ (φ − ω)``, so ``∂_ω f = diag(λ)`` and ``∂_λ f = −diag(φ − ω)``:
+
+            ∇_ω = −λ ⊙ ψ* / β,      ∇_λ = (φ* − ω) ⊙ ψ* / β.
+
+        Returns:
+            ``(∇_ω, ∇_λ)``, each ``(P,)``.
+        """
+        return (-problem.lam * ctrl.psi / beta).mean(0), ((ctrl.phi - omega) * ctrl.psi / beta).mean(0)
 
     def meta_gradient(self, problem, omega, batch, phi):
         ctrl = self.controlled_equilibrium(problem, omega, batch, phi)
         stats = {"controlled_iterations": ctrl.stats.iterations, "controlled_residual": ctrl.stats.residual,
                  "control_norm": float(ctrl.psi.norm(dim=1).mean())}
-        return self.local_update(problem, ctrl, self.beta), stats
+        return (*self.local_update(problem, omega, ctrl, self.beta), stats)
 
 
 @dataclass
@@ -215,7 +246,10 @@ class Contrastive(MetaMethod):
     def meta_gradient(self, problem, omega, batch, phi):
         nudged = problem.equilibrium(omega, batch.x, batch.y, self.inner, start=phi, nudge=self.beta,
                                      xq=batch.xq, yq=batch.yq)
-        return (problem.lam * (phi - nudged.state) / self.beta).mean(0), {"nudged_iterations": nudged.stats.iterations}
+        phi_b = nudged.state
+        grad = (problem.lam * (phi - phi_b) / self.beta).mean(0)
+        grad_lam = (0.5 * ((phi_b - omega).pow(2) - (phi - omega).pow(2)) / self.beta).mean(0)
+        return grad, grad_lam, {"nudged_iterations": nudged.stats.iterations}
 
 
 META_METHODS: Registry[MetaMethod] = Registry("meta method")

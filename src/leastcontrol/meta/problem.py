@@ -126,13 +126,15 @@ class InnerProblem:
     def forward(self, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Outputs of every task's learner on its inputs: ``(T, K, ...)``.
 
-        An ``nn.Sequential`` of ``Linear``/``ReLU``/``Tanh`` runs as batched matrix
-        products over the task axis (the fast path); any other model runs under
-        ``vmap(functional_call)``.
+        A model with ``batched_forward`` (see :mod:`~leastcontrol.meta.learners`) runs
+        it; an ``nn.Sequential`` of ``Linear``/``ReLU``/``Tanh`` runs as batched matrix
+        products over the task axis; any other model runs under ``vmap(functional_call)``.
         """
+        params = [t.reshape(phi.shape[0], *shape) for t, shape in zip(torch.split(phi, self.sizes, dim=1), self.shapes)]
+        if hasattr(self.model, "batched_forward"):
+            return self.model.batched_forward(params, x)
         if self._layers is None:
             return vmap(lambda p, xx: functional_call(self.model, (self.unflatten(p), self.buffers), (xx,)))(phi, x)
-        params = [t.reshape(phi.shape[0], *shape) for t, shape in zip(torch.split(phi, self.sizes, dim=1), self.shapes)]
         h = x
         for kind, w, b in self._layers:
             if kind == "linear":
@@ -155,8 +157,8 @@ class InnerProblem:
             p = phi.detach().requires_grad_(True)
             return torch.autograd.grad(self.losses(p, x, y).sum(), p)[0]
 
-    def hvp(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Per-task Hessian-vector products ``∇²L(φ_t) v_t``, shape ``(T, P)``.
+    def grad_and_hvp(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor):
+        """Per-task ``(∇L(φ_t), ∇²L(φ_t) v_t)``, each ``(T, P)``, from one double backward.
 
         Tasks do not share weights, so double backward through the *sum* of the
         task losses gives every task's own product at once (cheaper than vmapping
@@ -165,7 +167,11 @@ class InnerProblem:
         with torch.enable_grad():
             p = phi.detach().requires_grad_(True)
             g, = torch.autograd.grad(self.losses(p, x, y).sum(), p, create_graph=True)
-            return torch.autograd.grad(g, p, grad_outputs=v)[0].detach()
+            return g.detach(), torch.autograd.grad(g, p, grad_outputs=v)[0].detach()
+
+    def hvp(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-task Hessian-vector products ``∇²L(φ_t) v_t``, shape ``(T, P)``."""
+        return self.grad_and_hvp(phi, x, y, v)[1]
 
     # --- the equilibrium system ------------------------------------------------------
     def field(self, phi, omega, x, y, nudge: float = 0.0, xq=None, yq=None) -> torch.Tensor:

@@ -14,9 +14,9 @@ from ..atomic import write_json
 from ..errors import ConfigError
 from .methods import META_METHODS, get_meta_method
 from .problem import InnerProblem, InnerSettings
-from .tasks import Sinusoid
+from .tasks import Omniglot, Sinusoid
 
-TASKS = {"sinusoid": Sinusoid}
+TASKS = {"sinusoid": Sinusoid, "omniglot": Omniglot}
 
 
 @dataclass
@@ -25,8 +25,11 @@ class MetaConfig:
 
     task: str = "sinusoid"
     method: str = "lcp"
-    shots: int = 10
-    queries: int = 10
+    ways: int = 5
+    shots: Optional[int] = None     # default: 10 (sinusoid), 1 (omniglot)
+    queries: Optional[int] = None   # default: 10 (sinusoid), 15 (omniglot)
+    learner: str = "conv"
+    data_dir: Optional[str] = None
     meta_batch: int = 25
     meta_steps: int = 1000
     meta_lr: float = 1e-3
@@ -35,11 +38,14 @@ class MetaConfig:
     inner_steps: int = 300
     inner_tol: float = 1e-5
     lam: float = 1.0
+    learn_lam: bool = False
     beta: float = 0.1
     route: str = "di"
+    controlled_steps: Optional[int] = None  # lcp: max steps of the controlled dynamics; default: inner_steps
     cg_steps: int = 10
     eval_tasks: int = 1000
-    eval_queries: int = 100
+    eval_queries: Optional[int] = None  # default: 100 (sinusoid), queries (omniglot)
+    eval_chunk: Optional[int] = None    # tasks adapted at once in evaluation; default: meta_batch
     log_every: int = 50
     seed: int = 0
     json_out: Optional[str] = None
@@ -49,8 +55,17 @@ class MetaConfig:
         if self.task not in TASKS:
             raise ConfigError(f"unknown meta task '{self.task}'; valid: {', '.join(sorted(TASKS))}")
         META_METHODS.factory(self.method)
-        for key in ("shots", "queries", "meta_batch", "meta_steps", "inner_steps", "eval_tasks", "eval_queries",
-                    "log_every", "cg_steps"):
+        regression = self.task == "sinusoid"
+        if self.shots is None:
+            self.shots = 10 if regression else 1
+        if self.queries is None:
+            self.queries = 10 if regression else 15
+        if self.eval_queries is None:
+            self.eval_queries = 100 if regression else self.queries
+        if self.eval_chunk is None:
+            self.eval_chunk = self.meta_batch
+        for key in ("ways", "shots", "queries", "meta_batch", "meta_steps", "inner_steps", "eval_tasks",
+                    "eval_queries", "eval_chunk", "log_every", "cg_steps"):
             value = getattr(self, key)
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -58,18 +73,29 @@ class MetaConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        if self.task == "omniglot" and self.shots + self.eval_queries > 20:
+            raise ConfigError(f"shots + eval_queries = {self.shots + self.eval_queries} > 20 drawings per "
+                              "Omniglot character; lower --eval-queries")
         self.inner_settings()
         self.build_method()
+
+    def build_task(self):
+        """The task distribution (reads the Omniglot archives)."""
+        if self.task == "omniglot":
+            return Omniglot(ways=self.ways, shots=self.shots, queries=self.queries, learner=self.learner,
+                            data_dir=self.data_dir)
+        return Sinusoid(shots=self.shots, queries=self.queries)
 
     def inner_settings(self) -> InnerSettings:
         return InnerSettings(self.inner_solver, self.inner_lr, self.inner_steps, self.inner_tol)
 
     def build_method(self):
-        options = {"inner": self.inner_settings()}
+        options = {"inner": self.inner_settings(), "learn_lam": self.learn_lam}
         if self.method in ("lcp", "contrastive"):
             options["beta"] = self.beta
         if self.method == "lcp":
-            options["route"] = self.route
+            options.update(route=self.route, tol=self.inner_tol,
+                           max_iter=self.controlled_steps or self.inner_steps, energy_steps=self.inner_steps)
         if self.method == "imaml":
             options["cg_steps"] = self.cg_steps
         return get_meta_method(self.method, **options)
@@ -77,17 +103,23 @@ class MetaConfig:
 
 def evaluate(problem: InnerProblem, omega: torch.Tensor, task, settings: InnerSettings, n_tasks: int,
              queries: int, seed: int, chunk: int = 100) -> Dict[str, Any]:
-    """Post-adaptation loss on ``n_tasks`` held-out tasks: mean and 95% confidence half-width."""
+    """Post-adaptation metric on ``n_tasks`` held-out tasks: mean and 95% confidence half-width.
+
+    The metric is the query MSE for regression and the query accuracy for classification.
+    """
     g = torch.Generator().manual_seed(10_000 + seed)  # never the training stream
     values = []
     for start in range(0, n_tasks, chunk):
-        batch = task.sample(min(chunk, n_tasks - start), g, queries=queries)
+        batch = task.sample(min(chunk, n_tasks - start), g, queries=queries, split="test")
         phi = problem.equilibrium(omega, batch.x, batch.y, settings).state
         with torch.no_grad():
-            values.append(problem.losses(phi, batch.xq, batch.yq))
+            if task.loss == "mse":
+                values.append(problem.losses(phi, batch.xq, batch.yq))
+            else:
+                values.append((problem.forward(phi, batch.xq).argmax(-1) == batch.yq).double().mean(1))
     v = torch.cat(values).double()
-    return {"metric": "mse", "mean": float(v.mean()), "ci95": float(1.96 * v.std() / math.sqrt(len(v))),
-            "tasks": int(len(v))}
+    return {"metric": "mse" if task.loss == "mse" else "accuracy", "mean": float(v.mean()),
+            "ci95": float(1.96 * v.std() / math.sqrt(len(v))), "tasks": int(len(v))}
 
 
 def meta_train(config: MetaConfig) -> Dict[str, Any]:
@@ -99,29 +131,44 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     """
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
-    task = TASKS[config.task](shots=config.shots, queries=config.queries)
+    task = config.build_task()
     model = task.model(g)
-    problem = InnerProblem(model, task.loss, lam=config.lam)
     method = config.build_method()
     settings = config.inner_settings()
-    omega = torch.nn.Parameter(problem.initial_weights())
-    untrained = evaluate(problem, omega.detach(), task, settings, config.eval_tasks, config.eval_queries, config.seed)
-    opt = torch.optim.Adam([omega], lr=config.meta_lr)
+    omega = torch.nn.Parameter(InnerProblem(model, task.loss).initial_weights())
+    # λ > 0 per weight, learned as log λ (its gradient is λ ⊙ ∇_λ).
+    log_lam = torch.nn.Parameter(torch.full_like(omega, math.log(config.lam)), requires_grad=config.learn_lam)
+
+    def problem() -> InnerProblem:
+        lam = log_lam.detach().exp() if config.learn_lam else config.lam
+        return InnerProblem(model, task.loss, lam=lam)
+
+    def held_out():
+        return evaluate(problem(), omega.detach(), task, settings, config.eval_tasks, config.eval_queries,
+                        config.seed, config.eval_chunk)
+
+    untrained = held_out()
+    opt = torch.optim.Adam([omega, log_lam] if config.learn_lam else [omega], lr=config.meta_lr)
     history, window = [], []
     start = time.perf_counter()
     bar = tqdm(range(1, config.meta_steps + 1), desc=f"meta {config.method}", disable=not config.progress)
     for step in bar:
-        out = method(problem, omega.detach(), task.sample(config.meta_batch, g))
+        inner = problem()
+        out = method(inner, omega.detach(), task.sample(config.meta_batch, g))
         omega.grad = out.grad.to(omega.dtype)
+        if config.learn_lam:
+            log_lam.grad = (inner.lam * out.grad_lam).to(log_lam.dtype)
         opt.step()
         window.append(out.val_loss)
         if step % config.log_every == 0 or step == config.meta_steps:
-            history.append({"step": step, "val_loss": sum(window) / len(window),
-                            "seconds": time.perf_counter() - start})
-            bar.set_postfix(val=f"{history[-1]['val_loss']:.3f}")
+            entry = {"step": step, "val_loss": sum(window) / len(window), "seconds": time.perf_counter() - start}
+            if config.learn_lam:
+                entry["lam_mean"] = float(log_lam.detach().exp().mean())
+            history.append(entry)
+            bar.set_postfix(val=f"{entry['val_loss']:.3f}")
             window = []
     train_seconds = time.perf_counter() - start
-    test = evaluate(problem, omega.detach(), task, settings, config.eval_tasks, config.eval_queries, config.seed)
+    test = held_out()
     result = {"config": asdict(config), "history": history, "test": test, "test_untrained": untrained,
               "train_seconds": train_seconds}
     if config.json_out:
