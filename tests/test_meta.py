@@ -206,3 +206,25 @@ def test_learned_lambda_training_moves_lambda(tmp_path):
     assert result["history"][-1]["lam_mean"] != pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ConfigError, match="no gradient for λ"):
         MetaConfig(method="fomaml", learn_lam=True)
+
+
+def test_imaml_cg_is_safe_on_an_indefinite_system():
+    """Negative curvature (non-convex inner loss) stops CG for that task instead of blowing it up."""
+    problem, omega, batch = _quadratic()
+    P = problem.n_params
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=F64))
+    grad = torch.randn(3, P, generator=g, dtype=F64)
+    problem.grads = lambda phi, x, y: grad
+    method = get_meta_method("imaml", inner=InnerSettings(steps=1), cg_steps=50)
+    for eigs, indefinite in (([1.0, 2.0, 3.0, 0.5, 4.0], False), ([1.0, -3.0, 3.0, 0.5, -2.0], True)):
+        H = Q @ torch.diag(torch.tensor(eigs, dtype=F64)) @ Q.T
+        problem.hvp = lambda phi, x, y, v, H=H: v @ H
+        out = method(problem, omega, batch)
+        assert torch.isfinite(out.grad).all()
+        if indefinite:
+            assert out.stats["cg_truncated"] == 3
+            assert float(out.grad.norm()) < 10 * float(grad.mean(0).norm())
+        else:  # positive definite: the exact λ (H + λI)⁻¹ g
+            exact = problem.lam * torch.linalg.solve(H + problem.lam * torch.eye(P, dtype=F64), grad.T).T.mean(0)
+            assert out.stats["cg_truncated"] == 0 and torch.allclose(out.grad, exact, atol=1e-10)

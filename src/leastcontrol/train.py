@@ -189,7 +189,8 @@ def load_config_file(path: str | Path) -> Dict[str, Any]:
 
 def build_system(config: TrainConfig, data: Dataset) -> EquilibriumSystem:
     generator = torch.Generator().manual_seed(config.seed)
-    return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden, generator=generator)
+    return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden,
+                      input_shape=data.input_shape, generator=generator)
 
 
 def cosine_factor(step: int, total: int, floor: float = 0.1) -> float:
@@ -203,9 +204,14 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
              batch_size: int = 1000) -> float:
     """Test accuracy of the free equilibrium's output."""
     correct = 0
-    for i in range(0, len(y), batch_size):
-        logits = method.predict(system, x[i:i + batch_size])
-        correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
+    was_training = system.training
+    system.eval()  # normalisation layers use their running statistics
+    try:
+        for i in range(0, len(y), batch_size):
+            logits = method.predict(system, x[i:i + batch_size])
+            correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
+    finally:
+        system.train(was_training)
     return correct / max(len(y), 1)
 
 

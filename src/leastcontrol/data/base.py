@@ -83,11 +83,18 @@ def _load_idx(data_dir: PathArg = None, download: bool = True) -> Dataset:
     return load_idx_dataset(data_dir)
 
 
+def _load_cifar10(data_dir: PathArg = None, download: bool = True) -> Dataset:
+    from .cifar import load_cifar10
+
+    return load_cifar10(data_dir, download=download)
+
+
 #: Data-set loaders by name. Each factory takes ``(data_dir=None, download=True)``.
 DATASETS: Registry[Dataset] = Registry("dataset")
 DATASETS.register("digits", _load_digits)
 DATASETS.register("mnist", _load_mnist)
 DATASETS.register("idx", _load_idx)
+DATASETS.register("cifar10", _load_cifar10)
 
 
 def _check_limit(name: str, value: Optional[int]) -> Optional[int]:
@@ -115,7 +122,7 @@ def load_dataset(
     """Load a registered data set.
 
     Args:
-        name: one of ``DATASETS.names()`` ("digits", "idx", "mnist").
+        name: one of ``DATASETS.names()`` ("cifar10", "digits", "idx", "mnist").
         data_dir: directory holding the data files (see ``resolve_data_dir``);
             required for "idx", ignored for "digits".
         limit_train: keep only the first N training samples.

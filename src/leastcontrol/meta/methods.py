@@ -105,6 +105,12 @@ class IMAML(MetaMethod):
 
     For a scalar λ this is the same iteration as CG on iMAML's ``(I + H/λ) v = ∇L_val``
     (``v = λu``); the symmetric form also holds for a per-weight λ.
+
+    Safeguards, per task, for when ``H + Λ`` is not positive definite (a non-convex
+    inner loss, or an inner solve that has not settled): CG stops at the first
+    direction of non-positive curvature (truncated CG, as in Newton-CG), and the
+    iterate with the smallest residual is returned. ``stats["cg_truncated"]`` counts
+    the tasks that stopped on negative curvature.
     """
 
     name = "imaml"
@@ -118,22 +124,34 @@ class IMAML(MetaMethod):
                 return problem.hvp(phi, batch.x, batch.y, v) + problem.lam * v
 
             v = torch.zeros_like(g)
-            r = g.clone()
-            p = r.clone()
+            r, p = g.clone(), g.clone()
             rr = (r * r).sum(1, keepdim=True)
+            g_norm = rr.sqrt().clamp_min(1e-30)
+            best_v, best_res = v.clone(), torch.full_like(rr, float("inf"))
+            active = torch.ones_like(rr, dtype=torch.bool)
+            truncated = torch.zeros_like(rr, dtype=torch.bool)
             for _ in range(self.cg_steps):
                 Ap = A(p)
                 pAp = (p * Ap).sum(1, keepdim=True)
-                # A task whose system is not positive along p (or has converged) stops moving.
-                alpha = torch.where(pAp > 1e-30, rr / pAp.clamp_min(1e-30), torch.zeros_like(pAp))
+                curved = pAp > 1e-30 * (p * p).sum(1, keepdim=True)
+                truncated |= active & ~curved
+                active &= curved
+                alpha = torch.where(active, rr / torch.where(active, pAp, torch.ones_like(pAp)), 0.0)
                 v = v + alpha * p
                 r = r - alpha * Ap
                 rr_new = (r * r).sum(1, keepdim=True)
-                p = r + (rr_new / rr.clamp_min(1e-30)) * p
-                rr = rr_new
-            residual = float((rr.sqrt() / (g * g).sum(1, keepdim=True).sqrt().clamp_min(1e-30)).max())
-            grad_lam = (-(phi - omega) * v).mean(0) if self.learn_lam else None
-        return (problem.lam * v).mean(0), grad_lam, {"cg_residual": residual}
+                better = active & (rr_new.sqrt() < best_res)
+                best_v = torch.where(better, v, best_v)
+                best_res = torch.where(better, rr_new.sqrt(), best_res)
+                p = torch.where(active, r + (rr_new / rr.clamp_min(1e-300)) * p, p)
+                rr = torch.where(active, rr_new, rr)
+            # A task that met negative curvature at once keeps the first-order guess u = g / λ.
+            none = torch.isinf(best_res)
+            best_v = torch.where(none, g / problem.lam, best_v)
+            residual = float(torch.where(none, 1.0, best_res / g_norm).max())
+            grad_lam = (-(phi - omega) * best_v).mean(0) if self.learn_lam else None
+        return (problem.lam * best_v).mean(0), grad_lam, {"cg_residual": residual,
+                                                          "cg_truncated": int(truncated.sum())}
 
 
 @dataclass

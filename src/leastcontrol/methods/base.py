@@ -212,4 +212,7 @@ class EquilibriumMethod(Method):
         op = self._flat_operator(system)
         s0 = x.new_zeros(x.shape[0], op.n_state)
         res = self._solve_flat(lambda s, c: op.f(s, c["drive"]), s0, {"drive": op.drive(x)}, solver, op.sizes)
-        return SolveResult(op.unpack(res.state), res.stats)
+        state = op.unpack(res.state)
+        if system.training:
+            system.observe_equilibrium(state)
+        return SolveResult(state, res.stats)

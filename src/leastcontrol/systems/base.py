@@ -61,6 +61,13 @@ class EquilibriumSystem(nn.Module):
         """The free dynamics ``f(s, θ, x)``: one tensor per population, shapes of ``state``."""
         raise NotImplementedError
 
+    def population_shapes(self) -> Dict[str, tuple]:
+        """Per-sample shape of every population (default: flat vectors; conv systems: ``(C, H, W)``)."""
+        return {name: (n,) for name, n in self.population_sizes().items()}
+
+    def observe_equilibrium(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Called with every training batch's free equilibrium (e.g. to update normalisation statistics)."""
+
     # --- generic machinery ------------------------------------------------------
     @property
     def is_feedforward(self) -> bool:
@@ -101,10 +108,10 @@ class EquilibriumSystem(nn.Module):
         return x.reshape(x.shape[0], self.n_in).to(dtype=self.dtype, device=self.device)
 
     def init_state(self, batch_size: int) -> State:
-        """The zero state, one ``(B, n)`` tensor per population."""
+        """The zero state, one ``(B, *shape)`` tensor per population."""
         return {
-            name: torch.zeros(batch_size, n, dtype=self.dtype, device=self.device)
-            for name, n in self.population_sizes().items()
+            name: torch.zeros(batch_size, *shape, dtype=self.dtype, device=self.device)
+            for name, shape in self.population_shapes().items()
         }
 
     def readout(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -233,8 +240,9 @@ class FlatOperator:
 
     def __init__(self, system: EquilibriumSystem, feedback=None):
         self.system, self.feedback = system, feedback
-        widths = system.population_sizes()
+        widths, shapes = system.population_sizes(), system.population_shapes()
         self.sizes = {n: widths[n] for n in system.flat_order()}
+        self.shapes = {n: tuple(shapes[n]) for n in self.sizes}
         self.n_state = sum(self.sizes.values())
 
     def drive(self, x: torch.Tensor):
@@ -245,7 +253,9 @@ class FlatOperator:
         return torch.cat([state[n].reshape(state[n].shape[0], -1) for n in self.sizes], dim=1)
 
     def unpack(self, flat: torch.Tensor) -> State:
-        return dict(zip(self.sizes, torch.split(flat, list(self.sizes.values()), dim=1)))
+        """The populations of a flat ``(B, N)`` buffer, as views in their natural shapes ``(B, *shape)``."""
+        parts = torch.split(flat, list(self.sizes.values()), dim=1)
+        return {n: p.reshape(p.shape[0], *self.shapes[n]) for n, p in zip(self.sizes, parts)}
 
     def f(self, s: torch.Tensor, drive) -> torch.Tensor:
         return self.pack(self.system.dynamics(self.unpack(s), drive))

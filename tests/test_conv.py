@@ -1,0 +1,98 @@
+"""Convolutional equilibrium systems: the conv feedforward net and the DEQ, against independent references."""
+import pytest
+import torch
+
+from leastcontrol.methods import BP, LCPDI, RBP
+from leastcontrol.systems import DEQ, ConvFeedforwardEquilibrium
+from leastcontrol.errors import ConfigError
+
+from .helpers import F64, cosine, rel_err
+
+
+def tiny_conv_ff(seed=1):
+    return ConvFeedforwardEquilibrium((1, 12, 12), 3, channels=(2, 3, 4), fc=6, dtype=F64,
+                                      generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_deq(seed=1):
+    deq = DEQ((2, 8, 8), 3, channels=4, inner=4, groups=2, pool=4, dtype=F64,
+              generator=torch.Generator().manual_seed(seed))
+    return deq.eval()  # encoder batch norm on running statistics: the drive is a plain function of x
+
+
+def images(shape, n_out=3, B=4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, *shape, generator=g, dtype=F64), torch.randint(0, n_out, (B,), generator=g)
+
+
+def autograd_grads(net, loss_fn):
+    names, params = zip(*net.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss_fn(), params)))
+
+
+def test_conv_feedforward_equilibrium_is_its_forward_pass():
+    net = tiny_conv_ff()
+    x, y = images((1, 12, 12))
+    state = BP().free_equilibrium(net, x).state
+    assert state["h1"].shape == (4, 2, 5, 5) and state["h3"].shape == (4, 4, 2, 2)  # natural shapes
+    assert torch.allclose(net.readout(state), net(x), atol=1e-13)
+    ref = autograd_grads(net, lambda: torch.nn.functional.cross_entropy(net(x), y))
+    assert rel_err(BP()(net, x, y).grads, ref) < 1e-12
+    assert rel_err(RBP(tol=1e-14, max_iter=100)(net, x, y).grads, ref) < 1e-10
+
+
+def test_deq_rbp_matches_autograd_through_a_long_unrolled_solve():
+    net = tiny_deq()
+    x, y = images((2, 8, 8))
+
+    def unrolled_loss(steps=300):
+        drive = net.encode(net.prepare_input(x))
+        s = net.init_state(x.shape[0])
+        for _ in range(steps):  # Euler with dt = 1: the fixed-point iteration z ← T(z)
+            f = net.dynamics(s, drive)
+            s = {k: s[k] + f[k] for k in s}
+        return torch.nn.functional.cross_entropy(s["o"], y)
+
+    ref = autograd_grads(net, unrolled_loss)
+    out = RBP(tol=1e-13, max_iter=5000)(net, x, y)
+    assert out.stats["converged"]
+    assert rel_err(out.grads, ref) < 1e-6
+
+
+@pytest.mark.parametrize("make,shape", [(tiny_conv_ff, (1, 12, 12)), (tiny_deq, (2, 8, 8))], ids=["conv-ff", "deq"])
+def test_weak_control_limit_approaches_rbp(make, shape):
+    net = make()
+    x, y = images(shape)
+    rbp = RBP(tol=1e-13, max_iter=20000)(net, x, y).grads
+    cosines = []
+    for k_i in (0.1, 0.03, 0.01):
+        m = LCPDI(alpha=0.5, k_i=k_i, tol=1e-12, max_iter=20000)
+        out = m(net, x, y)
+        assert out.stats["converged"]
+        cosines.append(cosine({k: v / m.beta for k, v in out.grads.items()}, rbp))
+    assert cosines[0] < cosines[1] < cosines[2] and cosines[-1] > 0.9999, cosines
+
+
+def test_deq_readout_statistics_follow_the_free_equilibria():
+    net = DEQ((1, 8, 8), 3, channels=4, inner=4, groups=2, pool=4, dtype=F64)
+    x, _ = images((1, 8, 8))
+    before = net.readout_norm.running_mean.clone()
+    net.train()
+    state = RBP().free_equilibrium(net, x).state
+    assert not torch.allclose(net.readout_norm.running_mean, before)
+    net.eval()
+    frozen = net.readout_norm.running_mean.clone()
+    RBP().free_equilibrium(net, x)
+    assert torch.equal(net.readout_norm.running_mean, frozen)  # evaluation leaves them alone
+    # Every sample's dynamics are its own: one sample alone settles where it settled in the batch.
+    alone = RBP(tol=1e-12, max_iter=2000).free_equilibrium(net, x[:1]).state["o"]
+    batch = RBP(tol=1e-12, max_iter=2000).free_equilibrium(net, x).state["o"][:1]
+    assert torch.allclose(alone, batch, atol=1e-8)
+    assert state["z"].shape == (4, 4, 8, 8)
+
+
+def test_conv_systems_need_image_shapes():
+    with pytest.raises(ConfigError, match="image input shape"):
+        ConvFeedforwardEquilibrium((784,), 10)
+    with pytest.raises(ConfigError, match="divisible"):
+        DEQ((1, 28, 28), 10, channels=6, groups=4)
