@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from leastcontrol.errors import ConfigError, LeastControlError, SolverDivergedError
-from leastcontrol.solvers import Anderson, Euler, get_solver
+from leastcontrol.solvers import Anderson, Broyden, Euler, get_solver
 
 F64 = torch.float64
 
@@ -19,7 +19,7 @@ def linear_problem(B=3, n=6, seed=0, gain=0.6):
     return (lambda s: {"s": s["s"] @ A.T + b}), {"s": torch.zeros(B, n, dtype=F64)}, s_star
 
 
-@pytest.mark.parametrize("solver_cls", [Euler, Anderson])
+@pytest.mark.parametrize("solver_cls", [Euler, Anderson, Broyden])
 def test_reaches_closed_form_fixed_point(solver_cls):
     field, s0, s_star = linear_problem()
     res = solver_cls(dt=1.0, tol=1e-12, max_iter=2000).solve(field, s0)
@@ -29,14 +29,16 @@ def test_reaches_closed_form_fixed_point(solver_cls):
     assert torch.allclose(res.state["s"], s_star, atol=1e-10)
 
 
-def test_anderson_needs_fewer_iterations_than_euler():
-    field, s0, _ = linear_problem(n=20, gain=0.95)
+@pytest.mark.parametrize("solver_cls", [Anderson, Broyden])
+def test_acceleration_needs_fewer_iterations_than_euler(solver_cls):
+    field, s0, s_star = linear_problem(n=20, gain=0.95)
     euler = Euler(tol=1e-10, max_iter=5000).solve(field, s0)
-    anderson = Anderson(tol=1e-10, max_iter=5000).solve(field, s0)
-    assert anderson.stats.iterations < euler.stats.iterations / 2
+    fast = solver_cls(tol=1e-10, max_iter=5000).solve(field, s0)
+    assert fast.stats.converged and fast.stats.iterations < euler.stats.iterations / 2
+    assert torch.allclose(fast.state["s"], s_star, atol=1e-8)
 
 
-@pytest.mark.parametrize("solver_cls", [Euler, Anderson])
+@pytest.mark.parametrize("solver_cls", [Euler, Anderson, Broyden])
 def test_tuple_and_tensor_states(solver_cls):
     solver = solver_cls(dt=0.5, tol=1e-12, max_iter=1000)
     target = torch.tensor([[1.0], [2.0]], dtype=F64)
@@ -51,7 +53,8 @@ def test_tuple_and_tensor_states(solver_cls):
 @pytest.mark.parametrize("solver_cls,runaway", [
     (Euler, lambda r: 3.0 * r),            # grows ×4 per step until it overflows
     (Anderson, lambda r: torch.sqrt(r - 5.0)),  # NaN (Anderson would solve a linear runaway exactly)
-], ids=["euler", "anderson"])
+    (Broyden, lambda r: torch.sqrt(r - 5.0)),
+], ids=["euler", "anderson", "broyden"])
 def test_divergence_names_the_population(solver_cls, runaway):
     def field(s):
         return {"stable": -s["stable"], "runaway": runaway(s["runaway"])}
@@ -87,6 +90,15 @@ def test_anderson_survives_singular_least_squares():
     assert res.stats.converged
 
 
+def test_broyden_survives_degenerate_secant_updates():
+    """A field that is constant for one sample gives Δg = 0: the secant update is skipped, not divided by 0."""
+    target = torch.tensor([[3.0], [0.0]], dtype=F64)
+    res = Broyden(dt=0.5, tol=1e-12, max_iter=200, memory=3).solve(
+        lambda s: torch.cat([target[:1] - s[:1], torch.ones_like(s[1:])]), torch.zeros(2, 1, dtype=F64))
+    assert torch.isfinite(res.state).all() and res.stats.fallbacks > 0
+    assert torch.allclose(res.state[0], target[0], atol=1e-9)
+
+
 def test_bad_settings_fail_at_construction():
     with pytest.raises(ConfigError, match="dt"):
         Euler(dt=0)
@@ -94,5 +106,7 @@ def test_bad_settings_fail_at_construction():
         Anderson(max_iter=0)
     with pytest.raises(ConfigError, match="memory"):
         Anderson(memory=0)
-    with pytest.raises(ValueError, match="anderson, euler"):
-        get_solver("broyden")
+    with pytest.raises(ConfigError, match="memory"):
+        Broyden(memory=0)
+    with pytest.raises(ValueError, match="anderson, broyden, euler"):
+        get_solver("newton")

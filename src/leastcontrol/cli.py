@@ -30,7 +30,8 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool):
     unset = {"default": argparse.SUPPRESS} if train else {"default": None}
     p.add_argument("--dataset", choices=DATASETS.names(), **unset,
                    help="digits (default for train): bundled 8x8 digits, offline; mnist: MNIST IDX files "
-                        "(downloaded when missing); idx: any MNIST-format directory given by --data-dir")
+                        "(downloaded when missing); idx: any MNIST-format directory given by --data-dir; "
+                        "cifar10: the python batches (downloaded when missing)")
     p.add_argument("--data-dir", **unset,
                    help="directory with the data files (default: $LEASTCONTROL_DATA, else the user cache)")
     p.add_argument("--limit-train", type=_positive_int, **unset, help="use the first N training samples")
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train an equilibrium network; defaults are the published MNIST settings. "
                                    "Flags override the values of --config.")
     t.add_argument("--config", help="TOML or JSON file of settings (see configs/); flags override it")
-    t.add_argument("--model", choices=SYSTEMS.names(), help="ff: layered network; rnn: recurrent (default)")
+    t.add_argument("--model", choices=SYSTEMS.names(),
+                   help="ff: layered network; rnn: recurrent (default); conv-ff: layered conv net; deq: deep "
+                        "equilibrium model (conv systems are sized from the images)")
     t.add_argument("--method", choices=METHODS.names(), help="learning rule (default lcp-di)")
     _add_data_args(t, train=True)
     t.add_argument("--hidden", type=_positive_int, help="hidden units, per layer for ff (256)")
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     t.add_argument("--skip-diverged", action="store_true",
                    help="a batch whose solve diverges makes no update (counted in the history) instead of stopping")
+    t.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (cpu; auto: cuda if present)")
+    t.add_argument("--augment", action="store_true", help="cifar10: random crop (pad 4) and horizontal flip")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(quiet=False)
 
@@ -226,7 +231,7 @@ def _meta(args) -> int:
 
 def _eval(args) -> int:
     from .data import load_dataset
-    from .train import TrainConfig, build_system, evaluate, load_checkpoint
+    from .train import TrainConfig, build_system, evaluate, load_checkpoint, preprocess
     from .atomic import write_json
 
     state = load_checkpoint(args.checkpoint)
@@ -239,7 +244,8 @@ def _eval(args) -> int:
     method = config.build_method()
     method.prepare(system)  # e.g. feedback weights that the checkpoint holds
     system.load_state_dict(state["system"])
-    accuracy = evaluate(method, system, data.test_x, data.test_y, config.eval_batch_size)
+    accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
+                        config.eval_batch_size)
     print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "
           f"(epoch {state['epoch']})")
     if args.json_out:

@@ -405,11 +405,121 @@ class Anderson(Solver):
         return self._finish(layout, layout.unpack(final), stats)
 
 
+class Broyden(Solver):
+    """Limited-memory ("good") Broyden's method for the root of ``g(s) = dt · field(s)``, batched.
+
+    Keeps a per-sample low-rank approximation of the inverse Jacobian,
+    ``J⁻¹ ≈ −I + Σ_i u_i v_iᵀ`` (starting from ``−I``: the Jacobian of
+    ``T(s) − s`` for a weakly coupled map ``T``), steps ``s ← s − J⁻¹ g(s)`` and
+    updates it with the secant pair ``(Δs, Δg)`` of the step. When the memory of
+    ``memory`` pairs is full it restarts from ``−I``. A sample whose secant
+    update is degenerate (``Δsᵀ J⁻¹ Δg ≈ 0``) skips it (``stats.fallbacks``); a
+    sample whose residual grows above ``restart`` times its best returns to its
+    best iterate with an empty memory (``stats.restarts``). Each sample returns
+    its best iterate; converged samples freeze as in :class:`Euler`.
+
+    Args:
+        memory: number of secant pairs kept.
+        restart: residual growth factor that triggers a restart.
+        freeze: drop converged samples from the batch.
+
+    >>> res = Broyden(tol=1e-10, max_iter=50).solve(lambda s: {"x": 0.5 * torch.cos(s["x"]) - s["x"]},
+    ...                                            {"x": torch.zeros(3, 2)})
+    >>> bool(res.stats.converged), res.stats.iterations < 20
+    (True, True)
+    """
+
+    name = "broyden"
+
+    def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
+                 memory: int = 20, restart: float = 10.0, freeze: bool = True, **kwargs):
+        super().__init__(dt, tol, max_iter, **kwargs)
+        if not (isinstance(memory, int) and memory >= 1):
+            raise ConfigError(f"memory must be a positive integer, got {memory!r}")
+        if not restart > 1:
+            raise ConfigError(f"restart must be > 1, got {restart!r}")
+        self.memory, self.restart, self.freeze = memory, float(restart), bool(freeze)
+
+    @staticmethod
+    def _apply(U, V, n, x):
+        """``J⁻¹ x = −x + Σ_{i<n} u_i (v_iᵀ x)`` per sample; U, V ``(B, m, N)``, n ``(B,)`` pairs in use."""
+        used = (torch.arange(U.shape[1], device=U.device)[None, :] < n[:, None]).to(x.dtype)
+        return -x + torch.einsum("bm,bmn->bn", used * torch.einsum("bmn,bn->bm", V, x), U)
+
+    @staticmethod
+    def _apply_t(U, V, n, x):
+        """``J⁻ᵀ x = −x + Σ_{i<n} v_i (u_iᵀ x)``."""
+        used = (torch.arange(U.shape[1], device=U.device)[None, :] < n[:, None]).to(x.dtype)
+        return -x + torch.einsum("bm,bmn->bn", used * torch.einsum("bmn,bn->bm", U, x), V)
+
+    def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
+              labels: Dict[str, list] | None = None) -> SolveResult:
+        layout = _Layout(state0, labels)
+        g_field = layout.wrap(field, context is not None)
+        z = layout.pack(layout.as_dict)
+        frozen = _Freezer({"z": z}, self.freeze and context is not None)
+        B, N = z.shape
+        U, V = z.new_zeros(B, self.memory, N), z.new_zeros(B, self.memory, N)
+        n = torch.zeros(B, dtype=torch.long, device=z.device)
+        best_z, best_r = z.clone(), z.new_full((B,), math.inf, dtype=torch.float64)
+        ctx = context
+        trace: List[float] = []
+        fallbacks = torch.zeros((), dtype=torch.int64, device=z.device)
+        restarts = torch.zeros((), dtype=torch.int64, device=z.device)
+        gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
+        step = 0
+        for step in range(1, self.max_iter + 1):
+            res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
+            improved = res < best_r
+            best_r = torch.where(improved, res, best_r)
+            best_z = torch.where(improved[:, None], z, best_z)
+            if step % self.check_every == 0 or step == self.max_iter:
+                if not bool(torch.isfinite(res).all()):
+                    raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
+                r = float(best_r.max())
+                trace.append(r)
+                frozen.record(best_r, step)
+                if r < self.tol:
+                    break
+                keep = frozen.freeze(best_r < self.tol, {"z": best_z})
+                if keep is not None:
+                    z, gz, res, U, V, n = z[keep], gz[keep], res[keep], U[keep], V[keep], n[keep]
+                    best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
+            # Safeguard: a sample far above its best restarts there with an empty memory.
+            blown = res > self.restart * best_r
+            restarts += blown.sum()
+            if bool(blown.any()):
+                z = torch.where(blown[:, None], best_z, z)
+                n = torch.where(blown, 0, n)
+                gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
+            dz = -self._apply(U, V, n, gz)
+            z_new = z + dz
+            g_new = self.dt * layout.pack(g_field(layout.unpack(z_new), ctx))
+            dg = g_new - gz
+            jdg = self._apply(U, V, n, dg)
+            v = self._apply_t(U, V, n, dz)
+            den = (dz * jdg).sum(1, keepdim=True)
+            ok = den.abs().squeeze(1) > 1e-12 * (dz.norm(dim=1) * jdg.norm(dim=1)).clamp_min(_TINY)
+            fallbacks += (~ok).sum()
+            n = torch.where(n >= self.memory, 0, n)  # full memory: restart from −I
+            u = (dz - jdg) / torch.where(ok[:, None], den, torch.ones_like(den))
+            slot = n.clamp_max(self.memory - 1)
+            rows = torch.arange(z.shape[0], device=z.device)
+            U[rows, slot] = torch.where(ok[:, None], u, U[rows, slot])
+            V[rows, slot] = torch.where(ok[:, None], v, V[rows, slot])
+            n = n + ok.long()
+            z, gz = z_new, g_new
+        final = frozen.result({"z": best_z})["z"]
+        stats = frozen.stats(step, self.tol, trace, int(fallbacks), int(restarts))
+        return self._finish(layout, layout.unpack(final), stats)
+
+
 SOLVERS: Registry[Solver] = Registry("solver")
 SOLVERS.register("euler", Euler)
 SOLVERS.register("anderson", Anderson)
+SOLVERS.register("broyden", Broyden)
 
 
 def get_solver(name: str, **kwargs) -> Solver:
-    """Build a registered solver (``euler``, ``anderson``) with its settings."""
+    """Build a registered solver (``euler``, ``anderson``, ``broyden``) with its settings."""
     return SOLVERS.create(name, **kwargs)

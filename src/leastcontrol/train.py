@@ -83,6 +83,8 @@ class TrainConfig:
     checkpoint: Optional[str] = None
     resume: bool = False
     skip_diverged: bool = False
+    device: str = "cpu"
+    augment: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -106,6 +108,10 @@ class TrainConfig:
             self.grad_clip = DEFAULT_GRAD_CLIP.get(self.model, 0.0)
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
+        if self.augment and self.dataset != "cifar10":
+            raise ConfigError("augment (random crop + flip) is for cifar10 only")
         if self.resume and not self.checkpoint:
             raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
         self.build_method()  # method settings are validated here, before any data is read
@@ -187,6 +193,35 @@ def load_config_file(path: str | Path) -> Dict[str, Any]:
     return values
 
 
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but PyTorch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def preprocess(config: TrainConfig, x: torch.Tensor, generator: torch.Generator | None = None,
+               train: bool = True) -> torch.Tensor:
+    """Per-batch input transform: CIFAR-10 is normalised per channel (and augmented when training)."""
+    if config.dataset != "cifar10":
+        return x
+    from .data.cifar import augment, normalize
+
+    if train and config.augment:
+        x = augment(x, generator)
+    return normalize(x)
+
+
+def _batch_solver_stats(stats: Dict[str, Any]) -> tuple:
+    """(iterations, worst final residual, worst converged fraction) of one training batch."""
+    residuals = [v for k, v in stats.items() if k.startswith("residual_")]
+    fractions = [v for k, v in stats.items() if k.startswith("converged_fraction_")]
+    return (stats.get("iterations", 0), max(residuals) if residuals else None,
+            min(fractions) if fractions else None)
+
+
 def build_system(config: TrainConfig, data: Dataset) -> EquilibriumSystem:
     generator = torch.Generator().manual_seed(config.seed)
     return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden,
@@ -208,7 +243,7 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
     system.eval()  # normalisation layers use their running statistics
     try:
         for i in range(0, len(y), batch_size):
-            logits = method.predict(system, x[i:i + batch_size])
+            logits = method.predict(system, x[i:i + batch_size].to(system.device))
             correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
     finally:
         system.train(was_training)
@@ -259,7 +294,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     torch.manual_seed(config.seed)
     method = config.build_method()
     data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.limit_test)
-    system = build_system(config, data)
+    device = resolve_device(config.device)
+    system = build_system(config, data).to(device)
     method.prepare(system)  # e.g. feedback weights, before the optimizer sees the parameters
     params = list(system.parameters())
     if config.optimizer == "adam":
@@ -301,11 +337,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
                 "skipped": 0}
         seen = 0
+        solver_log: List[tuple] = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
                    leave=False, dynamic_ncols=True)
         for b in bar:
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x, y = data.train_x[idx], data.train_y[idx]
+            x = preprocess(config, data.train_x[idx], shuffle).to(device)
+            y = data.train_y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             try:
                 out = method(system, x, y)
@@ -328,13 +366,15 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             sums["iterations"] += out.stats.get("iterations", 0)
             sums["sample_iterations"] += out.stats.get("sample_iterations", out.stats.get("iterations", 0))
             sums["converged"] += bool(out.stats.get("converged", True))
+            solver_log.append(_batch_solver_stats(out.stats))
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{sums['correct'] / seen:.3f}",
                             iters=f"{sums['iterations'] / (b + 1):.0f}")
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
-            test_accuracy = evaluate(method, system, data.test_x, data.test_y, config.eval_batch_size)
+            test_accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
+                                     config.eval_batch_size)
             evaluated = test_accuracy
         else:
             evaluated = None
@@ -348,6 +388,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "mean_sample_iterations": sums["sample_iterations"] / done,
             "converged_fraction": sums["converged"] / done,
             "skipped_batches": sums["skipped"],
+            # Per training batch: solver iterations, worst final residual, worst converged fraction.
+            "batch_solver_stats": [list(t) for t in solver_log],
             "seconds": epoch_seconds,
             "lr": optimizer.param_groups[0]["lr"],
         }

@@ -68,6 +68,7 @@ def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[
         stats[f"iterations_{name}"] = res.stats.iterations
         stats[f"converged_{name}"] = res.stats.converged
         stats[f"residual_{name}"] = res.stats.residual
+        stats[f"converged_fraction_{name}"] = res.stats.converged_fraction
     return stats
 
 
