@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive_int, help="(64)")
     t.add_argument("--lr", type=float, help="learning rate (1e-3)")
     t.add_argument("--optimizer", choices=["adam", "sgd"], help="(adam)")
+    t.add_argument("--weight-decay", type=float, help="L2 weight decay of the optimizer (0)")
     t.add_argument("--schedule", choices=["cosine", "none"],
                    help="cosine (default): per-step decay to 0.1*lr over the run")
     t.add_argument("--grad-clip", type=float, help="max gradient norm (default: 10 for rnn, off for ff; 0 = off)")
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(quiet=False)
 
     r = sub.add_parser("reproduce", help="run the published table (each row's config, several seeds)")
-    r.add_argument("benchmark", choices=["mnist"])
+    r.add_argument("benchmark", choices=["mnist", "cifar10"])
     r.add_argument("--out", default="runs/reproduce", help="output folder (finished runs there are skipped)")
     r.add_argument("--rows", nargs="+", default=None, help="subset of rows, e.g. ff-bp rnn-lcp-di (default: all)")
     r.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -52,6 +52,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
+    weight_decay: float = 0.0
     optimizer: str = "adam"
     schedule: str = "cosine"
     grad_clip: Optional[float] = None
@@ -108,6 +109,8 @@ class TrainConfig:
             self.grad_clip = DEFAULT_GRAD_CLIP.get(self.model, 0.0)
         if self.grad_clip < 0:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
         if self.augment and self.dataset != "cifar10":
@@ -299,9 +302,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     method.prepare(system)  # e.g. feedback weights, before the optimizer sees the parameters
     params = list(system.parameters())
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=config.lr)
+        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=config.lr)
+        optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
     n_train = len(data.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
