@@ -404,11 +404,11 @@ def test_real_mnist_if_present(monkeypatch):
 
 
 def test_unknown_dataset_lists_valid_names():
-    assert DATASETS.names() == ["digits", "idx", "mnist"]
+    assert DATASETS.names() == ["cifar10", "digits", "idx", "mnist"]
     with pytest.raises(ValueError) as info:
-        load_dataset("cifar10")
+        load_dataset("cifar100")
     msg = str(info.value)
-    assert "cifar10" in msg and all(n in msg for n in ("digits", "idx", "mnist"))
+    assert "cifar100" in msg and all(n in msg for n in ("cifar10,", "digits", "idx", "mnist"))
 
 
 def test_dataset_validates_shapes():

@@ -208,7 +208,7 @@ def test_bad_method_settings_fail_at_construction():
         RBP(dt=-1.0)
     with pytest.raises(ConfigError, match="max_iter"):
         LCPDI(max_iter=0)
-    with pytest.raises(ValueError, match="anderson, euler"):
+    with pytest.raises(ValueError, match="anderson, broyden, euler"):
         RBP(solver="newton")
 
 
