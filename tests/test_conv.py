@@ -135,3 +135,41 @@ def test_train_cli_runs_conv_systems_on_a_cifar_format_directory(tmp_path):
         assert iterations > 0
         if method == "rbp":  # two solves, each with its final residual and converged fraction
             assert residual > 0 and 0.0 <= fraction <= 1.0
+
+
+def test_conv_ff_closed_form_vjp_equals_autograd():
+    from leastcontrol.systems.base import autograd_dynamics_and_state_vjp
+    net = tiny_conv_ff()
+    x, _ = images((1, 12, 12))
+    drive = net.encode(net.prepare_input(x)).detach()
+    g = torch.Generator().manual_seed(4)
+    state = {k: torch.randn(4, *s, generator=g, dtype=F64) for k, s in net.population_shapes().items()}
+    cot = {k: torch.randn(4, *s, generator=g, dtype=F64) for k, s in net.population_shapes().items()}
+    f, back = net.dynamics_and_state_vjp(state, drive, cot)
+    f_ref, back_ref = autograd_dynamics_and_state_vjp(net, state, drive, cot)
+    for k in back:
+        assert torch.allclose(f[k], f_ref[k], atol=1e-12) and torch.allclose(back[k], back_ref[k], atol=1e-10), k
+
+
+def test_conv_kolen_pollack_with_exact_transposes_is_dynamic_inversion():
+    from leastcontrol.methods import LCPKP
+    net = tiny_conv_ff()
+    x, y = images((1, 12, 12))
+    kp = LCPKP(tol=1e-12, max_iter=5000)
+    kp.prepare(net)
+    params = dict(net.named_parameters())
+    assert net.feedback["conv2"].shape == net.conv2.weight.shape  # a transposed-convolution kernel
+    assert net.feedback["fc4"].shape == net.fc4.weight.t().shape
+    assert all(kp.alignment(net)[k] < 0.5 for k in net.feedback_pathways())  # random at first
+    with torch.no_grad():
+        for key, name in net.feedback_pathways().items():
+            net.feedback[key].copy_(net.mirror(key, params[name]))
+    assert all(abs(v - 1.0) < 1e-12 for v in kp.alignment(net).values())
+    out = kp(net, x, y)
+    ref = LCPDI(tol=1e-12, max_iter=5000)(net, x, y)
+    for name in params:
+        if not name.startswith("feedback."):
+            assert torch.allclose(out.grads[name], ref.grads[name], atol=1e-10), name
+    # The feedback kernels get the forward kernels' own update (transposed for the dense layers).
+    assert torch.equal(out.grads["feedback.conv3"], out.grads["conv3.weight"])
+    assert torch.equal(out.grads["feedback.D"], out.grads["readout_layer.weight"].t())

@@ -59,7 +59,7 @@ class LCPKP(LCPDI):
         out = super().gradients(system, x, y)
         # ΔB = ΔWᵀ: each feedback matrix gets the transposed update of the weight it mirrors.
         for key, name in system.feedback_pathways().items():
-            out.grads[f"feedback.{key}"] = out.grads[name].t().contiguous()
+            out.grads[f"feedback.{key}"] = system.mirror(key, out.grads[name]).contiguous()
         return out
 
     @torch.no_grad()
@@ -76,6 +76,6 @@ class LCPKP(LCPDI):
         params = dict(system.named_parameters())
         result = {}
         for key, name in system.feedback_pathways().items():
-            a, b = system.feedback[key].reshape(-1), params[name].t().reshape(-1)
+            a, b = system.feedback[key].reshape(-1), system.mirror(key, params[name]).reshape(-1)
             result[key] = float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
         return result

@@ -175,11 +175,19 @@ class EquilibriumSystem(nn.Module):
             params = dict(self.named_parameters())
             fb = nn.ParameterDict()
             for key, name in self.feedback_pathways().items():
-                shape = params[name].t().shape
+                shape = self.mirror(key, params[name]).shape
                 m = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
                 fb[key] = nn.Parameter(m / m.norm())
             self.feedback = fb
         return self.feedback
+
+    def mirror(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """A forward weight (or its update) in the layout of its feedback weight: the transpose.
+
+        Convolutional pathways keep the kernel's own layout (the feedback runs as a transposed
+        convolution with its own kernel).
+        """
+        return weight.t()
 
     def pathway(self, key: str, weight: torch.Tensor, feedback) -> torch.Tensor:
         """The matrix M with ``a @ M`` the backward pass through ``weight``: W itself, or a feedback Bᵀ."""

@@ -113,6 +113,48 @@ class ConvFeedforwardEquilibrium(EquilibriumSystem):
             "o": self.readout_layer(r["h5"]) - state["o"],
         }
 
+    # --- closed-form state VJP, and Kolen-Pollack feedback as transposed convolutions ---------
+    def feedback_pathways(self):
+        return {"conv2": "conv2.weight", "conv3": "conv3.weight", "fc4": "fc4.weight", "fc5": "fc5.weight",
+                "D": "readout_layer.weight"}
+
+    def mirror(self, key, weight):
+        return weight if weight.dim() == 4 else weight.t()
+
+    def rate_slope(self, state):
+        return {k: (v > 0).to(v.dtype) for k, v in state.items() if k != "o"}
+
+    def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
+        """``(f(s), (∂_s f)ᵀ a)`` in closed form; with ``feedback`` the way back uses the feedback weights.
+
+        ``(∂_s f)ᵀ a = −a + φ'(h_l) ⊙ (layer_{l+1})ᵀ a_{l+1}`` for each hidden block, where the transpose
+        of a convolution is a transposed convolution (with the feedback kernel for lcp-kp) and that of
+        a dense layer a matrix product (with the feedback matrix).
+        """
+        f = self.dynamics(state, drive)
+        fb = feedback or {}
+        a = cotangent
+
+        def back_conv(key, conv, grad_out, shape):
+            kernel = fb[key] if key in fb else conv.weight
+            return torch.nn.grad.conv2d_input((grad_out.shape[0], *shape), kernel, grad_out,
+                                              stride=conv.stride, padding=conv.padding)
+
+        def back_dense(key, layer, grad_out):
+            return grad_out @ (fb[key].t() if key in fb else layer.weight)
+
+        sh = self._shapes
+        up = {
+            "h1": back_conv("conv2", self.conv2, a["h2"], sh["h1"]),
+            "h2": back_conv("conv3", self.conv3, a["h3"], sh["h2"]),
+            "h3": back_dense("fc4", self.fc4, a["h4"]).reshape(-1, *sh["h3"]),
+            "h4": back_dense("fc5", self.fc5, a["h5"]),
+            "h5": back_dense("D", self.readout_layer, a["o"]),
+        }
+        back = {k: (state[k] > 0).to(up[k].dtype) * up[k] - a[k] for k in up}
+        back["o"] = -a["o"]
+        return f, back
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The explicit forward pass (what the equilibrium equals)."""
         h = torch.relu(self.encode(x))
