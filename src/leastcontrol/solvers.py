@@ -190,6 +190,34 @@ class Solver:
             )
         return SolveResult(layout.to_user(d), stats)
 
+    def _start(self, field, state0, context, labels):
+        """Layout, packed field, flat start ``z`` ``(B, N)`` and freezer of the solvers that step one buffer."""
+        layout = _Layout(state0, labels)
+        z = layout.pack(layout.as_dict)
+        return layout, layout.wrap(field, context is not None), z, _Freezer({"z": z}, self.freeze and context is not None)
+
+    def _track(self, layout, frozen, trace, step, z, gz, best_z, best_r):
+        """Each sample's residual ``‖gz‖/‖z‖`` and best iterate; at a convergence check, record, test, freeze.
+
+        Returns:
+            ``(res, best_z, best_r, stop, keep)``: ``stop`` when every sample has converged; ``keep``
+            the rows still iterating when some froze (the caller subsets its own tensors), else None.
+        """
+        res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
+        improved = res < best_r
+        best_r = torch.where(improved, res, best_r)
+        best_z = torch.where(improved[:, None], z, best_z)
+        if not (step % self.check_every == 0 or step == self.max_iter):
+            return res, best_z, best_r, False, None
+        if not bool(torch.isfinite(res).all()):
+            raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
+        r = float(best_r.max())
+        trace.append(r)
+        frozen.record(best_r, step)
+        if r < self.tol:
+            return res, best_z, best_r, True, None
+        return res, best_z, best_r, False, frozen.freeze(best_r < self.tol, {"z": best_z})
+
     def _check(self, layout, residuals: torch.Tensor, d, step: int):
         r = float(residuals.max())
         if not math.isfinite(r):
@@ -353,10 +381,7 @@ class Anderson(Solver):
 
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
-        layout = _Layout(state0, labels)
-        g_field = layout.wrap(field, context is not None)
-        z = layout.pack(layout.as_dict)
-        frozen = _Freezer({"z": z}, self.freeze and context is not None)
+        layout, g_field, z, frozen = self._start(field, state0, context, labels)
         B, N = z.shape
         m = self.memory
         X = z.new_zeros(B, m, N)   # past iterates
@@ -371,22 +396,12 @@ class Anderson(Solver):
         step = 0
         for step in range(1, self.max_iter + 1):
             gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
-            res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
-            improved = res < best_r
-            best_r = torch.where(improved, res, best_r)
-            best_z = torch.where(improved[:, None], z, best_z)
-            if step % self.check_every == 0 or step == self.max_iter:
-                if not bool(torch.isfinite(res).all()):
-                    raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
-                r = float(best_r.max())
-                trace.append(r)
-                frozen.record(best_r, step)
-                if r < self.tol:
-                    break
-                keep = frozen.freeze(best_r < self.tol, {"z": best_z})
-                if keep is not None:
-                    z, gz, res, X, G, valid = z[keep], gz[keep], res[keep], X[keep], G[keep], valid[keep]
-                    best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
+            res, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
+            if stop:
+                break
+            if keep is not None:
+                z, gz, res, X, G, valid = z[keep], gz[keep], res[keep], X[keep], G[keep], valid[keep]
+                best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
             slot = (step - 1) % m
             X[:, slot], G[:, slot] = z, gz
             valid[:, slot] = True
@@ -442,22 +457,16 @@ class Broyden(Solver):
 
     @staticmethod
     def _apply(U, V, n, x):
-        """``J⁻¹ x = −x + Σ_{i<n} u_i (v_iᵀ x)`` per sample; U, V ``(B, m, N)``, n ``(B,)`` pairs in use."""
+        """``J⁻¹ x = −x + Σ_{i<n} u_i (v_iᵀ x)`` per sample; U, V ``(B, m, N)``, n ``(B,)`` pairs in use.
+
+        ``_apply(V, U, n, x)`` is the transpose, ``J⁻ᵀ x``.
+        """
         used = (torch.arange(U.shape[1], device=U.device)[None, :] < n[:, None]).to(x.dtype)
         return -x + torch.einsum("bm,bmn->bn", used * torch.einsum("bmn,bn->bm", V, x), U)
 
-    @staticmethod
-    def _apply_t(U, V, n, x):
-        """``J⁻ᵀ x = −x + Σ_{i<n} v_i (u_iᵀ x)``."""
-        used = (torch.arange(U.shape[1], device=U.device)[None, :] < n[:, None]).to(x.dtype)
-        return -x + torch.einsum("bm,bmn->bn", used * torch.einsum("bmn,bn->bm", U, x), V)
-
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
-        layout = _Layout(state0, labels)
-        g_field = layout.wrap(field, context is not None)
-        z = layout.pack(layout.as_dict)
-        frozen = _Freezer({"z": z}, self.freeze and context is not None)
+        layout, g_field, z, frozen = self._start(field, state0, context, labels)
         B, N = z.shape
         U, V = z.new_zeros(B, self.memory, N), z.new_zeros(B, self.memory, N)
         n = torch.zeros(B, dtype=torch.long, device=z.device)
@@ -469,22 +478,12 @@ class Broyden(Solver):
         gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
         step = 0
         for step in range(1, self.max_iter + 1):
-            res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
-            improved = res < best_r
-            best_r = torch.where(improved, res, best_r)
-            best_z = torch.where(improved[:, None], z, best_z)
-            if step % self.check_every == 0 or step == self.max_iter:
-                if not bool(torch.isfinite(res).all()):
-                    raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
-                r = float(best_r.max())
-                trace.append(r)
-                frozen.record(best_r, step)
-                if r < self.tol:
-                    break
-                keep = frozen.freeze(best_r < self.tol, {"z": best_z})
-                if keep is not None:
-                    z, gz, res, U, V, n = z[keep], gz[keep], res[keep], U[keep], V[keep], n[keep]
-                    best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
+            res, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
+            if stop:
+                break
+            if keep is not None:
+                z, gz, res, U, V, n = z[keep], gz[keep], res[keep], U[keep], V[keep], n[keep]
+                best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
             # Safeguard: a sample far above its best restarts there with an empty memory.
             blown = res > self.restart * best_r
             restarts += blown.sum()
@@ -497,7 +496,7 @@ class Broyden(Solver):
             g_new = self.dt * layout.pack(g_field(layout.unpack(z_new), ctx))
             dg = g_new - gz
             jdg = self._apply(U, V, n, dg)
-            v = self._apply_t(U, V, n, dz)
+            v = self._apply(V, U, n, dz)
             den = (dz * jdg).sum(1, keepdim=True)
             ok = den.abs().squeeze(1) > 1e-12 * (dz.norm(dim=1) * jdg.norm(dim=1)).clamp_min(_TINY)
             fallbacks += (~ok).sum()
