@@ -173,3 +173,21 @@ def test_conv_kolen_pollack_with_exact_transposes_is_dynamic_inversion():
     # The feedback kernels get the forward kernels' own update (transposed for the dense layers).
     assert torch.equal(out.grads["feedback.conv3"], out.grads["conv3.weight"])
     assert torch.equal(out.grads["feedback.D"], out.grads["readout_layer.weight"].t())
+
+
+@pytest.mark.parametrize("make,shape,name", [(tiny_conv_ff, (1, 12, 12), "lcp-di"), (tiny_conv_ff, (1, 12, 12), "lcp-kp"),
+                                             (tiny_deq, (2, 8, 8), "lcp-di"), (tiny_deq, (2, 8, 8), "rbp")],
+                         ids=["conv-ff-lcp-di", "conv-ff-lcp-kp", "deq-lcp-di", "deq-rbp"])
+def test_a_small_step_along_the_update_lowers_the_loss(make, shape, name):
+    from leastcontrol.methods import get_method
+    net = make()
+    x, y = images(shape, B=16)
+    method = get_method(name)
+    method.prepare(net)
+    before = method(net, x, y).loss
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+                p.grad = None
+    assert method(net, x, y).loss < before
