@@ -134,8 +134,9 @@ class IMAML(MetaMethod):
                 Ap = A(p)
                 pAp = (p * Ap).sum(1, keepdim=True)
                 curved = pAp > 1e-30 * (p * p).sum(1, keepdim=True)
-                truncated |= active & ~curved
-                active &= curved
+                solved = rr.sqrt() <= 1e-14 * g_norm
+                truncated |= active & ~curved & ~solved
+                active &= curved & ~solved
                 alpha = torch.where(active, rr / torch.where(active, pAp, torch.ones_like(pAp)), 0.0)
                 v = v + alpha * p
                 r = r - alpha * Ap
@@ -149,7 +150,7 @@ class IMAML(MetaMethod):
             none = torch.isinf(best_res)
             best_v = torch.where(none, g / problem.lam, best_v)
             residual = float(torch.where(none, 1.0, best_res / g_norm).max())
-            grad_lam = (-(phi - omega) * best_v).mean(0) if self.learn_lam else None
+            grad_lam = (-(phi - omega) * best_v).mean(0)
         return (problem.lam * best_v).mean(0), grad_lam, {"cg_residual": residual,
                                                           "cg_truncated": int(truncated.sum())}
 
