@@ -15,6 +15,7 @@ augmentation are applied by the training loop (see :func:`normalize`,
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import logging
 import pickle
@@ -113,7 +114,7 @@ def download_cifar10(directory: Path) -> str:
                                       "deleted, retry later or download it by hand")
     except DataFormatError:
         raise
-    except OSError as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
         return f"{URL}: {exc}"
     with tarfile.open(archive) as tar:
         for name in TRAIN_BATCHES + (TEST_BATCH, "batches.meta"):
