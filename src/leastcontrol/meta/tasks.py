@@ -19,6 +19,23 @@ from .learners import ConvLearner, mlp_learner
 from .methods import TaskBatch
 
 
+def check_episode(shots: int, queries: int, flag: str = "queries") -> None:
+    """An Omniglot episode draws ``shots + queries`` distinct drawings of a character; there are 20.
+
+    Raises:
+        ConfigError: naming the flag to lower.
+    """
+    if shots + queries > DRAWINGS_PER_CHARACTER:
+        raise ConfigError(f"shots + {flag} = {shots + queries} but Omniglot has only {DRAWINGS_PER_CHARACTER} "
+                          f"drawings per character; lower --shots or --{flag.replace('_', '-')}")
+
+
+def _seed_global(generator: torch.Generator | None) -> None:
+    """Seed the global RNG (which layer initialisations use) from ``generator``."""
+    if generator is not None:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+
+
 def _check_positive(obj, keys):
     for key in keys:
         value = getattr(obj, key)
@@ -53,8 +70,7 @@ class Sinusoid:
     @staticmethod
     def model(generator: torch.Generator | None = None) -> nn.Module:
         """The standard learner: MLP 1-40-40-1 with ReLU."""
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        _seed_global(generator)
         return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 
 
@@ -90,9 +106,7 @@ class Omniglot:
         _check_positive(self, ("ways", "shots", "queries", "channels"))
         if self.learner not in ("conv", "mlp"):
             raise ConfigError(f"unknown Omniglot learner '{self.learner}'; valid: conv, mlp")
-        if self.shots + self.queries > DRAWINGS_PER_CHARACTER:
-            raise ConfigError(f"shots + queries = {self.shots + self.queries} but Omniglot has only "
-                              f"{DRAWINGS_PER_CHARACTER} drawings per character; lower --shots or --queries")
+        check_episode(self.shots, self.queries)
         if not self.splits:
             train, test = load_protocol(self.protocol, self.data_dir)
             self.splits.update(train=train, test=test)
@@ -106,8 +120,7 @@ class Omniglot:
                split: str = "train") -> TaskBatch:
         """``n_tasks`` episodes: x ``(T, ways·shots, 1, 28, 28)`` (flattened for the MLP), y ``(T, ways·shots)``."""
         q = queries or self.queries
-        if self.shots + q > DRAWINGS_PER_CHARACTER:
-            raise ConfigError(f"shots + queries = {self.shots + q} > {DRAWINGS_PER_CHARACTER} drawings per character")
+        check_episode(self.shots, q)
         chars: CharacterSet = self.splits[split]
         rotations = 4 if split == "train" else 1
         n_classes = len(chars.characters) * rotations
@@ -129,8 +142,7 @@ class Omniglot:
                          x[query].flatten(1, 2), labels[query].flatten(1, 2), classes)
 
     def model(self, generator: torch.Generator | None = None) -> nn.Module:
-        if generator is not None:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        _seed_global(generator)
         size = self.splits["train"].images.shape[-1]
         if self.learner == "mlp":
             return mlp_learner(self.ways, size * size)

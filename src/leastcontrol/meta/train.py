@@ -14,7 +14,7 @@ from ..atomic import write_json
 from ..errors import ConfigError
 from .methods import META_METHODS, get_meta_method
 from .problem import InnerProblem, InnerSettings
-from .tasks import Omniglot, Sinusoid
+from .tasks import Omniglot, Sinusoid, check_episode
 
 TASKS = {"sinusoid": Sinusoid, "omniglot": Omniglot}
 
@@ -73,9 +73,9 @@ class MetaConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
-        if self.task == "omniglot" and self.shots + self.eval_queries > 20:
-            raise ConfigError(f"shots + eval_queries = {self.shots + self.eval_queries} > 20 drawings per "
-                              "Omniglot character; lower --eval-queries")
+        if self.task == "omniglot":
+            check_episode(self.shots, self.queries)
+            check_episode(self.shots, self.eval_queries, "eval_queries")
         self.inner_settings()
         self.build_method()
 

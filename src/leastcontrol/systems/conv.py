@@ -11,6 +11,7 @@ al., 2019 (deep equilibrium models).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Sequence, Tuple
 
@@ -34,10 +35,16 @@ def _check_input_shape(input_shape) -> Tuple[int, int, int]:
     return shape
 
 
-def _seeded(generator: torch.Generator | None):
-    """Fork the global RNG from ``generator`` so layer initialisations are reproducible."""
-    seed = None if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    return torch.random.fork_rng(enabled=seed is not None), seed
+@contextlib.contextmanager
+def _init_rng(generator: torch.Generator | None):
+    """Layers built inside draw their initialisation from ``generator`` (via a forked global RNG)."""
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 class ConvFeedforwardEquilibrium(EquilibriumSystem):
@@ -75,10 +82,7 @@ class ConvFeedforwardEquilibrium(EquilibriumSystem):
             raise ConfigError(f"channels must be three widths (c1, c2, c3), got {channels}")
         c1, c2, c3 = (int(c) for c in channels)
         self.n_in, self.n_out = C * H * W, int(n_out)
-        fork, seed = _seeded(generator)
-        with fork:
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _init_rng(generator):
             self.enc = nn.Conv2d(C, c1, 5, padding=2, dtype=dtype)
             self.conv2 = nn.Conv2d(c1, c2, 5, stride=2, padding=2, dtype=dtype)
             self.conv3 = nn.Conv2d(c2, c3, 5, stride=2, padding=2, dtype=dtype)
@@ -193,10 +197,7 @@ class DEQ(EquilibriumSystem):
         if channels % groups or inner % groups:
             raise ConfigError(f"GroupNorm({groups}) needs channels ({channels}) and inner ({inner}) divisible by it")
         self.n_in, self.n_out, self.pool = C * H * W, int(n_out), min(int(pool), H, W)
-        fork, seed = _seeded(generator)
-        with fork:
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _init_rng(generator):
             self.enc = nn.Conv2d(C, channels, 3, padding=1, bias=False, dtype=dtype)
             self.enc_norm = nn.BatchNorm2d(channels, dtype=dtype)
             self.conv1 = nn.Conv2d(channels, inner, 3, padding=1, bias=False, dtype=dtype)
