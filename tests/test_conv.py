@@ -131,10 +131,11 @@ def test_train_cli_runs_conv_systems_on_a_cifar_format_directory(tmp_path):
         record = result["history"][-1]
         assert 0.0 <= result["test_accuracy"] <= 1.0
         assert len(record["batch_solver_stats"]) == 2  # 20 images, batches of 10
-        iterations, residual, fraction = record["batch_solver_stats"][0]
+        iterations, residual, fraction, stalled = record["batch_solver_stats"][0]
         assert iterations > 0
         if method == "rbp":  # two solves, each with its final residual and converged fraction
             assert residual > 0 and 0.0 <= fraction <= 1.0
+            assert stalled == 0.0  # no stall rule unless --patience is given
 
 
 def test_conv_ff_closed_form_vjp_equals_autograd():
@@ -191,3 +192,28 @@ def test_a_small_step_along_the_update_lowers_the_loss(make, shape, name):
                 p -= 0.05 * p.grad
                 p.grad = None
     assert method(net, x, y).loss < before
+
+
+@pytest.mark.parametrize("make,shape", [(tiny_conv_ff, (1, 12, 12)), (tiny_deq, (2, 8, 8))], ids=["conv-ff", "deq"])
+def test_amp_keeps_state_control_and_updates_in_fp32(make, shape):
+    from leastcontrol.methods.lcp import local_update
+    from leastcontrol.train import mixed_precision
+    net = make().float()
+    x, y = images(shape, B=8)
+    x = x.float()
+    reference = LCPDI(alpha=1.0, k_i=0.3, tol=1e-6, max_iter=400, check_every=1)
+    ref = reference.controlled_equilibrium(net, x, y)
+    ref_update = local_update(net, net.prepare_input(x), ref)
+    # bf16 products put a floor near 1e-3 under the residual: the stall rule ends the solve there.
+    amp = LCPDI(alpha=1.0, k_i=0.3, tol=1e-6, max_iter=400, check_every=1, patience=20)
+    with mixed_precision(True, torch.device("cpu")):
+        ctrl = amp.controlled_equilibrium(net, x, y)
+        update = local_update(net, net.prepare_input(x), ctrl)
+    assert all(t.dtype == torch.float32 for t in (*ctrl.state.values(), *ctrl.control.values()))
+    assert any(not torch.equal(update[k], ref_update[k]) for k in update)  # bf16 did run
+    assert cosine({k: v.double() for k, v in update.items()}, {k: v.double() for k, v in ref_update.items()}) > 0.99
+    assert ctrl.stats.iterations < 400
+    net.zero_grad()
+    from leastcontrol.methods.base import accumulate_grads
+    accumulate_grads(net, {k: v.bfloat16() for k, v in update.items()})
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters() if p.grad is not None)

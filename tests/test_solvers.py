@@ -110,3 +110,49 @@ def test_bad_settings_fail_at_construction():
         Broyden(memory=0)
     with pytest.raises(ValueError, match="anderson, broyden, euler"):
         get_solver("newton")
+    with pytest.raises(ConfigError, match="patience"):
+        Euler(patience=0)
+    with pytest.raises(ConfigError, match="stall_tol"):
+        Anderson(patience=5, stall_tol=-1.0)
+
+
+def chattering_problem(B=4, c=1e-3):
+    """ȧ = 1 − a (settles at 1) and ḃ = −c·sign(b): a kink that forward Euler with dt = 1
+    cannot settle. ``b`` ends up flipping between ±c/2, so the relative residual sits at a
+    floor of about c, however many steps are taken."""
+    field = lambda s: {"a": 1.0 - s["a"], "b": -c * torch.sign(s["b"])}
+    start = {"a": torch.zeros(B, 1, dtype=F64),
+             "b": torch.linspace(0.01, 0.02, B, dtype=F64)[:, None] + c / 3}
+    context = {"index": torch.arange(B)}  # batch-aligned data: lets samples freeze one by one
+    return (lambda s, ctx: field(s)), start, context
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_stall_rule_stops_dynamics_that_chatter_at_a_floor(freeze):
+    field, s0, ctx = chattering_problem()
+    plain = Euler(tol=1e-8, max_iter=400, freeze=freeze).solve(field, s0, ctx)
+    # Without the rule every step up to max_iter is paid for, at the same floor.
+    assert plain.stats.iterations == 400 and not plain.stats.converged
+    assert 5e-4 < plain.stats.residual < 2e-3 and plain.stats.stalled_fraction == 0.0
+    ruled = Euler(tol=1e-8, max_iter=400, freeze=freeze, patience=30).solve(field, s0, ctx)
+    # b reaches its kink after ≤ 30 steps; a has settled to 1e-8 after ~20 more; then 30 steps
+    # without a 10 % fall stop each sample (checks every step here).
+    assert ruled.stats.iterations < 150
+    assert not ruled.stats.converged and ruled.stats.stalled_fraction == 1.0
+    assert ruled.stats.residual < 2e-3
+    assert torch.allclose(ruled.state["a"], torch.ones_like(ruled.state["a"]), atol=1e-6)
+    assert ruled.state["b"].abs().max() <= 1e-3
+    # A stall tolerance below the floor keeps the rule from accepting it.
+    strict = Euler(tol=1e-8, max_iter=400, freeze=freeze, patience=30, stall_tol=1e-4).solve(field, s0, ctx)
+    assert strict.stats.iterations == 400 and strict.stats.stalled_fraction == 0.0
+
+
+@pytest.mark.parametrize("solver_cls", [Euler, Anderson, Broyden])
+def test_stall_rule_leaves_a_converging_solve_unchanged(solver_cls):
+    # The residual falls by far more than 10 % every 10 steps, so no sample ever stalls.
+    field, s0, s_star = linear_problem(gain=0.6)
+    plain = solver_cls(tol=1e-12, max_iter=2000).solve(field, s0)
+    ruled = solver_cls(tol=1e-12, max_iter=2000, patience=10).solve(field, s0)
+    assert ruled.stats.converged and ruled.stats.stalled_fraction == 0.0
+    assert ruled.stats.iterations == plain.stats.iterations
+    assert torch.equal(ruled.state["s"], plain.state["s"])

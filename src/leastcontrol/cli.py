@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check-every", type=_positive_int, help="test convergence every k solver steps (10)")
     g.add_argument("--warm-start-tol", type=float,
                    help="tolerance of the free solve that starts the controlled dynamics (default: --tol)")
+    g.add_argument("--patience", type=_positive_int,
+                   help="stall rule (off): a sample whose residual has not fallen by 10%% in this many steps stops")
+    g.add_argument("--stall-tol", type=float, help="stall rule: only below this residual (default: any)")
     g.add_argument("--impl", choices=IMPLS,
                    help="fast (default): closed-form VJPs, sample freezing; autograd: research-code reference path")
     g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
@@ -98,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a batch whose solve diverges makes no update (counted in the history) instead of stopping")
     t.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (cpu; auto: cuda if present)")
     t.add_argument("--augment", action="store_true", help="cifar10: random crop (pad 4) and horizontal flip")
+    t.add_argument("--amp", action="store_true",
+                   help="bf16 autocast of convolutions and matrix products; state, control and updates stay fp32 "
+                        "(residual floor ~1e-3: use a loose --tol or --patience)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(quiet=False)
 
@@ -246,7 +252,7 @@ def _eval(args) -> int:
     method.prepare(system)  # e.g. feedback weights that the checkpoint holds
     system.load_state_dict(state["system"])
     accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
-                        config.eval_batch_size)
+                        config.eval_batch_size, config.amp)
     print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "
           f"(epoch {state['epoch']})")
     if args.json_out:

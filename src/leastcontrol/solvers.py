@@ -26,6 +26,9 @@ from .registry import Registry
 
 Field = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
 _TINY = 1e-30
+# The stall rule: a sample stalls when its residual has not fallen below this fraction of
+# its last mark in `patience` steps (chatter at a floor moves it by a few per cent).
+_STALL_RATIO = 0.9
 
 
 @dataclass
@@ -41,6 +44,7 @@ class SolverStats:
         fallbacks: (Anderson) steps where the least-squares solve failed and a plain step was used.
         mean_sample_iterations: steps per sample, averaged (below ``iterations`` when samples freeze).
         restarts: (Anderson) safeguard restarts from a sample's best iterate.
+        stalled_fraction: fraction of samples stopped by the stall rule (``patience``) above ``tol``.
     """
 
     iterations: int
@@ -51,6 +55,7 @@ class SolverStats:
     fallbacks: int = 0
     mean_sample_iterations: float | None = None
     restarts: int = 0
+    stalled_fraction: float = 0.0
 
 
 @dataclass
@@ -145,12 +150,18 @@ class Solver:
         max_iter: maximum number of steps.
         check_every: test convergence (a device sync) every k steps.
         require_convergence: raise instead of returning an unconverged state.
+        patience: stall rule, off by default. A sample whose residual has not fallen by 10 % in the
+            last ``patience`` steps stops there, converged or not (``stats.stalled_fraction``).
+            For non-smooth dynamics (ReLU kinks) whose Euler iterates chatter at a residual
+            floor above ``tol``: the state no longer improves, so further steps only cost.
+        stall_tol: a stalled sample stops only if its residual is below this (``None``: any).
     """
 
     name = "solver"
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
-                 check_every: int = 1, require_convergence: bool = False):
+                 check_every: int = 1, require_convergence: bool = False,
+                 patience: int | None = None, stall_tol: float | None = None):
         if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
             raise ConfigError(f"dt must be a positive number, got {dt!r}")
         if not (isinstance(tol, (int, float)) and tol >= 0):
@@ -159,8 +170,17 @@ class Solver:
             raise ConfigError(f"max_iter must be a positive integer, got {max_iter!r}")
         if not (isinstance(check_every, int) and check_every >= 1):
             raise ConfigError(f"check_every must be a positive integer, got {check_every!r}")
+        if patience is not None and not (isinstance(patience, int) and patience >= 1):
+            raise ConfigError(f"patience must be a positive integer (or None: no stall rule), got {patience!r}")
+        if stall_tol is not None and not (isinstance(stall_tol, (int, float)) and stall_tol > 0):
+            raise ConfigError(f"stall_tol must be > 0 (or None: any residual), got {stall_tol!r}")
         self.dt, self.tol, self.max_iter = float(dt), float(tol), max_iter
         self.check_every, self.require_convergence = check_every, require_convergence
+        self.patience = patience
+        self.stall_tol = math.inf if stall_tol is None else float(stall_tol)
+
+    def _freezer(self, template: Dict[str, torch.Tensor], enabled: bool) -> "_Freezer":
+        return _Freezer(template, enabled, self.patience, self.stall_tol)
 
     def __repr__(self):
         return f"{type(self).__name__}(dt={self.dt}, tol={self.tol}, max_iter={self.max_iter})"
@@ -194,13 +214,14 @@ class Solver:
         """Layout, packed field, flat start ``z`` ``(B, N)`` and freezer of the solvers that step one buffer."""
         layout = _Layout(state0, labels)
         z = layout.pack(layout.as_dict)
-        return layout, layout.wrap(field, context is not None), z, _Freezer({"z": z}, self.freeze and context is not None)
+        return layout, layout.wrap(field, context is not None), z, self._freezer({"z": z}, self.freeze and context is not None)
 
     def _track(self, layout, frozen, trace, step, z, gz, best_z, best_r):
         """Each sample's residual ``‖gz‖/‖z‖`` and best iterate; at a convergence check, record, test, freeze.
 
         Returns:
-            ``(res, best_z, best_r, stop, keep)``: ``stop`` when every sample has converged; ``keep``
+            ``(res, best_z, best_r, stop, keep)``: ``stop`` when every sample is done (converged or
+            stalled); ``keep``
             the rows still iterating when some froze (the caller subsets its own tensors), else None.
         """
         res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
@@ -214,9 +235,10 @@ class Solver:
         r = float(best_r.max())
         trace.append(r)
         frozen.record(best_r, step)
-        if r < self.tol:
+        done = frozen.done(best_r, self.tol, step)
+        if bool(done.all()):
             return res, best_z, best_r, True, None
-        return res, best_z, best_r, False, frozen.freeze(best_r < self.tol, {"z": best_z})
+        return res, best_z, best_r, False, frozen.freeze(done, {"z": best_z})
 
     def _check(self, layout, residuals: torch.Tensor, d, step: int):
         r = float(residuals.max())
@@ -228,23 +250,44 @@ class Solver:
 class _Freezer:
     """Per-sample freezing shared by the solvers.
 
-    Holds the final state of every sample that has converged and the indices
-    of those still iterating; the solver keeps iterating on the active rows
-    only, so a few slow samples do not make the whole batch pay.
+    Holds the final state of every sample that is done (converged, or stalled
+    under the stall rule) and the indices of those still iterating; the solver
+    keeps iterating on the active rows only, so a few slow samples do not make
+    the whole batch pay. Also keeps, per sample, the residual at its last 10 % fall
+    and that step, which the stall rule reads.
     """
 
-    def __init__(self, template: Dict[str, torch.Tensor], enabled: bool):
+    def __init__(self, template: Dict[str, torch.Tensor], enabled: bool,
+                 patience: int | None = None, stall_tol: float = math.inf):
         first = next(iter(template.values()))
         B, device = first.shape[0], first.device
-        self.enabled = enabled
+        self.enabled, self.patience, self.stall_tol = enabled, patience, stall_tol
+        self.mark_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
+        self.mark_step = torch.zeros(B, dtype=torch.float64, device=device)
         self.out = {k: v.clone() for k, v in template.items()} if enabled else None
         self.active = torch.arange(B, device=device)
         self.final_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
         self.sample_steps = torch.zeros(B, dtype=torch.float64, device=device)
 
     def record(self, res: torch.Tensor, step: int) -> None:
-        self.final_res[self.active] = res.double()
+        res = res.double()
+        self.final_res[self.active] = res
         self.sample_steps[self.active] = step
+        if self.patience:
+            fell = res < _STALL_RATIO * self.mark_res[self.active]
+            rows = self.active[fell]
+            self.mark_res[rows] = res[fell]
+            self.mark_step[rows] = step
+
+    def _stalled(self, res: torch.Tensor, steps: torch.Tensor, mark_step: torch.Tensor) -> torch.Tensor:
+        return (steps - mark_step >= self.patience) & (res < self.stall_tol)
+
+    def done(self, res: torch.Tensor, tol: float, step: int) -> torch.Tensor:
+        """Active rows that stop: residual below ``tol``, or stalled (see :class:`Solver`'s ``patience``)."""
+        done = res < tol
+        if self.patience:
+            done = done | self._stalled(res.double(), step, self.mark_step[self.active])
+        return done
 
     def freeze(self, done: torch.Tensor, final: Dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Store the rows ``done`` of ``final``; return the keep-mask for the caller's tensors (or None)."""
@@ -266,9 +309,13 @@ class _Freezer:
 
     def stats(self, step: int, tol: float, trace: List[float], fallbacks: int = 0, restarts: int = 0) -> SolverStats:
         r = float(self.final_res.max())
-        frac = float((self.final_res < tol).double().mean())
-        return SolverStats(step, r, r < tol, frac, trace, fallbacks,
-                           float(self.sample_steps.mean()), restarts)
+        converged = self.final_res < tol
+        stalled = 0.0
+        if self.patience:
+            stalled = float((~converged & self._stalled(self.final_res, self.sample_steps, self.mark_step))
+                            .double().mean())
+        return SolverStats(step, r, r < tol, float(converged.double().mean()), trace, fallbacks,
+                           float(self.sample_steps.mean()), restarts, stalled)
 
 
 def _subset(d: Dict[str, torch.Tensor] | None, keep: torch.Tensor):
@@ -300,7 +347,7 @@ class Euler(Solver):
         layout = _Layout(state0, labels)
         g_field = layout.wrap(field, context is not None)
         s = layout.as_dict
-        frozen = _Freezer(s, self.freeze and context is not None)
+        frozen = self._freezer(s, self.freeze and context is not None)
         ctx = context
         trace: List[float] = []
         step = 0
@@ -316,9 +363,10 @@ class Euler(Solver):
             r = self._check(layout, res, s, step)
             trace.append(r)
             frozen.record(res, step)
-            if r < self.tol:
+            done = frozen.done(res, self.tol, step)
+            if bool(done.all()):
                 break
-            keep = frozen.freeze(res < self.tol, s)
+            keep = frozen.freeze(done, s)
             if keep is not None:
                 s, ctx = _subset(s, keep), _subset(ctx, keep)
         return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace))

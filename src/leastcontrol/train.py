@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,9 +24,11 @@ from .methods import METHODS, Method, get_method
 from .solvers import SOLVERS
 from .systems import SYSTEMS, EquilibriumSystem, get_system
 
-# Published MNIST settings (docs/LCP.md §4): gradient clipping 10 for the RNN.
-DEFAULT_GRAD_CLIP = {"rnn": 10.0}
+# Published settings (docs/LCP.md §4 and the research code's commands): gradient clipping 10
+# for the recurrent systems (RNN, DEQ).
+DEFAULT_GRAD_CLIP = {"rnn": 10.0, "deq": 10.0}
 METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "warm_start_tol",
+                  "patience", "stall_tol",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
 
@@ -36,7 +39,7 @@ class TrainConfig:
 
     Method settings left at ``None`` take the method's published defaults
     (``lcp-di``: tol 1e-6, max 800; ``rbp``: tol 1e-4, max 200).
-    ``grad_clip=None`` takes the model's published default (RNN 10, FF none);
+    ``grad_clip=None`` takes the model's published default (RNN and DEQ 10, FF none);
     ``0`` disables clipping. ``skip_diverged=True`` turns a batch whose solve
     diverges into a batch without update (counted as ``skipped_batches`` in the
     history) instead of an error that stops the run.
@@ -67,6 +70,8 @@ class TrainConfig:
     check_every: Optional[int] = None
     impl: Optional[str] = None
     warm_start_tol: Optional[float] = None
+    patience: Optional[int] = None
+    stall_tol: Optional[float] = None
     ebd_optim: Optional[str] = None
     ebd_lr: Optional[float] = None
     ebd_steps: Optional[int] = None
@@ -85,6 +90,7 @@ class TrainConfig:
     resume: bool = False
     skip_diverged: bool = False
     device: str = "cpu"
+    amp: bool = False
     augment: bool = False
     progress: bool = True
 
@@ -196,6 +202,20 @@ def load_config_file(path: str | Path) -> Dict[str, Any]:
     return values
 
 
+def mixed_precision(enabled: bool, device: torch.device):
+    """bf16 autocast of the dynamics' convolutions and matrix products (``--amp``), else a no-op.
+
+    Only those products run in bf16: the state, the control and the parameter updates stay in
+    the parameters' dtype (fp32), because the solvers add fp32 state to the field's output and
+    :func:`~leastcontrol.methods.base.accumulate_grads` casts updates to each parameter's dtype.
+    bf16 resolves about 3 decimal digits, so the relative residual of a solve has a floor near
+    1e-3: pair ``--amp`` with a loose ``--tol`` or with ``--patience``.
+    """
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def resolve_device(name: str) -> torch.device:
     """``cpu``, ``cuda`` or ``auto`` (CUDA when available)."""
     if name == "auto":
@@ -218,11 +238,12 @@ def preprocess(config: TrainConfig, x: torch.Tensor, generator: torch.Generator 
 
 
 def _batch_solver_stats(stats: Dict[str, Any]) -> tuple:
-    """(iterations, worst final residual, worst converged fraction) of one training batch."""
+    """(iterations, worst final residual, worst converged fraction, largest stalled fraction) of one batch."""
     residuals = [v for k, v in stats.items() if k.startswith("residual_")]
     fractions = [v for k, v in stats.items() if k.startswith("converged_fraction_")]
+    stalled = [v for k, v in stats.items() if k.startswith("stalled_fraction_")]
     return (stats.get("iterations", 0), max(residuals) if residuals else None,
-            min(fractions) if fractions else None)
+            min(fractions) if fractions else None, max(stalled) if stalled else None)
 
 
 def build_system(config: TrainConfig, data: Dataset) -> EquilibriumSystem:
@@ -239,14 +260,15 @@ def cosine_factor(step: int, total: int, floor: float = 0.1) -> float:
 
 @torch.no_grad()
 def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1000) -> float:
-    """Test accuracy of the free equilibrium's output."""
+             batch_size: int = 1000, amp: bool = False) -> float:
+    """Test accuracy of the free equilibrium's output (``amp``: under :func:`mixed_precision`)."""
     correct = 0
     was_training = system.training
     system.eval()  # normalisation layers use their running statistics
     try:
         for i in range(0, len(y), batch_size):
-            logits = method.predict(system, x[i:i + batch_size].to(system.device))
+            with mixed_precision(amp, system.device):
+                logits = method.predict(system, x[i:i + batch_size].to(system.device))
             correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
     finally:
         system.train(was_training)
@@ -349,7 +371,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             y = data.train_y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             try:
-                out = method(system, x, y)
+                with mixed_precision(config.amp, device):
+                    out = method(system, x, y)
             except SolverDivergedError:
                 if not config.skip_diverged:
                     raise
@@ -377,7 +400,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         train_seconds += epoch_seconds
         if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
             test_accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
-                                     config.eval_batch_size)
+                                     config.eval_batch_size, config.amp)
             evaluated = test_accuracy
         else:
             evaluated = None
@@ -391,7 +414,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "mean_sample_iterations": sums["sample_iterations"] / done,
             "converged_fraction": sums["converged"] / done,
             "skipped_batches": sums["skipped"],
-            # Per training batch: solver iterations, worst final residual, worst converged fraction.
+            # Per training batch: solver iterations, worst final residual, worst converged fraction,
+            # largest fraction stopped by the stall rule (``patience``).
             "batch_solver_stats": [list(t) for t in solver_log],
             "seconds": epoch_seconds,
             "lr": optimizer.param_groups[0]["lr"],

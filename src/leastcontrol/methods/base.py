@@ -45,15 +45,18 @@ class MethodOutput:
 
 
 def accumulate_grads(system: EquilibriumSystem, grads: Dict[str, torch.Tensor]) -> None:
-    """Add ``grads`` into ``p.grad`` (like ``loss.backward()`` does), creating it where absent."""
+    """Add ``grads`` into ``p.grad`` (like ``loss.backward()`` does), creating it where absent.
+
+    Updates are cast to the parameter's dtype (under bf16 autocast a VJP may come back in bf16).
+    """
     for name, p in system.named_parameters():
         g = grads.get(name)
         if g is None or not p.requires_grad:
             continue
         if p.grad is None:
-            p.grad = g.detach().clone()
+            p.grad = g.detach().to(p.dtype, copy=True)
         else:
-            p.grad.add_(g.detach())
+            p.grad.add_(g.detach().to(p.dtype))
 
 
 def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[str, Any]:
@@ -69,6 +72,7 @@ def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[
         stats[f"converged_{name}"] = res.stats.converged
         stats[f"residual_{name}"] = res.stats.residual
         stats[f"converged_fraction_{name}"] = res.stats.converged_fraction
+        stats[f"stalled_fraction_{name}"] = res.stats.stalled_fraction
     return stats
 
 
@@ -148,6 +152,10 @@ class EquilibriumMethod(Method):
             samples frozen. ``autograd``: the reference path of the published research
             code — one ``torch.autograd.grad`` per step, a check (host sync) every step,
             no freezing; kept for cross-checks and as the speed baseline.
+        patience, stall_tol: the solvers' stall rule (off by default): a sample whose residual
+            has not fallen by 10 % in ``patience`` steps stops, if below ``stall_tol``. For dynamics
+            that chatter at a floor above ``tol`` (ReLU kinks of the conv FF's controlled
+            dynamics); see :class:`~leastcontrol.solvers.Solver`.
     """
 
     dt: float = 1.0
@@ -156,6 +164,8 @@ class EquilibriumMethod(Method):
     solver: str = "euler"
     check_every: int = 10
     impl: str = "fast"
+    patience: int | None = None
+    stall_tol: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -173,9 +183,9 @@ class EquilibriumMethod(Method):
         self._solver = self._make_solver(self.tol)
 
     def _make_solver(self, tol: float):
-        options = {"check_every": self.check_every}
+        options = {"check_every": self.check_every, "patience": self.patience, "stall_tol": self.stall_tol}
         if self.impl == "autograd":
-            options = {"check_every": 1, "freeze": False}
+            options = {"check_every": 1, "freeze": False, "patience": self.patience, "stall_tol": self.stall_tol}
         return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
 
     def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
