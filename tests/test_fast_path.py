@@ -149,7 +149,8 @@ def test_impl_settings_are_validated():
 def test_bench_returns_every_figure_and_ratio(tmp_path):
     config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
     rows = [Row("ff", "bp"), Row("ff", "lcp-di"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),
-            Row("rnn", "lcp-di", impl="autograd"), Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4")]
+            Row("rnn", "lcp-di", impl="autograd"), Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
+            Row("rnn", "lcp-di", options={"patience": 100}, label="rnn-lcp-di-stall")]
     result = run_bench(config, rows)
     keys = {"model", "method", "impl", "max_iter", "seconds_per_batch_median", "seconds_per_batch_min",
             "mean_iterations", "peak_memory_mb", "inference_seconds_per_batch", "update_cosine_vs_autograd"}
@@ -161,7 +162,7 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     assert by["rnn-lcp-di"]["update_cosine_vs_autograd"] > 0.9999
     ratios = result["ratios"]
     for key in ("rnn_lcp_di_autograd_over_fast", "rnn_lcp_di_over_rbp", "rnn_lcp_di_over_rbp_equal_tol",
-                "ff_lcp_di_over_bp"):
+                "rnn_lcp_di_stall_over_rbp", "ff_lcp_di_over_bp"):
         assert ratios[key] > 0
     assert ratios["lcp_di_memory_800_over_100"] is None  # memory probes were skipped
 

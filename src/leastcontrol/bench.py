@@ -38,6 +38,7 @@ PUBLISHED = {
     ("rnn", "lcp-ebd"): {"ebd_lr": 1e-3, "ebd_steps": 200, "ff_init": True},
 }
 GRAD_CLIP = {"rnn": 10.0, "ff": 0.0}
+STALL_PATIENCE = 100
 
 
 @dataclass
@@ -71,6 +72,10 @@ def default_rows() -> List[Row]:
         Row("rnn", "lcp-di", impl="autograd"),
         Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
         Row("rnn", "rbp", options={"solver": "anderson"}, label="rnn-rbp-anderson"),
+        # The same tolerances with the stall rule: samples whose controlled dynamics keep
+        # oscillating stop once their residual has not fallen by 10 % in STALL_PATIENCE steps.
+        Row("rnn", "lcp-di", options={"patience": STALL_PATIENCE}, label="rnn-lcp-di-stall"),
+        Row("rnn", "lcp-di", options={"tol": 1e-4, "patience": STALL_PATIENCE}, label="rnn-lcp-di-tol1e-4-stall"),
     ]
     return rows
 
@@ -178,13 +183,16 @@ def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
 
 
 def update_cosine(row: Row, net, x, y) -> Optional[float]:
-    """Cosine between the row's parameter update and the autograd reference path's, on one batch."""
+    """Cosine between the row's parameter update and the autograd reference path's, on one batch.
+
+    The reference runs the research-code way: Euler, every step to ``tol`` or ``max_iter``, no stall rule.
+    """
     if row.impl != "fast":
         return None
     method = row.build()
     if not isinstance(method, EquilibriumMethod) or row.method == "bptt":
         return None
-    reference = Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k != "solver"}).build()
+    reference = Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k not in ("solver", "patience")}).build()
     torch.manual_seed(0)
     a = _flat_grads(method, net, x, y)
     torch.manual_seed(0)
@@ -304,12 +312,14 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
     def its(label):
         return by[label]["mean_iterations"] if label in by else None
 
+    best_rbp = min(filter(None, [sec("rnn-rbp"), sec("rnn-rbp-anderson")]), default=None)
     return {
         "rnn_lcp_di_autograd_over_fast": _ratio(sec("rnn-lcp-di-autograd"), sec("rnn-lcp-di")),
         "rnn_lcp_di_iterations_autograd_over_fast": _ratio(its("rnn-lcp-di-autograd"), its("rnn-lcp-di")),
-        "rnn_lcp_di_over_rbp": _ratio(sec("rnn-lcp-di"), min(filter(None, [sec("rnn-rbp"), sec("rnn-rbp-anderson")]),
-                                                             default=None)),
+        "rnn_lcp_di_over_rbp": _ratio(sec("rnn-lcp-di"), best_rbp),
         "rnn_lcp_di_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4"), sec("rnn-rbp")),
+        "rnn_lcp_di_stall_over_rbp": _ratio(sec("rnn-lcp-di-stall"), best_rbp),
+        "rnn_lcp_di_stall_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4-stall"), sec("rnn-rbp")),
         "ff_lcp_di_over_bp": _ratio(sec("ff-lcp-di"), sec("ff-bp")),
         "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
         "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),
