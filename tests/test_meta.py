@@ -65,6 +65,22 @@ def test_lcp_over_beta_tends_to_the_implicit_gradient(route):
         assert errors[2] < errors[1] < errors[0]  # the error shrinks with β
 
 
+def test_anderson_inner_solver_reaches_the_same_equilibria_in_fewer_steps():
+    problem, omega, batch = _quadratic()
+    gd = InnerSettings(solver="gd", lr=0.1, steps=5000, tol=1e-10)
+    aa = InnerSettings(solver="anderson", lr=0.1, steps=5000, tol=1e-10)
+    free_gd = problem.equilibrium(omega, batch.x, batch.y, gd)
+    free_aa = problem.equilibrium(omega, batch.x, batch.y, aa)
+    assert free_aa.stats.iterations < free_gd.stats.iterations / 2
+    assert torch.allclose(free_aa.state, free_gd.state, rtol=1e-7, atol=1e-9)
+    # The controlled dynamics of lcp run with the same solver and land on the same update.
+    kw = {"beta": 0.1, "tol": 1e-10, "max_iter": 20000}
+    out_gd = get_meta_method("lcp", inner=gd, **kw)(problem, omega, batch)
+    out_aa = get_meta_method("lcp", inner=aa, **kw)(problem, omega, batch)
+    assert torch.allclose(out_aa.grad, out_gd.grad, rtol=1e-6, atol=1e-8)
+    assert out_aa.stats["controlled_iterations"] < out_gd.stats["controlled_iterations"]
+
+
 def test_contrastive_tends_to_the_implicit_gradient():
     problem, omega, batch = _quadratic()
     exact = _analytic(problem, omega, batch)
@@ -104,7 +120,7 @@ def test_bad_meta_settings_fail_clearly():
         get_meta_method("maml")
     with pytest.raises(ConfigError, match="di, energy"):
         get_meta_method("lcp", route="newton")
-    with pytest.raises(ConfigError, match="adam, gd"):
+    with pytest.raises(ConfigError, match="adam, anderson, gd"):
         InnerSettings(solver="lbfgs")
 
 

@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
     m.add_argument("--meta-steps", type=_positive_int, default=1000)
     m.add_argument("--meta-lr", type=float, default=1e-3)
-    m.add_argument("--inner-solver", default="gd", choices=["gd", "adam"])
+    m.add_argument("--inner-solver", default="gd", choices=["gd", "anderson", "adam"],
+                   help="gradient steps (gd), Anderson-accelerated gradient steps, or Adam")
     m.add_argument("--inner-lr", type=float, default=0.01, help="inner step size (0.01)")
     m.add_argument("--inner-steps", type=_positive_int, default=300, help="inner solver steps (300)")
     m.add_argument("--inner-tol", type=float, default=1e-5, help="relative-residual tolerance of the inner solves")

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, SolverDivergedError
 from ..registry import Registry
-from ..solvers import SolverStats, get_solver
+from ..solvers import SolverStats
 from .problem import InnerProblem, InnerSettings
 
 
@@ -176,7 +176,8 @@ class LCPMeta(MetaMethod):
     Args:
         beta: control strength β.
         route: ``di`` — dynamic inversion, ``φ̇ = f + ψ``, ``ψ̇ = (∂_φ f)ᵀ ψ − β ∇L_val(φ)``
-            (one Hessian-vector product per step, Euler with the inner step size);
+            (one Hessian-vector product per step, Euler with the inner step size, or Anderson
+            when the inner solver is ``anderson``);
             ``energy`` — Adam on the energy over φ for ``energy_steps`` steps.
         tol, max_iter: of the controlled solve (``di``).
     """
@@ -210,7 +211,7 @@ class LCPMeta(MetaMethod):
             back = -hpsi - problem.lam * psi
             return {"phi": f + psi, "psi": back - self.beta * problem.grads(phi, c["xq"], c["yq"])}
 
-        solver = get_solver("euler", dt=self.inner.lr, tol=self.tol, max_iter=self.max_iter, check_every=5)
+        solver = self.inner.fixed_point_solver(self.tol, self.max_iter)
         context = {"omega": omega_t, "x": batch.x, "y": batch.y, "xq": batch.xq, "yq": batch.yq}
         with torch.no_grad():
             res = solver.solve(field, {"phi": phi_free.clone(), "psi": torch.zeros_like(phi_free)}, context)

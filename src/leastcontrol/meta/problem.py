@@ -39,13 +39,18 @@ def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES = {"mse": _mse, "cross_entropy": _cross_entropy}
 
 
+INNER_SOLVERS = ("gd", "anderson", "adam")
+
+
 @dataclass
 class InnerSettings:
     """How the free (and nudged) inner equilibria are reached.
 
     Args:
-        solver: ``gd`` (Euler on the gradient dynamics with step ``lr``; tasks freeze at ``tol``)
-            or ``adam`` (Adam on the inner objective for ``steps`` steps: a fast way to the equilibrium).
+        solver: ``gd`` (Euler on the gradient dynamics with step ``lr``; tasks freeze at ``tol``),
+            ``anderson`` (Anderson acceleration of that gradient step; tasks freeze at ``tol``;
+            the controlled dynamics of ``lcp`` use it too) or ``adam`` (Adam on the inner
+            objective for ``steps`` steps: a fast way to the equilibrium).
         lr: step size. steps: maximum number of steps. tol: relative-residual tolerance (``gd``).
     """
 
@@ -55,12 +60,18 @@ class InnerSettings:
     tol: float = 1e-5
 
     def __post_init__(self):
-        if self.solver not in ("gd", "adam"):
-            raise ConfigError(f"unknown inner solver '{self.solver}'; valid: adam, gd")
+        if self.solver not in INNER_SOLVERS:
+            raise ConfigError(f"unknown inner solver '{self.solver}'; valid: {', '.join(sorted(INNER_SOLVERS))}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"inner lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ConfigError(f"inner steps must be a positive integer, got {self.steps!r}")
+
+    def fixed_point_solver(self, tol: float, max_iter: int):
+        """The solver of the gradient dynamics with step ``lr``: Euler (``gd`` and ``adam``) or Anderson."""
+        if self.solver == "anderson":
+            return get_solver("anderson", dt=self.lr, tol=tol, max_iter=max_iter)
+        return get_solver("euler", dt=self.lr, tol=tol, max_iter=max_iter, check_every=5)
 
 
 def _mlp_layers(model: nn.Module, names):
@@ -198,9 +209,8 @@ class InnerProblem:
             return {"phi": self.field(s["phi"], c["omega"], c["x"], c["y"], nudge, c.get("xq"), c.get("yq"))}
 
         with torch.no_grad():
-            if settings.solver == "gd":
-                solver = get_solver("euler", dt=settings.lr, tol=settings.tol, max_iter=settings.steps, check_every=5)
-                res = solver.solve(field, {"phi": phi0}, context)
+            if settings.solver != "adam":
+                res = settings.fixed_point_solver(settings.tol, settings.steps).solve(field, {"phi": phi0}, context)
                 return SolveResult(res.state["phi"], res.stats)
             return self._adam(field, phi0, context, settings)
 
