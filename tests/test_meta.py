@@ -164,6 +164,30 @@ def test_batched_mlp_fast_path_equals_the_functional_path():
     assert torch.allclose(fast.grads(phi, x, y), single, atol=1e-12)
 
 
+def test_softplus_learner_runs_on_the_fast_path_and_settles():
+    """A smooth learner: the batched fast path applies, and the inner gradient dynamics settle to a
+    tight tolerance (no kinks to chatter across), where the same ReLU learner is left with a floor."""
+    from leastcontrol.meta.learners import mlp_learner
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 10, 12, generator=g, dtype=F64)
+    y = torch.randint(0, 5, (4, 10), generator=g)
+    settings = InnerSettings(solver="gd", lr=0.2, steps=4000, tol=1e-12)
+    residual = {}
+    for act in ("softplus", "relu"):
+        torch.manual_seed(0)
+        net = mlp_learner(5, 12, hidden=(16,), activation=act).double()
+        problem = InnerProblem(net, "cross_entropy", lam=1.0)
+        assert problem._layers is not None
+        omega = problem.initial_weights()
+        res = problem.equilibrium(omega, x, y, settings)
+        f = problem.field(res.state, omega.expand_as(res.state), x, y)
+        residual[act] = float((f.norm(dim=1) / res.state.norm(dim=1)).max())
+    assert residual["softplus"] < 1e-10
+    assert residual["relu"] > 1e-4  # 4000 steps leave it chattering
+    with pytest.raises(ConfigError, match="relu, softplus, tanh"):
+        mlp_learner(5, activation="gelu")
+
+
 def _analytic_lam_grads(problem, omega, batch):
     """Meta-gradients for ω and a per-weight λ by autograd through the closed-form φ* = (H + Λ)⁻¹(Λω − c)."""
     P = problem.n_params

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query examples per class / task while meta-training (omniglot 15, sinusoid 10)")
     m.add_argument("--learner", default="conv", choices=["conv", "mlp"],
                    help="omniglot learner: 4-block conv net, 64 channels (conv) or a faster MLP")
+    m.add_argument("--activation", default="relu", choices=["relu", "softplus", "tanh"],
+                   help="omniglot learner's rate function: relu (published) or a smooth one")
     m.add_argument("--data-dir", default=None, help="omniglot: directory holding the zip archives")
     m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
     m.add_argument("--meta-steps", type=_positive_int, default=1000)
@@ -223,7 +225,7 @@ def _meta(args) -> int:
     from .meta.train import MetaConfig, meta_train
 
     config = MetaConfig(task=args.task, method=args.method, ways=args.ways, shots=args.shots, queries=args.queries,
-                        learner=args.learner, data_dir=args.data_dir,
+                        learner=args.learner, activation=args.activation, data_dir=args.data_dir,
                         meta_batch=args.meta_batch, meta_steps=args.meta_steps, meta_lr=args.meta_lr,
                         inner_solver=args.inner_solver, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                         inner_tol=args.inner_tol, lam=args.lam, learn_lam=args.learn_lam, beta=args.beta, route=args.route,

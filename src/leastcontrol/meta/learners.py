@@ -16,6 +16,15 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 
+# Rate functions of the learners: (module, function). ReLU is the published choice; softplus and
+# tanh are smooth, so the inner gradient field has no kinks for the weights to chatter across.
+ACTIVATIONS = {"relu": (nn.ReLU, torch.relu), "softplus": (nn.Softplus, F.softplus), "tanh": (nn.Tanh, torch.tanh)}
+
+
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"unknown learner activation '{name}'; valid: {', '.join(sorted(ACTIVATIONS))}")
+
 
 class ConvLearner(nn.Module):
     """The standard few-shot conv net: ``blocks`` × [conv 3×3 (pad 1), batch norm, ReLU, max-pool 2], linear.
@@ -34,8 +43,11 @@ class ConvLearner(nn.Module):
     torch.Size([2, 5])
     """
 
-    def __init__(self, ways: int, in_channels: int = 1, size: int = 28, channels: int = 64, blocks: int = 4):
+    def __init__(self, ways: int, in_channels: int = 1, size: int = 28, channels: int = 64, blocks: int = 4,
+                 activation: str = "relu"):
         super().__init__()
+        check_activation(activation)
+        self.act = ACTIVATIONS[activation][1]
         if size // 2 ** blocks < 1:
             raise ConfigError(f"{blocks} pooling blocks do not fit a {size}×{size} input; use fewer --blocks")
         self.convs = nn.ModuleList()
@@ -49,7 +61,7 @@ class ConvLearner(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms):
-            x = F.max_pool2d(torch.relu(norm(conv(x))), 2)
+            x = F.max_pool2d(self.act(norm(conv(x))), 2)
         return self.head(x.flatten(1))
 
     def batched_forward(self, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -67,17 +79,19 @@ class ConvLearner(nn.Module):
             gamma, beta = p[f"norms.{i}.weight"], p[f"norms.{i}.bias"]
             h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), padding=1, groups=T)
             h = F.batch_norm(h, None, None, gamma.reshape(-1), beta.reshape(-1), training=True)
-            h = F.max_pool2d(torch.relu(h), 2)
+            h = F.max_pool2d(self.act(h), 2)
         h = h.reshape(K, T, -1).transpose(0, 1)  # (T, K, channels·s·s), channel-major like flatten(1)
         w, b = p["head.weight"], p["head.bias"]
         return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
 
 
-def mlp_learner(ways: int, n_in: int = 784, hidden: Sequence[int] = (128, 64)) -> nn.Sequential:
-    """An MLP learner (the fast option): ``n_in → hidden… → ways`` with ReLU; batched by ``InnerProblem``."""
+def mlp_learner(ways: int, n_in: int = 784, hidden: Sequence[int] = (128, 64),
+                activation: str = "relu") -> nn.Sequential:
+    """An MLP learner (the fast option): ``n_in → hidden… → ways`` with ``activation``; batched by ``InnerProblem``."""
+    check_activation(activation)
     layers: List[nn.Module] = []
     for h in hidden:
-        layers += [nn.Linear(n_in, h), nn.ReLU()]
+        layers += [nn.Linear(n_in, h), ACTIVATIONS[activation][0]()]
         n_in = h
     layers.append(nn.Linear(n_in, ways))
     return nn.Sequential(*layers)

@@ -87,6 +87,8 @@ def _mlp_layers(model: nn.Module, names):
             layers.append((torch.relu, None, None))
         elif isinstance(m, nn.Tanh):
             layers.append((torch.tanh, None, None))
+        elif isinstance(m, nn.Softplus) and m.beta == 1 and m.threshold == 20:
+            layers.append((nn.functional.softplus, None, None))
         else:
             return None
     return layers

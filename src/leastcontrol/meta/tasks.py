@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.omniglot import DRAWINGS_PER_CHARACTER, CharacterSet, load_protocol
 from ..errors import ConfigError
-from .learners import ConvLearner, mlp_learner
+from .learners import ConvLearner, check_activation, mlp_learner
 from .methods import TaskBatch
 
 
@@ -87,6 +87,7 @@ class Omniglot:
     Args:
         ways, shots, queries: episode shape (``shots + queries ≤ 20``).
         learner: ``conv`` (4 × [conv 3×3, batch norm, ReLU, max-pool], 64 channels) or ``mlp`` (faster).
+        activation: the learner's rate function: ``relu`` (published), ``softplus`` or ``tanh`` (smooth).
         protocol: ``small`` (train small1, test small2's new alphabets) or ``standard``.
         data_dir: directory holding the zip archives.
         channels: conv width (64).
@@ -96,6 +97,7 @@ class Omniglot:
     shots: int = 1
     queries: int = 15
     learner: str = "conv"
+    activation: str = "relu"
     protocol: str = "small"
     data_dir: Optional[str] = None
     channels: int = 64
@@ -106,6 +108,7 @@ class Omniglot:
         _check_positive(self, ("ways", "shots", "queries", "channels"))
         if self.learner not in ("conv", "mlp"):
             raise ConfigError(f"unknown Omniglot learner '{self.learner}'; valid: conv, mlp")
+        check_activation(self.activation)
         check_episode(self.shots, self.queries)
         if not self.splits:
             train, test = load_protocol(self.protocol, self.data_dir)
@@ -145,5 +148,5 @@ class Omniglot:
         _seed_global(generator)
         size = self.splits["train"].images.shape[-1]
         if self.learner == "mlp":
-            return mlp_learner(self.ways, size * size)
-        return ConvLearner(self.ways, 1, size, self.channels)
+            return mlp_learner(self.ways, size * size, activation=self.activation)
+        return ConvLearner(self.ways, 1, size, self.channels, activation=self.activation)

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from .methods import META_METHODS, get_meta_method
 from .problem import InnerProblem, InnerSettings
 from .tasks import Omniglot, Sinusoid, check_episode
+from .learners import check_activation
 
 TASKS = {"sinusoid": Sinusoid, "omniglot": Omniglot}
 
@@ -29,6 +30,7 @@ class MetaConfig:
     shots: Optional[int] = None     # default: 10 (sinusoid), 1 (omniglot)
     queries: Optional[int] = None   # default: 10 (sinusoid), 15 (omniglot)
     learner: str = "conv"
+    activation: str = "relu"        # omniglot learner's rate function: relu, softplus, tanh
     data_dir: Optional[str] = None
     meta_batch: int = 25
     meta_steps: int = 1000
@@ -73,6 +75,7 @@ class MetaConfig:
             value = getattr(self, key)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        check_activation(self.activation)
         if self.task == "omniglot":
             check_episode(self.shots, self.queries)
             check_episode(self.shots, self.eval_queries, "eval_queries")
@@ -83,7 +86,7 @@ class MetaConfig:
         """The task distribution (reads the Omniglot archives)."""
         if self.task == "omniglot":
             return Omniglot(ways=self.ways, shots=self.shots, queries=self.queries, learner=self.learner,
-                            data_dir=self.data_dir)
+                            activation=self.activation, data_dir=self.data_dir)
         return Sinusoid(shots=self.shots, queries=self.queries)
 
     def inner_settings(self) -> InnerSettings:
