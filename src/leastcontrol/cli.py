@@ -12,6 +12,8 @@ from typing import List, Optional
 
 from .data import DATASETS
 from .errors import LeastControlError
+from .meta.learners import ACTIVATIONS
+from .meta.problem import INNER_SOLVERS
 from .methods import METHODS
 from .methods.base import IMPLS
 from .solvers import SOLVERS
@@ -144,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query examples per class / task while meta-training (omniglot 15, sinusoid 10)")
     m.add_argument("--learner", default="conv", choices=["conv", "mlp"],
                    help="omniglot learner: 4-block conv net, 64 channels (conv) or a faster MLP")
-    m.add_argument("--activation", default="relu", choices=["relu", "softplus", "tanh"],
+    m.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS),
                    help="omniglot learner's rate function: relu (published) or a smooth one")
     m.add_argument("--data-dir", default=None, help="omniglot: directory holding the zip archives")
     m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
     m.add_argument("--meta-steps", type=_positive_int, default=1000)
     m.add_argument("--meta-lr", type=float, default=1e-3)
-    m.add_argument("--inner-solver", default="gd", choices=["gd", "anderson", "adam"],
+    m.add_argument("--inner-solver", default="gd", choices=INNER_SOLVERS,
                    help="gradient steps (gd), Anderson-accelerated gradient steps, or Adam")
     m.add_argument("--inner-lr", type=float, default=0.01, help="inner step size (0.01)")
     m.add_argument("--inner-steps", type=_positive_int, default=300, help="inner solver steps (300)")

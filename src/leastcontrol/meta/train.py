@@ -12,10 +12,10 @@ from tqdm import tqdm
 
 from ..atomic import write_json
 from ..errors import ConfigError
+from .learners import check_activation
 from .methods import META_METHODS, get_meta_method
 from .problem import InnerProblem, InnerSettings
 from .tasks import Omniglot, Sinusoid, check_episode
-from .learners import check_activation
 
 TASKS = {"sinusoid": Sinusoid, "omniglot": Omniglot}
 
