@@ -408,13 +408,14 @@ class Anderson(Solver):
         self.memory, self.mixing, self.reg = memory, float(mixing), float(reg)
         self.restart, self.start_below, self.freeze = float(restart), float(start_below), bool(freeze)
 
-    def _weights(self, G: torch.Tensor, valid: torch.Tensor):
-        """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots."""
-        B, m, _ = G.shape
-        G64 = G.double()
-        gram = G64 @ G64.transpose(1, 2)
+    def _weights(self, gram: torch.Tensor, valid: torch.Tensor):
+        """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots.
+
+        ``gram`` (B, m, m, float64) holds the inner products ``G_i · G_j`` of the stored steps.
+        """
+        m = gram.shape[1]
         pair = valid[:, :, None] & valid[:, None, :]
-        eye = torch.eye(m, dtype=gram.dtype, device=G.device)
+        eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
         gram = torch.where(pair, gram, 0.0)
         scale = (gram.diagonal(dim1=1, dim2=2).sum(1) / valid.sum(1).clamp_min(1)).clamp_min(_TINY)
         # Invalid slots get an identity row and a zero right-hand side, so their weight is exactly 0.
@@ -425,7 +426,7 @@ class Anderson(Solver):
         wsum = w.sum(1, keepdim=True)
         ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
         alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
-        return alpha.to(G.dtype), ok
+        return alpha, ok
 
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
@@ -433,7 +434,10 @@ class Anderson(Solver):
         B, N = z.shape
         m = self.memory
         X = z.new_zeros(B, m, N)   # past iterates
-        G = z.new_zeros(B, m, N)   # their steps dt·g
+        # Their steps dt·g, kept in float64 with their Gram matrix: each step adds one row of inner
+        # products (one pass over the memory) instead of recomputing and converting the whole of it.
+        G = z.new_zeros(B, m, N, dtype=torch.float64)
+        gram = z.new_zeros(B, m, m, dtype=torch.float64)
         valid = torch.zeros(B, m, dtype=torch.bool, device=z.device)
         best_z, best_r = z.clone(), z.new_full((B,), math.inf, dtype=torch.float64)
         ctx = context
@@ -449,12 +453,15 @@ class Anderson(Solver):
                 break
             if keep is not None:
                 z, gz, res, X, G, valid = z[keep], gz[keep], res[keep], X[keep], G[keep], valid[keep]
-                best_z, best_r, ctx = best_z[keep], best_r[keep], _subset(ctx, keep)
+                gram, best_z, best_r, ctx = gram[keep], best_z[keep], best_r[keep], _subset(ctx, keep)
             slot = (step - 1) % m
             X[:, slot], G[:, slot] = z, gz
+            row = torch.bmm(G, G[:, slot, :, None]).squeeze(-1)
+            gram[:, slot, :], gram[:, :, slot] = row, row
             valid[:, slot] = True
-            alpha, ok = self._weights(G, valid)
-            mixed = (alpha[:, :, None] * (X + self.mixing * G)).sum(1)
+            alpha, ok = self._weights(gram, valid)
+            mixed = (torch.bmm(alpha[:, None, :].to(z.dtype), X)
+                     + self.mixing * torch.bmm(alpha[:, None, :], G).to(z.dtype)).squeeze(1)
             z = torch.where(ok[:, None], mixed, z + self.mixing * gz)
             fallbacks += (~ok).sum()
             # Safeguard: a sample whose residual grew far above its best restarts from its best iterate.
