@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from leastcontrol.errors import ConfigError
+from leastcontrol.errors import ConfigError, SolverDivergedError
 from leastcontrol.meta import InnerProblem, InnerSettings, LCPMeta, Sinusoid, TaskBatch, get_meta_method
 
 F64 = torch.float64
@@ -35,6 +35,16 @@ def _analytic(problem, omega, batch):
         gval = torch.func.grad(problem.task_loss)(phi, batch.xq[t], batch.yq[t])
         grads.append(lam * torch.linalg.solve(A, gval))
     return torch.stack(grads).mean(0)
+
+
+def _top_curvatures(problem, batch):
+    """Per task, the largest eigenvalue of ``H + λ`` (the quadratic's Hessian is constant)."""
+    tops = []
+    for t in range(batch.x.shape[0]):
+        H = torch.autograd.functional.hessian(lambda p: problem.task_loss(p, batch.x[t], batch.y[t]),
+                                              torch.zeros(problem.n_params, dtype=F64))
+        tops.append(float(torch.linalg.eigvalsh(H).max()) + problem.lam)
+    return tops
 
 
 INNER = InnerSettings(solver="gd", lr=0.1, steps=5000, tol=1e-12)
@@ -268,3 +278,71 @@ def test_imaml_cg_is_safe_on_an_indefinite_system():
         else:  # positive definite: the exact λ (H + λI)⁻¹ g
             exact = problem.lam * torch.linalg.solve(H + problem.lam * torch.eye(P, dtype=F64), grad.T).T.mean(0)
             assert out.stats["cg_truncated"] == 0 and torch.allclose(out.grad, exact, atol=1e-10)
+
+
+def test_inner_gradient_dynamics_settle_only_below_the_step_bound():
+    """Euler on ``φ̇ = −(H + λ)φ + …`` settles iff ``lr < 2 / λ_max(H + λ)``: just below, every task
+    settles; just above, none does, and ``converged_fraction`` says so rather than hiding it."""
+    problem, omega, batch = _quadratic(lam=0.7)
+    top = _top_curvatures(problem, batch)
+    bound = 2 / max(top)
+    below = problem.equilibrium(omega, batch.x, batch.y, InnerSettings("gd", 0.9 * bound, 20000, 1e-10))
+    above = problem.equilibrium(omega, batch.x, batch.y, InnerSettings("gd", 2 / min(top) * 1.05, 300, 1e-10))
+    assert below.stats.converged_fraction == 1.0
+    assert above.stats.converged_fraction == 0.0
+
+
+def test_meta_training_warns_when_the_inner_solve_does_not_settle(tmp_path):
+    import json
+    import warnings
+    from leastcontrol.meta.train import MetaConfig, meta_train
+    settings = dict(task="sinusoid", method="imaml", meta_batch=4, meta_steps=3, eval_tasks=8, progress=False,
+                    inner_lr=0.01)
+    with pytest.warns(RuntimeWarning, match="lower --inner-lr"):
+        unsettled = meta_train(MetaConfig(inner_steps=2, json_out=str(tmp_path / "m.json"), **settings))
+    assert unsettled["inner_converged_fraction"]["train"] == 0.0
+    assert json.loads((tmp_path / "m.json").read_text())["history"][-1]["inner_converged_fraction"] == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        settled = meta_train(MetaConfig(inner_steps=300, inner_tol=0.1, **settings))
+    assert settled["inner_converged_fraction"]["train"] == 1.0
+    assert settled["inner_converged_fraction"]["test"] == 1.0
+
+
+def test_a_diverging_inner_solve_names_the_inner_step():
+    problem, omega, batch = _quadratic()
+    with pytest.raises(SolverDivergedError, match="Lower --inner-lr"):
+        problem.equilibrium(omega, batch.x, batch.y, InnerSettings("gd", 1e3, 1000, 1e-10))
+    with pytest.raises(SolverDivergedError, match="Lower --inner-lr"):
+        get_meta_method("lcp", inner=InnerSettings("gd", 1e3, 1000, 1e-10))(problem, omega, batch)
+
+
+@pytest.mark.parametrize("solver", ["gd", "anderson"])
+def test_curvature_step_rule_settles_where_the_fixed_step_cannot(solver):
+    """Above the stability bound the fixed step never settles; the curvature rule caps each task's
+    step at 1/λ_max(H + λ) and reaches the closed-form equilibrium, so iMAML's meta-gradient is exact."""
+    problem, omega, batch = _quadratic(lam=0.7)
+    tops = _top_curvatures(problem, batch)
+    estimate = problem.top_curvature(omega.expand(batch.x.shape[0], -1), batch.x, batch.y, iters=50)
+    assert torch.allclose(estimate, torch.tensor(tops, dtype=F64), rtol=1e-6)
+    lr = 3 / min(tops)  # above 2/λ_max for every task
+    fixed = InnerSettings(solver, lr, 2000, 1e-10)
+    capped = InnerSettings(solver, lr, 2000, 1e-10, step_rule="curvature", power_iters=50)
+    try:
+        assert problem.equilibrium(omega, batch.x, batch.y, fixed).stats.converged_fraction < 1.0
+    except SolverDivergedError:
+        pass  # the fixed step blew up: also a failure to settle
+    settled = problem.equilibrium(omega, batch.x, batch.y, capped)
+    assert settled.stats.converged_fraction == 1.0
+    exact = _analytic(problem, omega, batch)
+    out = get_meta_method("imaml", inner=capped, cg_steps=20)(problem, omega, batch)
+    assert torch.allclose(out.grad, exact, rtol=1e-6, atol=1e-9)
+    lcp = get_meta_method("lcp", inner=capped, beta=0.01, tol=1e-12, max_iter=20000)(problem, omega, batch)
+    assert _cos(lcp.grad, exact) > 0.999
+
+
+def test_curvature_step_rule_rejects_adam_and_unknown_rules():
+    with pytest.raises(ConfigError, match="step rule"):
+        InnerSettings(step_rule="newton")
+    with pytest.raises(ConfigError, match="adam"):
+        InnerSettings(solver="adam", step_rule="curvature")

@@ -3,6 +3,7 @@
 Every failure a user can cause has its own type and a message that names the
 fix, so a long run never fails with a bare traceback from deep inside torch.
 """
+from __future__ import annotations
 
 
 class LeastControlError(Exception):
@@ -17,12 +18,15 @@ class SolverDivergedError(LeastControlError, FloatingPointError):
         step: solver iteration at which it was detected.
     """
 
-    def __init__(self, population: str, step: int, solver: str = "solver"):
+    GENERIC_HINT = "Try a smaller dt, a smaller learning rate, or gradient clipping (--grad-clip)."
+
+    def __init__(self, population: str, step: int, solver: str = "solver", hint: str | None = None):
         self.population = population
         self.step = step
+        self.solver = solver
         super().__init__(
             f"{solver} diverged: population '{population}' became NaN/Inf at step {step}. "
-            "Try a smaller dt, a smaller learning rate, or gradient clipping (--grad-clip)."
+            + (hint or self.GENERIC_HINT)
         )
 
 

@@ -28,7 +28,7 @@ import torch
 from ..errors import ConfigError, SolverDivergedError
 from ..registry import Registry
 from ..solvers import SolverStats
-from .problem import InnerProblem, InnerSettings
+from .problem import InnerProblem, InnerSettings, inner_divergence_hint
 
 
 @dataclass
@@ -76,7 +76,8 @@ class MetaMethod:
         if not bool(torch.isfinite(val).all()):
             raise SolverDivergedError("phi", free.stats.iterations, "inner solver (lower --inner-lr)")
         grad, grad_lam, stats = self.meta_gradient(problem, omega, batch, free.state)
-        stats.update(inner_iterations=free.stats.iterations, inner_residual=free.stats.residual)
+        stats.update(inner_iterations=free.stats.iterations, inner_residual=free.stats.residual,
+                     inner_converged=free.stats.converged_fraction)
         return MetaOutput(grad, float(val.mean()), stats, grad_lam if self.learn_lam else None)
 
     def meta_gradient(self, problem, omega, batch, phi):
@@ -209,11 +210,16 @@ class LCPMeta(MetaMethod):
             g, hpsi = problem.grad_and_hvp(phi, c["x"], c["y"], psi)
             f = -g - problem.lam * (phi - c["omega"])
             back = -hpsi - problem.lam * psi
-            return {"phi": f + psi, "psi": back - self.beta * problem.grads(phi, c["xq"], c["yq"])}
+            out = {"phi": f + psi, "psi": back - self.beta * problem.grads(phi, c["xq"], c["yq"])}
+            # Both populations relax through −(H + λ): the curvature rule's per-task time scale fits both.
+            return {k: v * c["scale"] for k, v in out.items()} if "scale" in c else out
 
         solver = self.inner.fixed_point_solver(self.tol, self.max_iter)
         context = {"omega": omega_t, "x": batch.x, "y": batch.y, "xq": batch.xq, "yq": batch.yq}
-        with torch.no_grad():
+        scale = problem.step_scale(phi_free, batch.x, batch.y, self.inner)
+        if scale is not None:
+            context["scale"] = scale
+        with torch.no_grad(), inner_divergence_hint(self.inner):
             res = solver.solve(field, {"phi": phi_free.clone(), "psi": torch.zeros_like(phi_free)}, context)
         # At the equilibrium ψ* = −f(φ*). The controller's own state is used: it starts at zero, so an
         # inexact free equilibrium (f(φ°) ≠ 0) does not leak into the control.

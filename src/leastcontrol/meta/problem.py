@@ -17,6 +17,7 @@ al., 2019 (iMAML).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict
 
@@ -40,6 +41,7 @@ LOSSES = {"mse": _mse, "cross_entropy": _cross_entropy}
 
 
 INNER_SOLVERS = ("gd", "anderson", "adam")
+STEP_RULES = ("fixed", "curvature")
 
 
 @dataclass
@@ -52,16 +54,30 @@ class InnerSettings:
             the controlled dynamics of ``lcp`` use it too) or ``adam`` (Adam on the inner
             objective for ``steps`` steps: a fast way to the equilibrium).
         lr: step size. steps: maximum number of steps. tol: relative-residual tolerance (``gd``).
+        step_rule: ``fixed`` — every task steps with ``lr``; ``curvature`` — each task's step is
+            capped at ``1 / λ_max(H + λ)``, half the stability bound of the gradient dynamics,
+            with ``λ_max`` estimated at the start of every solve by ``power_iters`` Hessian-vector
+            products (a rescaling of time per task: the equilibria do not change). Meta-training
+            can sharpen the inner loss past ``2 / lr``, where fixed-step dynamics oscillate.
+        power_iters: power iterations of the ``curvature`` rule.
     """
 
     solver: str = "gd"
     lr: float = 0.01
     steps: int = 300
     tol: float = 1e-5
+    step_rule: str = "fixed"
+    power_iters: int = 10
 
     def __post_init__(self):
         if self.solver not in INNER_SOLVERS:
             raise ConfigError(f"unknown inner solver '{self.solver}'; valid: {', '.join(sorted(INNER_SOLVERS))}")
+        if self.step_rule not in STEP_RULES:
+            raise ConfigError(f"unknown inner step rule '{self.step_rule}'; valid: {', '.join(STEP_RULES)}")
+        if self.step_rule == "curvature" and self.solver == "adam":
+            raise ConfigError("the curvature step rule applies to the gradient dynamics (gd, anderson), not adam")
+        if not (isinstance(self.power_iters, int) and self.power_iters >= 1):
+            raise ConfigError(f"power_iters must be a positive integer, got {self.power_iters!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"inner lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -72,6 +88,18 @@ class InnerSettings:
         if self.solver == "anderson":
             return get_solver("anderson", dt=self.lr, tol=tol, max_iter=max_iter)
         return get_solver("euler", dt=self.lr, tol=tol, max_iter=max_iter, check_every=5)
+
+
+@contextmanager
+def inner_divergence_hint(settings: InnerSettings):
+    """Re-raise a diverged inner solve with the fix that applies to it: the gradient step."""
+    try:
+        yield
+    except SolverDivergedError as err:
+        raise SolverDivergedError(
+            err.population, err.step, f"inner {settings.solver} (step {settings.lr:g})",
+            "Lower --inner-lr, or use --inner-step-rule curvature: gradient dynamics with step lr are "
+            "stable only for lr < 2/λ_max of the inner Hessian (plus λ).") from None
 
 
 def _mlp_layers(model: nn.Module, names):
@@ -187,6 +215,30 @@ class InnerProblem:
         return self.grad_and_hvp(phi, x, y, v)[1]
 
     # --- the equilibrium system ------------------------------------------------------
+    def top_curvature(self, phi: torch.Tensor, x, y, iters: int, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-task largest eigenvalue of ``H + λ`` at ``φ`` by power iteration, shape ``(T,)``.
+
+        Starts from ``start`` (default: the gradient of the inner objective, no random numbers)
+        and returns the last Rayleigh quotient, a lower bound that the iteration raises.
+        """
+        with torch.no_grad():
+            v = self.grads(phi, x, y) if start is None else start.clone()
+            v = v + 1e-3 * v.abs().mean(1, keepdim=True)  # a zero gradient still gives a direction
+            rayleigh = torch.zeros(phi.shape[0], dtype=phi.dtype, device=phi.device)
+            for _ in range(iters):
+                v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                hv = self.hvp(phi, x, y, v) + self.lam * v
+                rayleigh = (hv * v).sum(1)
+                v = hv
+            return rayleigh
+
+    def step_scale(self, phi: torch.Tensor, x, y, settings: InnerSettings) -> torch.Tensor | None:
+        """Per-task time scale ``min(1, 1 / (lr · λ_max))`` of the ``curvature`` rule, ``(T, 1)``; None if fixed."""
+        if settings.step_rule != "curvature":
+            return None
+        top = self.top_curvature(phi, x, y, settings.power_iters)
+        return (1.0 / (settings.lr * top.clamp_min(1e-30))).clamp(max=1.0)[:, None]
+
     def field(self, phi, omega, x, y, nudge: float = 0.0, xq=None, yq=None) -> torch.Tensor:
         """``f(φ) = −∇L_train(φ) − λ(φ − ω)``, plus ``−β ∇L_val(φ)`` when nudged (``nudge = β``)."""
         f = -self.grads(phi, x, y) - self.lam * (phi - omega)
@@ -206,15 +258,20 @@ class InnerProblem:
         context = {"omega": omega_t, "x": x, "y": y}
         if nudge:
             context.update(xq=xq, yq=yq)
+        scale = self.step_scale(phi0, x, y, settings)
+        if scale is not None:
+            context["scale"] = scale
 
         def field(s, c):
-            return {"phi": self.field(s["phi"], c["omega"], c["x"], c["y"], nudge, c.get("xq"), c.get("yq"))}
+            f = self.field(s["phi"], c["omega"], c["x"], c["y"], nudge, c.get("xq"), c.get("yq"))
+            return {"phi": f * c["scale"] if "scale" in c else f}
 
         with torch.no_grad():
-            if settings.solver != "adam":
+            if settings.solver == "adam":
+                return self._adam(field, phi0, context, settings)
+            with inner_divergence_hint(settings):
                 res = settings.fixed_point_solver(settings.tol, settings.steps).solve(field, {"phi": phi0}, context)
-                return SolveResult(res.state["phi"], res.stats)
-            return self._adam(field, phi0, context, settings)
+            return SolveResult(res.state["phi"], res.stats)
 
     def _adam(self, field, phi0, context, settings: InnerSettings) -> SolveResult:
         phi = phi0.clone()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -39,6 +40,7 @@ class MetaConfig:
     inner_lr: float = 0.01
     inner_steps: int = 300
     inner_tol: float = 1e-5
+    inner_step_rule: str = "fixed"  # or "curvature": each task's step capped at 1/λ_max(H + λ)
     lam: float = 1.0
     learn_lam: bool = False
     beta: float = 0.1
@@ -90,7 +92,7 @@ class MetaConfig:
         return Sinusoid(shots=self.shots, queries=self.queries)
 
     def inner_settings(self) -> InnerSettings:
-        return InnerSettings(self.inner_solver, self.inner_lr, self.inner_steps, self.inner_tol)
+        return InnerSettings(self.inner_solver, self.inner_lr, self.inner_steps, self.inner_tol, self.inner_step_rule)
 
     def build_method(self):
         options = {"inner": self.inner_settings(), "learn_lam": self.learn_lam}
@@ -108,13 +110,16 @@ def evaluate(problem: InnerProblem, omega: torch.Tensor, task, settings: InnerSe
              queries: int, seed: int, chunk: int = 100) -> Dict[str, Any]:
     """Post-adaptation metric on ``n_tasks`` held-out tasks: mean and 95% confidence half-width.
 
-    The metric is the query MSE for regression and the query accuracy for classification.
+    The metric is the query MSE for regression and the query accuracy for classification;
+    ``inner_converged_fraction`` is the mean fraction of tasks whose adaptation reached ``tol``.
     """
     g = torch.Generator().manual_seed(10_000 + seed)  # never the training stream
-    values = []
+    values, converged = [], []
     for start in range(0, n_tasks, chunk):
         batch = task.sample(min(chunk, n_tasks - start), g, queries=queries, split="test")
-        phi = problem.equilibrium(omega, batch.x, batch.y, settings).state
+        free = problem.equilibrium(omega, batch.x, batch.y, settings)
+        phi = free.state
+        converged.append(free.stats.converged_fraction)
         with torch.no_grad():
             if task.loss == "mse":
                 values.append(problem.losses(phi, batch.xq, batch.yq))
@@ -122,15 +127,36 @@ def evaluate(problem: InnerProblem, omega: torch.Tensor, task, settings: InnerSe
                 values.append((problem.forward(phi, batch.xq).argmax(-1) == batch.yq).double().mean(1))
     v = torch.cat(values).double()
     return {"metric": "mse" if task.loss == "mse" else "accuracy", "mean": float(v.mean()),
-            "ci95": float(1.96 * v.std() / math.sqrt(len(v))), "tasks": int(len(v))}
+            "ci95": float(1.96 * v.std() / math.sqrt(len(v))), "tasks": int(len(v)),
+            "inner_converged_fraction": sum(converged) / len(converged)}
+
+
+def unsettled_inner_message(fraction: float, settings: InnerSettings, where: str) -> str | None:
+    """A readable warning when the inner solve missed ``tol`` on more than a tenth of the tasks.
+
+    Gradient dynamics with step ``lr`` settle only if ``lr < 2 / λ_max(H + λ)``; a meta-trained ω
+    can sharpen the inner loss past that bound, after which the adapted weights oscillate and
+    every meta-gradient is taken at a point that is not an equilibrium.
+    """
+    if fraction >= 0.9:
+        return None
+    return (f"the inner solve reached --inner-tol {settings.tol:g} on only {100 * fraction:.0f}% of the "
+            f"{where} tasks (--inner-solver {settings.solver}, --inner-lr {settings.lr:g}, --inner-steps "
+            f"{settings.steps}); the meta-gradients are taken away from the inner equilibrium. If the step "
+            f"exceeds 2/λ_max of the inner Hessian the gradient dynamics oscillate: use --inner-step-rule "
+            f"curvature, or lower --inner-lr and raise --inner-steps")
 
 
 def meta_train(config: MetaConfig) -> Dict[str, Any]:
     """Meta-train ω (the learner's initialisation and anchor) and evaluate it on held-out tasks.
 
     Returns:
-        ``{"config", "history": [{"step", "val_loss", "seconds"}], "test": {"metric", "mean", "ci95",
-        "tasks"}, "test_untrained": {...}, "train_seconds"}``; also written to ``config.json_out``.
+        ``{"config", "history": [{"step", "val_loss", "seconds", "inner_converged_fraction"}],
+        "test": {"metric", "mean", "ci95", "tasks"}, "test_untrained": {...}, "train_seconds",
+        "inner_converged_fraction": {"train", "test", "test_untrained"}}``; also written to
+        ``config.json_out``. ``inner_converged_fraction`` is the mean fraction of tasks whose inner
+        solve reached ``tol``; below 0.9 (training or held-out) a ``RuntimeWarning`` says so and
+        names the fix.
     """
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
@@ -152,7 +178,7 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
 
     untrained = held_out()
     opt = torch.optim.Adam([omega, log_lam] if config.learn_lam else [omega], lr=config.meta_lr)
-    history, window = [], []
+    history, window, settled = [], [], []
     start = time.perf_counter()
     bar = tqdm(range(1, config.meta_steps + 1), desc=f"meta {config.method}", disable=not config.progress)
     for step in bar:
@@ -163,8 +189,11 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
             log_lam.grad = (inner.lam * out.grad_lam).to(log_lam.dtype)
         opt.step()
         window.append(out.val_loss)
+        settled.append(out.stats["inner_converged"])
         if step % config.log_every == 0 or step == config.meta_steps:
-            entry = {"step": step, "val_loss": sum(window) / len(window), "seconds": time.perf_counter() - start}
+            recent = settled[-len(window):]
+            entry = {"step": step, "val_loss": sum(window) / len(window), "seconds": time.perf_counter() - start,
+                     "inner_converged_fraction": sum(recent) / len(recent)}
             if config.learn_lam:
                 entry["lam_mean"] = float(log_lam.detach().exp().mean())
             history.append(entry)
@@ -172,8 +201,14 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
             window = []
     train_seconds = time.perf_counter() - start
     test = held_out()
+    settled_fractions = {"train": sum(settled) / len(settled), "test": test.pop("inner_converged_fraction"),
+                         "test_untrained": untrained.pop("inner_converged_fraction")}
     result = {"config": asdict(config), "history": history, "test": test, "test_untrained": untrained,
-              "train_seconds": train_seconds}
+              "train_seconds": train_seconds, "inner_converged_fraction": settled_fractions}
+    for fraction, where in ((settled_fractions["train"], "meta-training"), (settled_fractions["test"], "held-out")):
+        message = unsettled_inner_message(fraction, settings, where)
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
     if config.json_out:
         write_json(Path(config.json_out), result)
     return result
