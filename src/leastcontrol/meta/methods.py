@@ -214,11 +214,11 @@ class LCPMeta(MetaMethod):
             # Both populations relax through −(H + λ): the curvature rule's per-task time scale fits both.
             return {k: v * c["scale"] for k, v in out.items()} if "scale" in c else out
 
-        solver = self.inner.fixed_point_solver(self.tol, self.max_iter)
         context = {"omega": omega_t, "x": batch.x, "y": batch.y, "xq": batch.xq, "yq": batch.yq}
         scale = problem.step_scale(phi_free, batch.x, batch.y, self.inner)
         if scale is not None:
             context["scale"] = scale
+        solver = self.inner.fixed_point_solver(problem.scaled_tol(self.tol, scale), self.max_iter)
         with torch.no_grad(), inner_divergence_hint(self.inner):
             res = solver.solve(field, {"phi": phi_free.clone(), "psi": torch.zeros_like(phi_free)}, context)
         # At the equilibrium ψ* = −f(φ*). The controller's own state is used: it starts at zero, so an

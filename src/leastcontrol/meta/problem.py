@@ -57,8 +57,9 @@ class InnerSettings:
         step_rule: ``fixed`` — every task steps with ``lr``; ``curvature`` — each task's step is
             capped at ``1 / λ_max(H + λ)``, half the stability bound of the gradient dynamics,
             with ``λ_max`` estimated at the start of every solve by ``power_iters`` Hessian-vector
-            products (a rescaling of time per task: the equilibria do not change). Meta-training
-            can sharpen the inner loss past ``2 / lr``, where fixed-step dynamics oscillate.
+            products (a rescaling of time per task: the equilibria do not change; ``tol`` still
+            bounds the unscaled step ``lr · ‖f‖ / ‖φ‖``). Meta-training can sharpen the inner loss
+            past ``2 / lr``, where fixed-step dynamics oscillate.
         power_iters: power iterations of the ``curvature`` rule.
     """
 
@@ -239,6 +240,15 @@ class InnerProblem:
         top = self.top_curvature(phi, x, y, settings.power_iters)
         return (1.0 / (settings.lr * top.clamp_min(1e-30))).clamp(max=1.0)[:, None]
 
+    @staticmethod
+    def scaled_tol(tol: float, scale: torch.Tensor | None) -> float:
+        """The solver tolerance that keeps ``tol``'s meaning under a per-task time scale.
+
+        The solvers test the step they take, ``scale · lr · ‖f‖ / ‖φ‖``; ``tol`` bounds the unscaled
+        step ``lr · ‖f‖ / ‖φ‖``, so the test is tightened by the smallest scale of the batch.
+        """
+        return tol if scale is None else tol * float(scale.min())
+
     def field(self, phi, omega, x, y, nudge: float = 0.0, xq=None, yq=None) -> torch.Tensor:
         """``f(φ) = −∇L_train(φ) − λ(φ − ω)``, plus ``−β ∇L_val(φ)`` when nudged (``nudge = β``)."""
         f = -self.grads(phi, x, y) - self.lam * (phi - omega)
@@ -269,8 +279,9 @@ class InnerProblem:
         with torch.no_grad():
             if settings.solver == "adam":
                 return self._adam(field, phi0, context, settings)
+            tol = self.scaled_tol(settings.tol, scale)
             with inner_divergence_hint(settings):
-                res = settings.fixed_point_solver(settings.tol, settings.steps).solve(field, {"phi": phi0}, context)
+                res = settings.fixed_point_solver(tol, settings.steps).solve(field, {"phi": phi0}, context)
             return SolveResult(res.state["phi"], res.stats)
 
     def _adam(self, field, phi0, context, settings: InnerSettings) -> SolveResult:
