@@ -23,7 +23,6 @@ class SolverDivergedError(LeastControlError, FloatingPointError):
     def __init__(self, population: str, step: int, solver: str = "solver", hint: str | None = None):
         self.population = population
         self.step = step
-        self.solver = solver
         super().__init__(
             f"{solver} diverged: population '{population}' became NaN/Inf at step {step}. "
             + (hint or self.GENERIC_HINT)

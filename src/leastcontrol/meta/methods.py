@@ -28,7 +28,7 @@ import torch
 from ..errors import ConfigError, SolverDivergedError
 from ..registry import Registry
 from ..solvers import SolverStats
-from .problem import InnerProblem, InnerSettings, inner_divergence_hint
+from .problem import INNER_STEP_HINT, InnerProblem, InnerSettings, inner_divergence_hint
 
 
 @dataclass
@@ -74,7 +74,7 @@ class MetaMethod:
         with torch.no_grad():
             val = problem.losses(free.state, batch.xq, batch.yq)
         if not bool(torch.isfinite(val).all()):
-            raise SolverDivergedError("phi", free.stats.iterations, "inner solver (lower --inner-lr)")
+            raise SolverDivergedError("phi", free.stats.iterations, f"inner {self.inner.solver}", INNER_STEP_HINT)
         grad, grad_lam, stats = self.meta_gradient(problem, omega, batch, free.state)
         stats.update(inner_iterations=free.stats.iterations, inner_residual=free.stats.residual,
                      inner_converged=free.stats.converged_fraction)

@@ -91,6 +91,10 @@ class InnerSettings:
         return get_solver("euler", dt=self.lr, tol=tol, max_iter=max_iter, check_every=5)
 
 
+INNER_STEP_HINT = ("Lower --inner-lr, or use --inner-step-rule curvature: gradient dynamics with step lr are "
+                   "stable only for lr < 2/λ_max of the inner Hessian (plus λ).")
+
+
 @contextmanager
 def inner_divergence_hint(settings: InnerSettings):
     """Re-raise a diverged inner solve with the fix that applies to it: the gradient step."""
@@ -98,9 +102,7 @@ def inner_divergence_hint(settings: InnerSettings):
         yield
     except SolverDivergedError as err:
         raise SolverDivergedError(
-            err.population, err.step, f"inner {settings.solver} (step {settings.lr:g})",
-            "Lower --inner-lr, or use --inner-step-rule curvature: gradient dynamics with step lr are "
-            "stable only for lr < 2/λ_max of the inner Hessian (plus λ).") from None
+            err.population, err.step, f"inner {settings.solver} (step {settings.lr:g})", INNER_STEP_HINT) from None
 
 
 def _mlp_layers(model: nn.Module, names):
@@ -216,14 +218,14 @@ class InnerProblem:
         return self.grad_and_hvp(phi, x, y, v)[1]
 
     # --- the equilibrium system ------------------------------------------------------
-    def top_curvature(self, phi: torch.Tensor, x, y, iters: int, start: torch.Tensor | None = None) -> torch.Tensor:
+    def top_curvature(self, phi: torch.Tensor, x, y, iters: int) -> torch.Tensor:
         """Per-task largest eigenvalue of ``H + λ`` at ``φ`` by power iteration, shape ``(T,)``.
 
-        Starts from ``start`` (default: the gradient of the inner objective, no random numbers)
-        and returns the last Rayleigh quotient, a lower bound that the iteration raises.
+        Starts from the gradient of the training loss (no random numbers) and returns the last
+        Rayleigh quotient, a lower bound that the iteration raises.
         """
         with torch.no_grad():
-            v = self.grads(phi, x, y) if start is None else start.clone()
+            v = self.grads(phi, x, y)
             v = v + 1e-3 * v.abs().mean(1, keepdim=True)  # a zero gradient still gives a direction
             rayleigh = torch.zeros(phi.shape[0], dtype=phi.dtype, device=phi.device)
             for _ in range(iters):
