@@ -262,7 +262,7 @@ def _eval(args) -> int:
     method.prepare(system)  # e.g. feedback weights that the checkpoint holds
     system.load_state_dict(state["system"])
     accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
-                        config.eval_batch_size, config.amp)
+                        config.eval_batch_size, config.amp, progress=True)
     print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "
           f"(epoch {state['epoch']})")
     if args.json_out:

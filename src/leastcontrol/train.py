@@ -260,13 +260,17 @@ def cosine_factor(step: int, total: int, floor: float = 0.1) -> float:
 
 @torch.no_grad()
 def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1000, amp: bool = False) -> float:
-    """Test accuracy of the free equilibrium's output (``amp``: under :func:`mixed_precision`)."""
+             batch_size: int = 1000, amp: bool = False, progress: bool = False) -> float:
+    """Test accuracy of the free equilibrium's output (``amp``: under :func:`mixed_precision`).
+
+    ``progress`` shows a bar over the evaluation batches (a DEQ on a CPU takes minutes per batch).
+    """
     correct = 0
     was_training = system.training
     system.eval()  # normalisation layers use their running statistics
+    starts = range(0, len(y), batch_size)
     try:
-        for i in range(0, len(y), batch_size):
+        for i in tqdm(starts, desc="evaluate", disable=not progress, leave=False, unit="batch"):
             with mixed_precision(amp, system.device):
                 logits = method.predict(system, x[i:i + batch_size].to(system.device))
             correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
@@ -400,7 +404,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         train_seconds += epoch_seconds
         if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
             test_accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
-                                     config.eval_batch_size, config.amp)
+                                     config.eval_batch_size, config.amp, config.progress)
             evaluated = test_accuracy
         else:
             evaluated = None
