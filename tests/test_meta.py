@@ -125,6 +125,20 @@ def test_sinusoid_tasks_follow_the_published_distribution():
     assert float(b.x.abs().max()) <= 5.0 and float(b.y.abs().max()) <= 5.0
 
 
+def test_sinusoid_learner_is_the_published_relu_mlp_unless_told_otherwise():
+    g = torch.Generator().manual_seed(0)
+    relu = Sinusoid().model(g)
+    shapes = [tuple(p.shape) for p in relu.parameters()]
+    assert shapes == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+    assert [type(m) for m in relu if not isinstance(m, nn.Linear)] == [nn.ReLU, nn.ReLU]
+    smooth = Sinusoid(activation="softplus").model(torch.Generator().manual_seed(0))
+    assert [type(m) for m in smooth if not isinstance(m, nn.Linear)] == [nn.Softplus, nn.Softplus]
+    # The activation changes the rate function only, not the initial weights.
+    assert all(torch.equal(a, b) for a, b in zip(relu.parameters(), smooth.parameters()))
+    with pytest.raises(ConfigError, match="relu, softplus, tanh"):
+        Sinusoid(activation="gelu")
+
+
 def test_bad_meta_settings_fail_clearly():
     with pytest.raises(ValueError, match="contrastive, fomaml, imaml, lcp"):
         get_meta_method("maml")

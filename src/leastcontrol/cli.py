@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--learner", default="conv", choices=["conv", "mlp"],
                    help="omniglot learner: 4-block conv net, 64 channels (conv) or a faster MLP")
     m.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS),
-                   help="omniglot learner's rate function: relu (published) or a smooth one")
+                   help="the learner's rate function (omniglot and sinusoid): relu (published) or a smooth one")
     m.add_argument("--data-dir", default=None, help="omniglot: directory holding the zip archives")
     m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
     m.add_argument("--meta-steps", type=_positive_int, default=1000)

@@ -49,14 +49,17 @@ class Sinusoid:
 
     Args:
         shots: K support points per task. queries: query points per task (validation loss).
+        activation: the learner's rate function: ``relu`` (published), ``softplus`` or ``tanh`` (smooth).
     """
 
     shots: int = 10
     queries: int = 10
+    activation: str = "relu"
     loss = "mse"
 
     def __post_init__(self):
         _check_positive(self, ("shots", "queries"))
+        check_activation(self.activation)
 
     def sample(self, n_tasks: int, generator: torch.Generator, queries: int | None = None,
                split: str = "train") -> TaskBatch:
@@ -67,11 +70,10 @@ class Sinusoid:
         y = amp * torch.sin(x - phase)
         return TaskBatch(x[:, :self.shots], y[:, :self.shots], x[:, self.shots:], y[:, self.shots:])
 
-    @staticmethod
-    def model(generator: torch.Generator | None = None) -> nn.Module:
-        """The standard learner: MLP 1-40-40-1 with ReLU."""
+    def model(self, generator: torch.Generator | None = None) -> nn.Module:
+        """The standard learner: MLP 1-40-40-1 (ReLU unless ``activation`` says otherwise)."""
         _seed_global(generator)
-        return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+        return mlp_learner(1, 1, hidden=(40, 40), activation=self.activation)
 
 
 @dataclass

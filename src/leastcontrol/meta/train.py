@@ -31,7 +31,7 @@ class MetaConfig:
     shots: Optional[int] = None     # default: 10 (sinusoid), 1 (omniglot)
     queries: Optional[int] = None   # default: 10 (sinusoid), 15 (omniglot)
     learner: str = "conv"
-    activation: str = "relu"        # omniglot learner's rate function: relu, softplus, tanh
+    activation: str = "relu"        # the learner's rate function: relu (published), softplus, tanh
     data_dir: Optional[str] = None
     meta_batch: int = 25
     meta_steps: int = 1000
@@ -89,7 +89,7 @@ class MetaConfig:
         if self.task == "omniglot":
             return Omniglot(ways=self.ways, shots=self.shots, queries=self.queries, learner=self.learner,
                             activation=self.activation, data_dir=self.data_dir)
-        return Sinusoid(shots=self.shots, queries=self.queries)
+        return Sinusoid(shots=self.shots, queries=self.queries, activation=self.activation)
 
     def inner_settings(self) -> InnerSettings:
         return InnerSettings(self.inner_solver, self.inner_lr, self.inner_steps, self.inner_tol, self.inner_step_rule)
