@@ -160,6 +160,8 @@ def test_meta_cli_writes_the_documented_json(tmp_path):
     assert set(result["test"]) == {"metric", "mean", "ci95", "tasks"}
     assert result["test"]["metric"] == "mse" and result["test"]["tasks"] == 8
     assert result["history"][-1]["step"] == 2
+    # The method's own figures, averaged over the logging window: LCP's controlled solve ran.
+    assert result["history"][-1]["method_stats"]["controlled_iterations"] >= 1
 
 
 def test_meta_config_rejects_bad_values():

@@ -147,11 +147,17 @@ def unsettled_inner_message(fraction: float, settings: InnerSettings, where: str
             f"curvature, or lower --inner-lr and raise --inner-steps")
 
 
+def _mean_stats(window: list) -> Dict[str, float]:
+    """The mean over a logging window of each numeric stat the method reported (CG residual, iterations, ...)."""
+    keys = [k for k, v in window[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: sum(float(s[k]) for s in window) / len(window) for k in keys}
+
+
 def meta_train(config: MetaConfig) -> Dict[str, Any]:
     """Meta-train ω (the learner's initialisation and anchor) and evaluate it on held-out tasks.
 
     Returns:
-        ``{"config", "history": [{"step", "val_loss", "seconds", "inner_converged_fraction"}],
+        ``{"config", "history": [{"step", "val_loss", "seconds", "inner_converged_fraction", "method_stats"}],
         "test": {"metric", "mean", "ci95", "tasks"}, "test_untrained": {...}, "train_seconds",
         "inner_converged_fraction": {"train", "test", "test_untrained"}}``; also written to
         ``config.json_out``. ``inner_converged_fraction`` is the mean fraction of tasks whose inner
@@ -178,7 +184,7 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
 
     untrained = held_out()
     opt = torch.optim.Adam([omega, log_lam] if config.learn_lam else [omega], lr=config.meta_lr)
-    history, window, settled = [], [], []
+    history, window, settled, window_stats = [], [], [], []
     start = time.perf_counter()
     bar = tqdm(range(1, config.meta_steps + 1), desc=f"meta {config.method}", disable=not config.progress)
     for step in bar:
@@ -190,15 +196,17 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
         opt.step()
         window.append(out.val_loss)
         settled.append(out.stats["inner_converged"])
+        window_stats.append(out.stats)
         if step % config.log_every == 0 or step == config.meta_steps:
             recent = settled[-len(window):]
             entry = {"step": step, "val_loss": sum(window) / len(window), "seconds": time.perf_counter() - start,
-                     "inner_converged_fraction": sum(recent) / len(recent)}
+                     "inner_converged_fraction": sum(recent) / len(recent),
+                     "method_stats": _mean_stats(window_stats)}
             if config.learn_lam:
                 entry["lam_mean"] = float(log_lam.detach().exp().mean())
             history.append(entry)
             bar.set_postfix(val=f"{entry['val_loss']:.3f}")
-            window = []
+            window, window_stats = [], []
     train_seconds = time.perf_counter() - start
     test = held_out()
     settled_fractions = {"train": sum(settled) / len(settled), "test": test.pop("inner_converged_fraction"),
