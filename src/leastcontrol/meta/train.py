@@ -150,15 +150,15 @@ def unsettled_inner_message(fraction: float, settings: InnerSettings, where: str
 CG_RESIDUAL_WARN = 1e-2
 
 
-def unsolved_cg_message(residual: float, cg_steps: int) -> str | None:
+def unsolved_cg_message(residual: float | None, cg_steps: int) -> str | None:
     """A readable warning when iMAML's conjugate gradient left a large residual on ``(H + λ) u = ∇L_val``.
 
     ``residual`` is the worst task's relative residual, averaged over the last logged window.
     Meta-training sharpens the inner loss, so the condition number of ``H + λ`` grows and a CG
     budget that solved the system at the start no longer does; the meta-gradient then drifts
-    toward the first-order one.
+    toward the first-order one. ``None`` (a method without CG) gives no warning.
     """
-    if not residual > CG_RESIDUAL_WARN:
+    if residual is None or not residual > CG_RESIDUAL_WARN:
         return None
     return (f"iMAML's conjugate gradient ended meta-training with a relative residual of {residual:.2g} on "
             f"(H + λ) u = ∇L_val after --cg-steps {cg_steps}, so its meta-gradient is only partly implicit: raise "
@@ -217,10 +217,9 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
         settled.append(out.stats["inner_converged"])
         window_stats.append(out.stats)
         if step % config.log_every == 0 or step == config.meta_steps:
-            recent = settled[-len(window):]
+            stats = _mean_stats(window_stats)
             entry = {"step": step, "val_loss": sum(window) / len(window), "seconds": time.perf_counter() - start,
-                     "inner_converged_fraction": sum(recent) / len(recent),
-                     "method_stats": _mean_stats(window_stats)}
+                     "inner_converged_fraction": stats["inner_converged"], "method_stats": stats}
             if config.learn_lam:
                 entry["lam_mean"] = float(log_lam.detach().exp().mean())
             history.append(entry)
@@ -236,8 +235,7 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
         message = unsettled_inner_message(fraction, settings, where)
         if message:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-    cg_residual = history[-1]["method_stats"].get("cg_residual") if history else None
-    message = unsolved_cg_message(cg_residual, config.cg_steps) if cg_residual is not None else None
+    message = unsolved_cg_message(history[-1]["method_stats"].get("cg_residual"), config.cg_steps)
     if message:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
     if config.json_out:
