@@ -165,6 +165,15 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
                 "rnn_lcp_di_stall_over_rbp", "ff_lcp_di_over_bp"):
         assert ratios[key] > 0
     assert ratios["lcp_di_memory_800_over_100"] is None  # memory probes were skipped
+    # Same network, same batches: the fast path checks convergence every `check_every` steps per
+    # phase (free, controlled), so it may run up to check_every - 1 more steps in each.
+    agreement = result["iteration_agreement"]
+    assert agreement["batches"] == config.batches
+    check_every = Row("rnn", "lcp-di").build().check_every
+    for fast, ref in zip(agreement["iterations"], agreement["reference_iterations"]):
+        assert ref <= fast <= ref + 2 * (check_every - 1)
+    assert ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] == pytest.approx(
+        sum(agreement["reference_iterations"]) / sum(agreement["iterations"]))
 
 
 def test_bench_cli_rejects_a_missing_gpu(capsys):

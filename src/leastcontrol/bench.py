@@ -200,6 +200,28 @@ def update_cosine(row: Row, net, x, y) -> Optional[float]:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
+def paired_iterations(row: Row, reference: Row, net, batches) -> Dict[str, Any]:
+    """Iterations of ``row`` and of ``reference`` on the same network and the same batches.
+
+    The timed rows each train their own copy of the network, so after a few steps their
+    iteration counts come from different weights; this measurement holds the weights fixed,
+    which isolates what the implementation does to the number of steps.
+
+    Returns:
+        ``{"batches", "iterations", "reference_iterations", "ratio"}``, ratio = reference / row
+        of the per-batch means.
+    """
+    counts: Dict[str, List[float]] = {"iterations": [], "reference_iterations": []}
+    for key, r in (("iterations", row), ("reference_iterations", reference)):
+        method = r.build()
+        for x, y in batches:
+            torch.manual_seed(0)
+            out = method.gradients(copy.deepcopy(net), *method._inputs(net, x, y))
+            counts[key].append(float(out.stats["iterations"]))
+    mean, ref = statistics.mean(counts["iterations"]), statistics.mean(counts["reference_iterations"])
+    return {"batches": len(batches), **counts, "ratio": _ratio(ref, mean)}
+
+
 def _pretrained(model: str, config: BenchConfig, batches) -> Any:
     """The starting network of every row of ``model``: ``pretrain`` batches of its baseline (bp / lcp-di)."""
     net = _network(model, config)
@@ -282,6 +304,10 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             "update_cosine_vs_autograd": update_cosine(t.row, start[t.row.model], x, y),
         })
     by = {r["label"]: r for r in results}
+    agreement = {}
+    if {"rnn-lcp-di", "rnn-lcp-di-autograd"} <= set(by):
+        agreement = paired_iterations(Row("rnn", "lcp-di"), Row("rnn", "lcp-di", impl="autograd"),
+                                      start["rnn"], batches[:config.batches])
     memory: Dict[str, float] = {}
     if config.memory:
         probes = {"lcp_di_100": Row("rnn", "lcp-di", options={"tol": 0.0, "max_iter": 100}),
@@ -293,8 +319,10 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
         for r in tqdm(results, desc="memory per row", disable=not config.progress, leave=False):
             r["peak_memory_mb"] = peak_memory_mb(Row(r["model"], r["method"], r["impl"],
                                                      _row_options(rows, r["label"])), config)
+    ratios = _ratios(by, memory)
+    ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] = agreement.get("ratio")
     return {"config": asdict(config), "rows": results, "memory_probes_mb": memory,
-            "ratios": _ratios(by, memory)}
+            "iteration_agreement": agreement, "ratios": ratios}
 
 
 def _row_options(rows: List[Row], label: str) -> Dict[str, Any]:
