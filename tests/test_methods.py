@@ -360,3 +360,23 @@ def test_explicit_outer_product_update_equals_autograd_vjp(name, make):
     out = method.gradients(net, xs, y)
     for n in forward:
         assert torch.allclose(out.grads[n], explicit[n], atol=1e-8, rtol=0), n
+
+
+def test_per_population_residual_settles_the_control_that_a_joint_residual_cuts_short():
+    # From the free equilibrium the control starts at zero beside a settled state, so one
+    # residual over [s | e | u_int] passes a loose tol while the control is still growing.
+    net = tiny_rnn()
+    x, y = batch()
+
+    def update(**kw):
+        net.zero_grad()
+        return LCPDI(alpha=0.5, k_i=0.2, max_iter=5000, check_every=1, **kw).gradients(net, x, y).grads
+
+    settled = update(tol=1e-12)
+    assert LCPDI().controlled_residual == "per-population"
+    per_population = update(tol=1e-2)
+    joint = update(tol=1e-2, controlled_residual="joint")
+    assert rel_err(per_population, settled) < 1e-2
+    assert rel_err(joint, settled) > 3 * rel_err(per_population, settled)
+    with pytest.raises(ConfigError, match="controlled_residual"):
+        LCPDI(controlled_residual="sum")

@@ -156,3 +156,23 @@ def test_stall_rule_leaves_a_converging_solve_unchanged(solver_cls):
     assert ruled.stats.converged and ruled.stats.stalled_fraction == 0.0
     assert ruled.stats.iterations == plain.stats.iterations
     assert torch.equal(ruled.state["s"], plain.state["s"])
+
+
+def test_group_residual_waits_for_a_small_group_that_is_still_moving():
+    # z = [a | b]: `a` is large and already at its fixed point, `b` starts at 0 and relaxes to 1
+    # as b_t = 1 − (1 − dt)^t. One residual over the whole buffer is ~‖ḃ‖/‖a‖ and passes tol at
+    # once; each group's own residual only passes once b itself has settled.
+    target = torch.tensor([[1000.0, 1.0]], dtype=torch.float64)
+    z0 = torch.tensor([[1000.0, 0.0]], dtype=torch.float64)
+    joint = Euler(dt=0.5, tol=1e-2, max_iter=200).solve(lambda z: target - z, z0)
+    grouped = Euler(dt=0.5, tol=1e-2, max_iter=200, groups=(1, 1)).solve(lambda z: target - z, z0)
+    assert joint.stats.iterations == 1 and joint.state[0, 1] == pytest.approx(0.5)
+    # Per-group residual at step t (before the step): dt·(1−dt)^(t−1) / (1 − (1−dt)^(t−1)) < 1e-2.
+    t = next(t for t in range(2, 200) if 0.5 * 0.5 ** (t - 1) / (1 - 0.5 ** (t - 1)) < 1e-2)
+    assert grouped.stats.iterations == t
+    assert grouped.state[0, 1] == pytest.approx(1 - 0.5 ** t)
+
+
+def test_groups_are_validated():
+    with pytest.raises(ConfigError, match="groups"):
+        Euler(groups=(3, 0))

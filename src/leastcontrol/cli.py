@@ -16,6 +16,7 @@ from .meta.learners import ACTIVATIONS
 from .meta.problem import INNER_SOLVERS, STEP_RULES
 from .methods import METHODS
 from .methods.base import IMPLS
+from .methods.lcp import CONTROLLED_RESIDUALS
 from .solvers import SOLVERS
 from .systems import SYSTEMS
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check-every", type=_positive_int, help="test convergence every k solver steps (10)")
     g.add_argument("--warm-start-tol", type=float,
                    help="tolerance of the free solve that starts the controlled dynamics (default: --tol)")
+    g.add_argument("--controlled-residual", choices=CONTROLLED_RESIDUALS,
+                   help="lcp-di/kp: when the controlled dynamics count as settled: per-population (default: "
+                        "state, hidden control and controller each to --tol) or joint (one residual over all)")
     g.add_argument("--patience", type=_positive_int,
                    help="stall rule (off): a sample whose residual has not fallen by 10%% in this many steps stops")
     g.add_argument("--stall-tol", type=float, help="stall rule: only below this residual (default: any)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field as dc_field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -141,6 +141,21 @@ def _sq_norms(d) -> torch.Tensor:
     return sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in d.values())
 
 
+def _relative_residual(g, s, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """Per-sample ``‖g‖ / ‖s‖``, shape ``(B,)``: over the whole state, or the largest over ``groups``.
+
+    ``groups`` (widths along dim 1 of a single flat buffer) gives each group its own relative
+    residual, so a small population that is still growing (a control starting from zero beside
+    a large, already settled state) is not hidden by the norm of the others.
+    """
+    if groups is None:
+        return (_sq_norms(g) / _sq_norms(s).clamp_min(_TINY)).sqrt()
+    (gz,), (z,) = g.values(), s.values()
+    ratios = [gp.pow(2).sum(1) / zp.pow(2).sum(1).clamp_min(_TINY)
+              for gp, zp in zip(gz.split(list(groups), 1), z.split(list(groups), 1))]
+    return torch.stack(ratios).amax(0).sqrt()
+
+
 class Solver:
     """Common configuration and validation of the fixed-point solvers.
 
@@ -155,13 +170,17 @@ class Solver:
             For non-smooth dynamics (ReLU kinks) whose Euler iterates chatter at a residual
             floor above ``tol``: the state no longer improves, so further steps only cost.
         stall_tol: a stalled sample stops only if its residual is below this (``None``: any).
+        groups: for a state that is one flat ``(B, N)`` buffer, the widths of its groups along
+            dim 1 (summing to N); the residual is then the largest of the groups' own relative
+            residuals. ``None`` (default): one relative residual over the whole state.
     """
 
     name = "solver"
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
                  check_every: int = 1, require_convergence: bool = False,
-                 patience: int | None = None, stall_tol: float | None = None):
+                 patience: int | None = None, stall_tol: float | None = None,
+                 groups: Sequence[int] | None = None):
         if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
             raise ConfigError(f"dt must be a positive number, got {dt!r}")
         if not (isinstance(tol, (int, float)) and tol >= 0):
@@ -176,6 +195,9 @@ class Solver:
             raise ConfigError(f"stall_tol must be > 0 (or None: any residual), got {stall_tol!r}")
         self.dt, self.tol, self.max_iter = float(dt), float(tol), max_iter
         self.check_every, self.require_convergence = check_every, require_convergence
+        if groups is not None and not (len(groups) >= 1 and all(isinstance(w, int) and w >= 1 for w in groups)):
+            raise ConfigError(f"groups must be positive integer widths, got {groups!r}")
+        self.groups = None if groups is None else tuple(groups)
         self.patience = patience
         self.stall_tol = math.inf if stall_tol is None else float(stall_tol)
 
@@ -224,7 +246,7 @@ class Solver:
             stalled); ``keep``
             the rows still iterating when some froze (the caller subsets its own tensors), else None.
         """
-        res = (gz.pow(2).sum(1) / z.pow(2).sum(1).clamp_min(_TINY)).sqrt().double()
+        res = _relative_residual({"z": gz}, {"z": z}, self.groups).double()
         improved = res < best_r
         best_r = torch.where(improved, res, best_r)
         best_z = torch.where(improved[:, None], z, best_z)
@@ -355,7 +377,7 @@ class Euler(Solver):
             g = g_field(s, ctx)
             check = step % self.check_every == 0 or step == self.max_iter
             if check:
-                res = self.dt * (_sq_norms(g) / _sq_norms(s).clamp_min(_TINY)).sqrt()
+                res = self.dt * _relative_residual(g, s, self.groups)
             names = list(s)
             s = dict(zip(names, torch._foreach_add([s[k] for k in names], [g[k] for k in names], alpha=self.dt)))
             if not check:

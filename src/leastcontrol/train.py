@@ -28,7 +28,7 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 # for the recurrent systems (RNN, DEQ).
 DEFAULT_GRAD_CLIP = {"rnn": 10.0, "deq": 10.0}
 METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "warm_start_tol",
-                  "patience", "stall_tol",
+                  "controlled_residual", "patience", "stall_tol",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
 
@@ -70,6 +70,7 @@ class TrainConfig:
     check_every: Optional[int] = None
     impl: Optional[str] = None
     warm_start_tol: Optional[float] = None
+    controlled_residual: Optional[str] = None
     patience: Optional[int] = None
     stall_tol: Optional[float] = None
     ebd_optim: Optional[str] = None

@@ -182,10 +182,11 @@ class EquilibriumMethod(Method):
                               "use impl 'fast' for other solvers")
         self._solver = self._make_solver(self.tol)
 
-    def _make_solver(self, tol: float):
-        options = {"check_every": self.check_every, "patience": self.patience, "stall_tol": self.stall_tol}
+    def _make_solver(self, tol: float, groups=None):
+        options = {"check_every": self.check_every, "patience": self.patience, "stall_tol": self.stall_tol,
+                   "groups": groups}
         if self.impl == "autograd":
-            options = {"check_every": 1, "freeze": False, "patience": self.patience, "stall_tol": self.stall_tol}
+            options.update(check_every=1, freeze=False)
         return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
 
     def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
