@@ -264,17 +264,20 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
              batch_size: int = 1000, amp: bool = False, progress: bool = False) -> float:
     """Test accuracy of the free equilibrium's output (``amp``: under :func:`mixed_precision`).
 
-    ``progress`` shows a bar over the evaluation batches (a DEQ on a CPU takes minutes per batch).
+    ``progress`` shows a bar over the evaluation batches with the accuracy so far (a DEQ on a
+    CPU takes minutes per batch).
     """
     correct = 0
     was_training = system.training
     system.eval()  # normalisation layers use their running statistics
     starts = range(0, len(y), batch_size)
     try:
-        for i in tqdm(starts, desc="evaluate", disable=not progress, leave=False, unit="batch"):
+        bar = tqdm(starts, desc="evaluate", disable=not progress, leave=False, unit="batch")
+        for i in bar:
             with mixed_precision(amp, system.device):
                 logits = method.predict(system, x[i:i + batch_size].to(system.device))
             correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
+            bar.set_postfix(acc=f"{correct / min(i + batch_size, len(y)):.4f}", seen=min(i + batch_size, len(y)))
     finally:
         system.train(was_training)
     return correct / max(len(y), 1)
