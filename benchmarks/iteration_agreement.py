@@ -13,13 +13,14 @@ import dataclasses
 
 from leastcontrol.atomic import write_json
 from leastcontrol.bench import BenchConfig, Row, _batches, _pretrained, paired_iterations
+from leastcontrol.methods.lcp import CONTROLLED_RESIDUALS
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--controlled-residual", default="per-population", choices=["per-population", "joint"])
+    p.add_argument("--controlled-residual", default="per-population", choices=CONTROLLED_RESIDUALS)
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     config = BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)

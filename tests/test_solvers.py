@@ -176,3 +176,9 @@ def test_group_residual_waits_for_a_small_group_that_is_still_moving():
 def test_groups_are_validated():
     with pytest.raises(ConfigError, match="groups"):
         Euler(groups=(3, 0))
+    z0 = torch.zeros(2, 4)
+    for solver in (Euler(groups=(1, 2)), Anderson(groups=(1, 2))):
+        with pytest.raises(ConfigError, match="width 3"):
+            solver.solve(lambda z: -z, z0)
+    with pytest.raises(ConfigError, match="one flat buffer"):
+        Euler(groups=(2, 2)).solve(lambda s: {k: -v for k, v in s.items()}, {"a": z0, "b": z0})

@@ -201,6 +201,14 @@ class Solver:
         self.patience = patience
         self.stall_tol = math.inf if stall_tol is None else float(stall_tol)
 
+    def _layout(self, state0, labels) -> _Layout:
+        """The state's layout; with ``groups``, checked against the one flat buffer they split."""
+        layout = _Layout(state0, labels)
+        if self.groups is not None and (len(layout.names) != 1 or sum(self.groups) != layout.sizes[0]):
+            raise ConfigError(f"groups {self.groups} must split one flat buffer of width {sum(self.groups)}; "
+                              f"got populations {dict(zip(layout.names, layout.sizes))}")
+        return layout
+
     def _freezer(self, template: Dict[str, torch.Tensor], enabled: bool) -> "_Freezer":
         return _Freezer(template, enabled, self.patience, self.stall_tol)
 
@@ -234,7 +242,7 @@ class Solver:
 
     def _start(self, field, state0, context, labels):
         """Layout, packed field, flat start ``z`` ``(B, N)`` and freezer of the solvers that step one buffer."""
-        layout = _Layout(state0, labels)
+        layout = self._layout(state0, labels)
         z = layout.pack(layout.as_dict)
         return layout, layout.wrap(field, context is not None), z, self._freezer({"z": z}, self.freeze and context is not None)
 
@@ -366,7 +374,7 @@ class Euler(Solver):
 
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
-        layout = _Layout(state0, labels)
+        layout = self._layout(state0, labels)
         g_field = layout.wrap(field, context is not None)
         s = layout.as_dict
         frozen = self._freezer(s, self.freeze and context is not None)

@@ -277,7 +277,8 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
             with mixed_precision(amp, system.device):
                 logits = method.predict(system, x[i:i + batch_size].to(system.device))
             correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
-            bar.set_postfix(acc=f"{correct / min(i + batch_size, len(y)):.4f}", seen=min(i + batch_size, len(y)))
+            seen = min(i + batch_size, len(y))
+            bar.set_postfix(acc=f"{correct / seen:.4f}", seen=seen)
     finally:
         system.train(was_training)
     return correct / max(len(y), 1)
