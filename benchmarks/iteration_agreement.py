@@ -13,7 +13,7 @@ import dataclasses
 
 from leastcontrol.atomic import write_json
 from leastcontrol.bench import BenchConfig, Row, _batches, _pretrained, paired_iterations
-from leastcontrol.methods.lcp import CONTROLLED_RESIDUALS
+from leastcontrol.solvers import CONTROLLED_RESIDUALS
 
 
 def main() -> None:

@@ -77,6 +77,25 @@ def test_lcp_over_beta_tends_to_the_implicit_gradient(route):
         assert errors[2] < errors[1] < errors[0]  # the error shrinks with β
 
 
+def test_lcp_controlled_solve_waits_for_the_control_to_settle():
+    # ψ starts at zero beside a settled φ of norm ~100·√P. Each population judged by its own
+    # residual, the linear dynamics (rate ≥ λ = 0.7, step 0.1) leave a relative error of at most
+    # about tol/(0.1·0.7) ≈ 1.4e-3; one residual over [φ | ψ] judges ψ's motion against ‖φ‖ and
+    # stops while ψ is still further off.
+    problem, omega, batch = _quadratic()
+    omega = omega + 100.0
+    settled = get_meta_method("lcp", inner=INNER, beta=0.01, tol=1e-13, max_iter=50000)(problem, omega, batch).grad
+    errors = {}
+    for rule in ("per-population", "joint"):
+        out = get_meta_method("lcp", inner=INNER, beta=0.01, tol=1e-4, max_iter=5000,
+                              controlled_residual=rule)(problem, omega, batch)
+        errors[rule] = float((out.grad - settled).norm() / settled.norm())
+    assert errors["per-population"] < 1e-4 / (0.1 * 0.7)
+    assert errors["joint"] > 1e-4 / (0.1 * 0.7)
+    with pytest.raises(ConfigError, match="controlled_residual"):
+        get_meta_method("lcp", controlled_residual="sum")
+
+
 def test_anderson_inner_solver_reaches_the_same_equilibria_in_fewer_steps():
     problem, omega, batch = _quadratic()
     gd = InnerSettings(solver="gd", lr=0.1, steps=5000, tol=1e-10)

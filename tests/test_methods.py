@@ -362,15 +362,18 @@ def test_explicit_outer_product_update_equals_autograd_vjp(name, make):
         assert torch.allclose(out.grads[n], explicit[n], atol=1e-8, rtol=0), n
 
 
-def test_per_population_residual_settles_the_control_that_a_joint_residual_cuts_short():
+@pytest.mark.parametrize("name", ["lcp-di", "lcp-lf"])
+def test_per_population_residual_settles_the_control_that_a_joint_residual_cuts_short(name):
     # From the free equilibrium the control starts at zero beside a settled state, so one
-    # residual over [s | e | u_int] passes a loose tol while the control is still growing.
+    # residual over [s | e | u_int] ([v | o | u_int] for lcp-lf) passes a loose tol while the
+    # control is still growing.
     net = tiny_rnn()
     x, y = batch()
+    extra = {"noise_steps": 0} if name == "lcp-lf" else {}  # Q fixed, so every call sees the same system
 
     def update(**kw):
         net.zero_grad()
-        return LCPDI(alpha=0.5, k_i=0.2, max_iter=5000, check_every=1, **kw).gradients(net, x, y).grads
+        return get_method(name, alpha=0.5, k_i=0.2, max_iter=5000, check_every=1, **extra, **kw).gradients(net, x, y).grads
 
     settled = update(tol=1e-12)
     assert LCPDI().controlled_residual == "per-population"

@@ -173,9 +173,28 @@ def test_group_residual_waits_for_a_small_group_that_is_still_moving():
     assert grouped.state[0, 1] == pytest.approx(1 - 0.5 ** t)
 
 
+@pytest.mark.parametrize("solver_cls", [Euler, Anderson, Broyden])
+def test_entry_groups_judge_each_population_of_a_dict_state_alone(solver_cls):
+    # The problem above as a dict state {a, b}: groups="entries" must give each entry its own
+    # residual, i.e. the same solve as widths (1, 1) over the packed buffer, and not the joint one.
+    target = torch.tensor([[1000.0, 1.0]], dtype=torch.float64)
+    flat = solver_cls(dt=0.5, tol=1e-2, max_iter=200, groups=(1, 1)).solve(lambda z: target - z,
+                                                                            torch.tensor([[1000.0, 0.0]], dtype=torch.float64))
+    joint_field = lambda s: {"a": target[:, :1] - s["a"], "b": target[:, 1:] - s["b"]}
+    s0 = {"a": torch.full((1, 1), 1000.0, dtype=torch.float64), "b": torch.zeros(1, 1, dtype=torch.float64)}
+    entries = solver_cls(dt=0.5, tol=1e-2, max_iter=200, groups="entries").solve(joint_field, s0)
+    joint = solver_cls(dt=0.5, tol=1e-2, max_iter=200).solve(joint_field, s0)
+    assert entries.stats.iterations == flat.stats.iterations
+    assert float(entries.state["b"]) == pytest.approx(float(flat.state[0, 1]), rel=1e-12)
+    # Joint: ‖ḃ‖/‖[a | b]‖ ≈ 1e-3 passes tol at the first check, with b far from 1.
+    assert joint.stats.iterations == 1 and abs(float(joint.state["b"]) - 1.0) >= 0.5
+    assert abs(float(entries.state["b"]) - 1.0) < 2e-2
+
+
 def test_groups_are_validated():
-    with pytest.raises(ConfigError, match="groups"):
-        Euler(groups=(3, 0))
+    for bad in ((3, 0), "keys"):
+        with pytest.raises(ConfigError, match="groups"):
+            Euler(groups=bad)
     z0 = torch.zeros(2, 4)
     for solver in (Euler(groups=(1, 2)), Anderson(groups=(1, 2))):
         with pytest.raises(ConfigError, match="width 3"):

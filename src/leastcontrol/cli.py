@@ -16,8 +16,7 @@ from .meta.learners import ACTIVATIONS
 from .meta.problem import INNER_SOLVERS, STEP_RULES
 from .methods import METHODS
 from .methods.base import IMPLS
-from .methods.lcp import CONTROLLED_RESIDUALS
-from .solvers import SOLVERS
+from .solvers import CONTROLLED_RESIDUALS, SOLVERS
 from .systems import SYSTEMS
 
 
@@ -79,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warm-start-tol", type=float,
                    help="tolerance of the free solve that starts the controlled dynamics (default: --tol)")
     g.add_argument("--controlled-residual", choices=CONTROLLED_RESIDUALS,
-                   help="lcp-di/kp: when the controlled dynamics count as settled: per-population (default: "
+                   help="lcp-di/kp/lf: when the controlled dynamics count as settled: per-population (default: "
                         "state, hidden control and controller each to --tol) or joint (one residual over all)")
     g.add_argument("--patience", type=_positive_int,
                    help="stall rule (off): a sample whose residual has not fallen by 10%% in this many steps stops")
@@ -171,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--route", default="di", choices=["di", "energy"], help="lcp: dynamic inversion or energy")
     m.add_argument("--controlled-steps", type=_positive_int, default=None,
                    help="lcp: max steps of the controlled dynamics (default: --inner-steps)")
+    m.add_argument("--controlled-residual", default="per-population", choices=CONTROLLED_RESIDUALS,
+                   help="lcp (di): φ and ψ each settle to --inner-tol (per-population, default) "
+                        "or one residual over [φ | ψ] (joint)")
     m.add_argument("--cg-steps", type=_positive_int, default=10, help="imaml conjugate-gradient steps (10)")
     m.add_argument("--eval-tasks", type=_positive_int, default=1000, help="held-out tasks (1000; ≥ 600 for omniglot)")
     m.add_argument("--eval-queries", type=_positive_int, default=None,
@@ -239,7 +241,7 @@ def _meta(args) -> int:
                         meta_batch=args.meta_batch, meta_steps=args.meta_steps, meta_lr=args.meta_lr,
                         inner_solver=args.inner_solver, inner_lr=args.inner_lr, inner_steps=args.inner_steps,
                         inner_tol=args.inner_tol, inner_step_rule=args.inner_step_rule, lam=args.lam, learn_lam=args.learn_lam, beta=args.beta, route=args.route,
-                        controlled_steps=args.controlled_steps,
+                        controlled_steps=args.controlled_steps, controlled_residual=args.controlled_residual,
                         cg_steps=args.cg_steps, eval_tasks=args.eval_tasks, eval_queries=args.eval_queries,
                         seed=args.seed, json_out=args.json_out, progress=not args.quiet)
     result = meta_train(config)

@@ -29,6 +29,16 @@ _TINY = 1e-30
 # The stall rule: a sample stalls when its residual has not fallen below this fraction of
 # its last mark in `patience` steps (chatter at a floor moves it by a few per cent).
 _STALL_RATIO = 0.9
+# How a controlled solve counts as settled: each population by its own relative residual
+# (``groups``), or one relative residual over the whole state.
+CONTROLLED_RESIDUALS = ("per-population", "joint")
+
+
+def check_controlled_residual(rule: str) -> str:
+    """``rule`` if it is one of :data:`CONTROLLED_RESIDUALS`, else a :class:`ConfigError` naming them."""
+    if rule not in CONTROLLED_RESIDUALS:
+        raise ConfigError(f"unknown controlled_residual '{rule}'; valid: {', '.join(CONTROLLED_RESIDUALS)}")
+    return rule
 
 
 @dataclass
@@ -136,23 +146,32 @@ class _Layout:
         return max(segments)[1] if segments else key
 
 
+def _sq_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared norm of one ``(B, …)`` tensor, shape ``(B,)``."""
+    return t.reshape(t.shape[0], -1).pow(2).sum(1)
+
+
 def _sq_norms(d) -> torch.Tensor:
     """Per-sample squared norm over all populations, shape ``(B,)``."""
-    return sum(t.reshape(t.shape[0], -1).pow(2).sum(1) for t in d.values())
+    return sum(_sq_norm(t) for t in d.values())
 
 
-def _relative_residual(g, s, groups: Sequence[int] | None = None) -> torch.Tensor:
+def _relative_residual(g, s, groups: Sequence[int] | str | None = None) -> torch.Tensor:
     """Per-sample ``‖g‖ / ‖s‖``, shape ``(B,)``: over the whole state, or the largest over ``groups``.
 
-    ``groups`` (widths along dim 1 of a single flat buffer) gives each group its own relative
-    residual, so a small population that is still growing (a control starting from zero beside
-    a large, already settled state) is not hidden by the norm of the others.
+    ``groups`` gives each group its own relative residual, so a small population that is still
+    growing (a control starting from zero beside a large, already settled state) is not hidden
+    by the norm of the others: widths along dim 1 of a single flat buffer, or ``"entries"`` for
+    one group per entry of the state (dict key or tuple element).
     """
     if groups is None:
         return (_sq_norms(g) / _sq_norms(s).clamp_min(_TINY)).sqrt()
-    (gz,), (z,) = g.values(), s.values()
-    ratios = [gp.pow(2).sum(1) / zp.pow(2).sum(1).clamp_min(_TINY)
-              for gp, zp in zip(gz.split(list(groups), 1), z.split(list(groups), 1))]
+    if groups == "entries":
+        pairs = [(g[k], s[k]) for k in s]
+    else:
+        (gz,), (z,) = g.values(), s.values()
+        pairs = list(zip(gz.split(list(groups), 1), z.split(list(groups), 1)))
+    ratios = [_sq_norm(gp) / _sq_norm(zp).clamp_min(_TINY) for gp, zp in pairs]
     return torch.stack(ratios).amax(0).sqrt()
 
 
@@ -170,9 +189,10 @@ class Solver:
             For non-smooth dynamics (ReLU kinks) whose Euler iterates chatter at a residual
             floor above ``tol``: the state no longer improves, so further steps only cost.
         stall_tol: a stalled sample stops only if its residual is below this (``None``: any).
-        groups: for a state that is one flat ``(B, N)`` buffer, the widths of its groups along
-            dim 1 (summing to N); the residual is then the largest of the groups' own relative
-            residuals. ``None`` (default): one relative residual over the whole state.
+        groups: the residual is the largest of the groups' own relative residuals: for a state
+            that is one flat ``(B, N)`` buffer, the widths of its groups along dim 1 (summing to
+            N); ``"entries"``: one group per entry of a dict or tuple state. ``None`` (default):
+            one relative residual over the whole state.
     """
 
     name = "solver"
@@ -180,7 +200,7 @@ class Solver:
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
                  check_every: int = 1, require_convergence: bool = False,
                  patience: int | None = None, stall_tol: float | None = None,
-                 groups: Sequence[int] | None = None):
+                 groups: Sequence[int] | str | None = None):
         if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
             raise ConfigError(f"dt must be a positive number, got {dt!r}")
         if not (isinstance(tol, (int, float)) and tol >= 0):
@@ -195,16 +215,23 @@ class Solver:
             raise ConfigError(f"stall_tol must be > 0 (or None: any residual), got {stall_tol!r}")
         self.dt, self.tol, self.max_iter = float(dt), float(tol), max_iter
         self.check_every, self.require_convergence = check_every, require_convergence
-        if groups is not None and not (len(groups) >= 1 and all(isinstance(w, int) and w >= 1 for w in groups)):
-            raise ConfigError(f"groups must be positive integer widths, got {groups!r}")
-        self.groups = None if groups is None else tuple(groups)
+        if isinstance(groups, str):
+            if groups != "entries":
+                raise ConfigError(f"groups must be positive integer widths or 'entries', got {groups!r}")
+        elif groups is not None:
+            if not (len(groups) >= 1 and all(isinstance(w, int) and w >= 1 for w in groups)):
+                raise ConfigError(f"groups must be positive integer widths or 'entries', got {groups!r}")
+            groups = tuple(groups)
+        self.groups = groups
         self.patience = patience
         self.stall_tol = math.inf if stall_tol is None else float(stall_tol)
 
     def _layout(self, state0, labels) -> _Layout:
         """The state's layout; with ``groups``, checked against the one flat buffer they split."""
         layout = _Layout(state0, labels)
-        if self.groups is not None and (len(layout.names) != 1 or sum(self.groups) != layout.sizes[0]):
+        # The solvers that step one packed buffer see the entries as its widths.
+        layout.flat_groups = tuple(layout.sizes) if self.groups == "entries" else self.groups
+        if self.groups not in (None, "entries") and (len(layout.names) != 1 or sum(self.groups) != layout.sizes[0]):
             raise ConfigError(f"groups {self.groups} must split one flat buffer of width {sum(self.groups)}; "
                               f"got populations {dict(zip(layout.names, layout.sizes))}")
         return layout
@@ -254,7 +281,7 @@ class Solver:
             stalled); ``keep``
             the rows still iterating when some froze (the caller subsets its own tensors), else None.
         """
-        res = _relative_residual({"z": gz}, {"z": z}, self.groups).double()
+        res = _relative_residual({"z": gz}, {"z": z}, layout.flat_groups).double()
         improved = res < best_r
         best_r = torch.where(improved, res, best_r)
         best_z = torch.where(improved[:, None], z, best_z)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError, SolverDivergedError
 from ..registry import Registry
-from ..solvers import SolverStats
+from ..solvers import SolverStats, check_controlled_residual
 from .problem import INNER_STEP_HINT, InnerProblem, InnerSettings, inner_divergence_hint
 
 
@@ -181,6 +181,10 @@ class LCPMeta(MetaMethod):
             when the inner solver is ``anderson``);
             ``energy`` — Adam on the energy over φ for ``energy_steps`` steps.
         tol, max_iter: of the controlled solve (``di``).
+        controlled_residual: when the controlled solve counts as settled (``di``):
+            ``per-population`` (default) — φ and ψ each reach ``tol`` in their own relative
+            residual; ``joint`` — one relative residual over ``[φ | ψ]``. ψ starts at zero beside
+            the settled φ, so under ``joint`` its growth is judged against ‖φ‖ and can stop early.
     """
 
     name = "lcp"
@@ -190,8 +194,10 @@ class LCPMeta(MetaMethod):
     max_iter: int = 500
     energy_steps: int = 300
     energy_lr: float = 1e-3
+    controlled_residual: str = "per-population"
 
     def __post_init__(self):
+        check_controlled_residual(self.controlled_residual)
         if self.route not in ("di", "energy"):
             raise ConfigError(f"unknown lcp route '{self.route}'; valid: di, energy")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
@@ -218,7 +224,8 @@ class LCPMeta(MetaMethod):
         scale = problem.step_scale(phi_free, batch.x, batch.y, self.inner)
         if scale is not None:
             context["scale"] = scale
-        solver = self.inner.fixed_point_solver(problem.scaled_tol(self.tol, scale), self.max_iter)
+        groups = "entries" if self.controlled_residual == "per-population" else None
+        solver = self.inner.fixed_point_solver(problem.scaled_tol(self.tol, scale), self.max_iter, groups)
         with torch.no_grad(), inner_divergence_hint(self.inner):
             res = solver.solve(field, {"phi": phi_free.clone(), "psi": torch.zeros_like(phi_free)}, context)
         # At the equilibrium ψ* = −f(φ*). The controller's own state is used: it starts at zero, so an

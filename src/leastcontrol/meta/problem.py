@@ -84,11 +84,15 @@ class InnerSettings:
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ConfigError(f"inner steps must be a positive integer, got {self.steps!r}")
 
-    def fixed_point_solver(self, tol: float, max_iter: int):
-        """The solver of the gradient dynamics with step ``lr``: Euler (``gd`` and ``adam``) or Anderson."""
+    def fixed_point_solver(self, tol: float, max_iter: int, groups=None):
+        """The solver of the gradient dynamics with step ``lr``: Euler (``gd`` and ``adam``) or Anderson.
+
+        ``groups`` as in :class:`~leastcontrol.solvers.Solver` (``"entries"``: each population of
+        the state judged by its own relative residual).
+        """
         if self.solver == "anderson":
-            return get_solver("anderson", dt=self.lr, tol=tol, max_iter=max_iter)
-        return get_solver("euler", dt=self.lr, tol=tol, max_iter=max_iter, check_every=5)
+            return get_solver("anderson", dt=self.lr, tol=tol, max_iter=max_iter, groups=groups)
+        return get_solver("euler", dt=self.lr, tol=tol, max_iter=max_iter, check_every=5, groups=groups)
 
 
 INNER_STEP_HINT = ("Lower --inner-lr, or use --inner-step-rule curvature: gradient dynamics with step lr are "

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..atomic import write_json
 from ..errors import ConfigError
+from ..solvers import check_controlled_residual
 from .learners import check_activation
 from .methods import META_METHODS, get_meta_method
 from .problem import InnerProblem, InnerSettings
@@ -46,6 +47,7 @@ class MetaConfig:
     beta: float = 0.1
     route: str = "di"
     controlled_steps: Optional[int] = None  # lcp: max steps of the controlled dynamics; default: inner_steps
+    controlled_residual: str = "per-population"  # lcp: or "joint" (one residual over [φ | ψ])
     cg_steps: int = 10
     eval_tasks: int = 1000
     eval_queries: Optional[int] = None  # default: 100 (sinusoid), queries (omniglot)
@@ -59,6 +61,7 @@ class MetaConfig:
         if self.task not in TASKS:
             raise ConfigError(f"unknown meta task '{self.task}'; valid: {', '.join(sorted(TASKS))}")
         META_METHODS.factory(self.method)
+        check_controlled_residual(self.controlled_residual)
         regression = self.task == "sinusoid"
         if self.shots is None:
             self.shots = 10 if regression else 1
@@ -99,7 +102,7 @@ class MetaConfig:
         if self.method in ("lcp", "contrastive"):
             options["beta"] = self.beta
         if self.method == "lcp":
-            options.update(route=self.route, tol=self.inner_tol,
+            options.update(route=self.route, tol=self.inner_tol, controlled_residual=self.controlled_residual,
                            max_iter=self.controlled_steps or self.inner_steps, energy_steps=self.inner_steps)
         if self.method == "imaml":
             options["cg_steps"] = self.cg_steps

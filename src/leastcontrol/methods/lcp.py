@@ -31,7 +31,7 @@ from typing import Dict
 import torch
 
 from ..errors import ConfigError
-from ..solvers import SolveResult, SolverStats
+from ..solvers import SolveResult, SolverStats, check_controlled_residual
 from ..systems.base import EquilibriumSystem, State
 from .base import EquilibriumMethod, MethodOutput, _check_number, two_phase_stats
 
@@ -50,9 +50,6 @@ def local_update(system: EquilibriumSystem, x: torch.Tensor, ctrl: "ControlledEq
         Parameter name -> update, with the sign of a loss gradient.
     """
     return {n: -g for n, g in system.param_vjp(ctrl.state, x, ctrl.control).items()}
-
-
-CONTROLLED_RESIDUALS = ("per-population", "joint")
 
 
 @dataclass
@@ -107,9 +104,7 @@ class LCPDI(EquilibriumMethod):
             _check_number("warm_start_tol", self.warm_start_tol, allow_zero=True)
         self._warm_solver = (self._solver if self.warm_start_tol is None
                              else self._make_solver(max(self.warm_start_tol, self.tol)))
-        if self.controlled_residual not in CONTROLLED_RESIDUALS:
-            raise ConfigError(f"unknown controlled_residual '{self.controlled_residual}'; "
-                              f"valid: {', '.join(CONTROLLED_RESIDUALS)}")
+        check_controlled_residual(self.controlled_residual)
         _check_number("k_i", self.k_i)
         _check_number("k_p", self.k_p, allow_zero=True)
         if self.solver == "euler" and not abs(1.0 - self.dt * self.alpha) < 1.0:
