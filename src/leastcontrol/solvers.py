@@ -215,11 +215,8 @@ class Solver:
             raise ConfigError(f"stall_tol must be > 0 (or None: any residual), got {stall_tol!r}")
         self.dt, self.tol, self.max_iter = float(dt), float(tol), max_iter
         self.check_every, self.require_convergence = check_every, require_convergence
-        if isinstance(groups, str):
-            if groups != "entries":
-                raise ConfigError(f"groups must be positive integer widths or 'entries', got {groups!r}")
-        elif groups is not None:
-            if not (len(groups) >= 1 and all(isinstance(w, int) and w >= 1 for w in groups)):
+        if groups is not None and groups != "entries":
+            if isinstance(groups, str) or not (len(groups) >= 1 and all(isinstance(w, int) and w >= 1 for w in groups)):
                 raise ConfigError(f"groups must be positive integer widths or 'entries', got {groups!r}")
             groups = tuple(groups)
         self.groups = groups

@@ -161,17 +161,22 @@ class LCPDI(EquilibriumMethod):
         context = {"drive": op.drive(x), "target": self._loss.dense_target(y, s0[:, n_e:])}
         populations = {**op.sizes, **{"e_" + k: w for k, w in op.sizes.items() if k != system.output_population},
                        "u_int": n_out}
-        solver = self._solver
-        if self.controlled_residual == "per-population":
-            # The control starts at zero beside a settled free state: judged by one residual
-            # over [s | e | u_int], its growth hides behind ‖s‖ and a loose tol stops it early.
-            solver = self._make_solver(self.tol, groups=(N, n_e, n_out))
-        res = self._solve_flat(field, z0, context, solver, populations=populations)
+        res = self._solve_flat(field, z0, context, self._controlled_solver((N, n_e, n_out)), populations=populations)
         z = res.state
         state = op.unpack(z[:, :N])
         grad_o = self._loss.dense_grad(z[:, n_e:N], context["target"]).mul_(inv_B)
         control = op.unpack(torch.cat([z[:, N:N + n_e], self._control(z[:, N + n_e:], grad_o)], dim=1))
         return ControlledEquilibrium(state, control, res.stats, free)
+
+    def _controlled_solver(self, groups):
+        """The solver of the controlled phase: under ``per-population``, each of ``groups`` to tol.
+
+        The control starts at zero beside a settled free state: judged by one residual over the
+        whole state (``joint``), its growth hides behind ‖s‖ and a loose tol stops it early.
+        """
+        if self.controlled_residual == "per-population":
+            return self._make_solver(self.tol, groups=groups)
+        return self._solver
 
     def warm_start(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
         """The free equilibrium to ``warm_start_tol``: where the controlled dynamics start."""

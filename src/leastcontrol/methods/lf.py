@@ -118,9 +118,8 @@ class LCPLF(LCPDI):
         out, hid = system.output_population, self._hidden(system)
         B = x.shape[0]
         z0 = dict(free.state, u_int=torch.zeros_like(free.state[out]))
-        # As in LCPDI: the controller starts at zero beside the settled free state.
-        solver = self._make_solver(self.tol, groups="entries") if self.controlled_residual == "per-population" else None
-        res = self._solve(self._field(system, y, B), z0, {"drive": system.encode(x), "y": y}, solver)
+        res = self._solve(self._field(system, y, B), z0, {"drive": system.encode(x), "y": y},
+                          self._controlled_solver("entries"))
         z = res.state
         u = self._control(z["u_int"], self._loss.grad(z[out], y) / B)
         feedback = u @ self._Q(system).t()
