@@ -201,3 +201,50 @@ def test_groups_are_validated():
             solver.solve(lambda z: -z, z0)
     with pytest.raises(ConfigError, match="one flat buffer"):
         Euler(groups=(2, 2)).solve(lambda s: {k: -v for k, v in s.items()}, {"a": z0, "b": z0})
+
+
+def circling_problem(B=2, modulus=1.005, seed=0):
+    """ds/dt = A s + b whose Euler map I + A has the eigenvalues ``modulus·e^{±0.13i}`` (just outside
+    the unit circle) and three decaying ones: stable in continuous time, yet Euler iterates spiral
+    away from the fixed point −A⁻¹b instead of reaching it (the LCP-DI controlled dynamics of an
+    oscillating sample). Two groups of very different scale: widths (3, 2), magnitudes 1e3 and 1e-3.
+    """
+    g = torch.Generator().manual_seed(seed)
+    th = 0.13
+    T = torch.zeros(5, 5, dtype=F64)
+    T[:2, :2] = modulus * torch.tensor([[torch.cos(torch.tensor(th)), -torch.sin(torch.tensor(th))],
+                                        [torch.sin(torch.tensor(th)), torch.cos(torch.tensor(th))]], dtype=F64)
+    T[2:, 2:] = torch.diag(torch.tensor([0.5, 0.3, 0.7], dtype=F64))
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=F64))
+    scale = torch.diag(torch.tensor([1e3, 1e3, 1e3, 1e-3, 1e-3], dtype=F64))
+    A = scale @ Q @ (T - torch.eye(5, dtype=F64)) @ Q.T @ torch.linalg.inv(scale)
+    b = torch.randn(B, 5, generator=g, dtype=F64) @ scale
+    s_star = -torch.linalg.solve(A, b.T).T
+    return (lambda z: z @ A.T + b), torch.zeros(B, 5, dtype=F64), s_star
+
+
+def test_anderson_after_an_euler_warmup_finds_the_fixed_point_euler_circles():
+    field, z0, s_star = circling_problem()
+    euler = Euler(tol=1e-8, max_iter=3000, groups=(3, 2)).solve(field, z0)
+    assert not euler.stats.converged
+    for warmup in (0, 50):
+        res = Anderson(tol=1e-10, max_iter=400, groups=(3, 2), warmup=warmup, start_below=float("inf"),
+                       memory=6).solve(field, z0)
+        assert res.stats.converged, warmup
+        # Each group to its own scale: the 1e-3 group is not lost beside the 1e3 one.
+        for part, ref in zip(res.state.split([3, 2], 1), s_star.split([3, 2], 1)):
+            assert float((part - ref).norm() / ref.norm()) < 1e-8
+        assert res.stats.iterations < warmup + 100
+
+
+def test_anderson_warmup_takes_plain_euler_steps():
+    field, s0, _ = linear_problem(gain=0.9)
+    for k in (1, 7, 20):
+        euler = Euler(tol=0.0, max_iter=k, freeze=False).solve(field, s0)
+        # The returned (best) iterate is the last one whose residual was measured: the state before step k.
+        aa = Anderson(tol=0.0, max_iter=k + 1, warmup=k + 1, check_every=1).solve(field, s0)
+        assert torch.allclose(aa.state["s"], euler.state["s"], atol=1e-13, rtol=0), k
+    with pytest.raises(ConfigError, match="warmup"):
+        Anderson(warmup=-1)
+    with pytest.raises(ConfigError, match="start_below"):
+        Anderson(start_below=0.0)

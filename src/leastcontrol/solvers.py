@@ -432,18 +432,31 @@ class Anderson(Solver):
     Keeps the last ``memory`` iterates, mixes them with weights that minimise
     the norm of the combined residual (sum-to-one constraint, Tikhonov
     regularisation ``reg`` relative to the Gram matrix's scale, solved in
-    float64). A sample whose small linear system is singular takes a plain
-    step instead (counted in ``stats.fallbacks``). Safeguard: a sample whose
-    residual grows above ``restart`` times its best one restarts from its best
-    iterate with an empty memory (``stats.restarts``). Each sample returns its
-    best iterate; with ``freeze=True`` (and a ``context``) converged samples
-    leave the batch as in :class:`Euler`.
+    float64). With ``groups``, that norm weighs each group by ``1/‖s_g‖``, the
+    norm the stopping rule reads: a small population (a control beside a large
+    state) is not left out of the least squares. A sample whose small linear
+    system is singular takes a plain step instead (counted in
+    ``stats.fallbacks``). Safeguard: a sample whose residual grows above
+    ``restart`` times its best one restarts from its best iterate with an empty
+    memory (``stats.restarts``). Each sample returns its best iterate; with
+    ``freeze=True`` (and a ``context``) converged samples leave the batch as in
+    :class:`Euler`.
+
+    ``warmup`` plain Euler steps come first (checked every ``check_every``, converged samples
+    frozen, no memory kept), so the many samples that settle quickly pay Euler's price
+    and only the slow ones are accelerated. For dynamics whose Euler iterates
+    circle an equilibrium without reaching it (LCP-DI's controlled dynamics on a
+    sample whose linearisation has Euler eigenvalues just outside the unit circle),
+    the accelerated phase still finds the fixed point.
 
     Args:
         memory: number of past iterates mixed (m).
         mixing: damping β of the update ``Σ α_j (s_j + β·dt·g_j)``.
         reg: regularisation of the least-squares system.
         restart: residual growth factor that triggers a restart (``inf``: never).
+        start_below: a sample accelerates only while its residual is below this (far from a
+            fixed point the plain dynamics choose the basin); ``inf``: always.
+        warmup: number of plain Euler steps before the acceleration starts.
         freeze: drop converged samples from the batch.
     """
 
@@ -451,7 +464,7 @@ class Anderson(Solver):
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
                  memory: int = 5, mixing: float = 1.0, reg: float = 1e-8, restart: float = 10.0,
-                 start_below: float = 1e-2, freeze: bool = True, **kwargs):
+                 start_below: float = 1e-2, warmup: int = 0, freeze: bool = True, **kwargs):
         super().__init__(dt, tol, max_iter, **kwargs)
         if not (isinstance(memory, int) and memory >= 1):
             raise ConfigError(f"memory must be a positive integer, got {memory!r}")
@@ -459,8 +472,13 @@ class Anderson(Solver):
             raise ConfigError(f"mixing must be in (0, 1], got {mixing!r}")
         if not restart > 1:
             raise ConfigError(f"restart must be > 1, got {restart!r}")
+        if not start_below > 0:
+            raise ConfigError(f"start_below must be > 0, got {start_below!r}")
+        if not (isinstance(warmup, int) and warmup >= 0):
+            raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
         self.memory, self.mixing, self.reg = memory, float(mixing), float(reg)
         self.restart, self.start_below, self.freeze = float(restart), float(start_below), bool(freeze)
+        self.warmup = warmup
 
     def _weights(self, gram: torch.Tensor, valid: torch.Tensor):
         """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots.
@@ -490,10 +508,14 @@ class Anderson(Solver):
         X = z.new_zeros(B, m, N)   # past iterates
         # Their steps dt·g, kept in float64 with their Gram matrix: each step adds one row of inner
         # products (one pass over the memory) instead of recomputing and converting the whole of it.
+        # With groups the weights 1/‖s_g‖ move, so the (small) Gram matrix is recomputed per step.
         G = z.new_zeros(B, m, N, dtype=torch.float64)
         gram = z.new_zeros(B, m, m, dtype=torch.float64)
         valid = torch.zeros(B, m, dtype=torch.bool, device=z.device)
         best_z, best_r = z.clone(), z.new_full((B,), math.inf, dtype=torch.float64)
+        widths = layout.flat_groups
+        group_of = None if widths is None else torch.repeat_interleave(
+            torch.arange(len(widths), device=z.device), torch.tensor(widths, device=z.device))
         ctx = context
         trace: List[float] = []
         # Counted on the device; read once at the end (no sync per step).
@@ -502,6 +524,17 @@ class Anderson(Solver):
         step = 0
         for step in range(1, self.max_iter + 1):
             gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
+            if step <= self.warmup:
+                # Plain Euler, as cheap as Euler's own step between checks.
+                if step % self.check_every == 0 or step == self.max_iter:
+                    _, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
+                    if stop:
+                        break
+                    if keep is not None:
+                        z, gz, best_z, best_r, ctx = z[keep], gz[keep], best_z[keep], best_r[keep], _subset(ctx, keep)
+                        X, G, gram, valid = X[keep], G[keep], gram[keep], valid[keep]
+                z = z + gz
+                continue
             res, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
             if stop:
                 break
@@ -510,8 +543,13 @@ class Anderson(Solver):
                 gram, best_z, best_r, ctx = gram[keep], best_z[keep], best_r[keep], _subset(ctx, keep)
             slot = (step - 1) % m
             X[:, slot], G[:, slot] = z, gz
-            row = torch.bmm(G, G[:, slot, :, None]).squeeze(-1)
-            gram[:, slot, :], gram[:, :, slot] = row, row
+            if group_of is None:
+                row = torch.bmm(G, G[:, slot, :, None]).squeeze(-1)
+                gram[:, slot, :], gram[:, :, slot] = row, row
+            else:
+                norms = torch.stack([_sq_norm(p) for p in z.split(list(widths), 1)], 1).double()
+                Gw = G * norms.clamp_min(_TINY).rsqrt()[:, group_of][:, None, :]
+                gram = torch.bmm(Gw, Gw.transpose(1, 2))
             valid[:, slot] = True
             alpha, ok = self._weights(gram, valid)
             mixed = (torch.bmm(alpha[:, None, :].to(z.dtype), X)
