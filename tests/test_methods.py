@@ -383,3 +383,24 @@ def test_per_population_residual_settles_the_control_that_a_joint_residual_cuts_
     assert rel_err(joint, settled) > 3 * rel_err(per_population, settled)
     with pytest.raises(ConfigError, match="controlled_residual"):
         LCPDI(controlled_residual="sum")
+
+
+@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
+def test_controller_gains_with_the_same_beta_give_the_same_update(make):
+    """The controlled equilibrium depends on the gains only through β = k_i/α + k_p.
+
+    The gains change only the path there (how many steps it takes); a different β gives a
+    different update.
+    """
+    net = make()
+    x, y = batch()
+    outs = {}
+    for gains in ((0.1, 1.0, 0.0), (1.0, 10.0, 0.0), (1.0, 5.0, 5.0), (1.0, 1.0, 0.0)):
+        alpha, k_i, k_p = gains
+        m = LCPDI(alpha=alpha, k_i=k_i, k_p=k_p, tol=1e-12, max_iter=50000)
+        outs[gains] = m.gradients(net, *m._inputs(net, x, y))
+        assert outs[gains].stats["converged"], gains
+    published = outs[(0.1, 1.0, 0.0)]
+    for gains in ((1.0, 10.0, 0.0), (1.0, 5.0, 5.0)):
+        assert rel_err(outs[gains].grads, published.grads) < 1e-8, gains
+    assert rel_err(outs[(1.0, 1.0, 0.0)].grads, published.grads) > 1e-2   # β = 1, not 10

@@ -39,6 +39,12 @@ PUBLISHED = {
 }
 GRAD_CLIP = {"rnn": 10.0, "ff": 0.0}
 STALL_PATIENCE = 100
+# The same β = k_i/α = 10 as the published α 0.1, k_i 1, so the same controlled equilibrium and
+# update; the leak no longer caps the controller's rate at 1 − α = 0.9 per step.
+FAST_GAINS = {"alpha": 1.0, "k_i": 10.0}
+# Options that change the path to the controlled equilibrium, not the equilibrium: the update
+# cosine of a row compares with the research-code path at the published settings without them.
+PATH_OPTIONS = ("solver", "patience", "alpha", "k_i", "warm_start_tol")
 
 
 @dataclass
@@ -76,6 +82,13 @@ def default_rows() -> List[Row]:
         # oscillating stop once their residual has not fallen by 10 % in STALL_PATIENCE steps.
         Row("rnn", "lcp-di", options={"patience": STALL_PATIENCE}, label="rnn-lcp-di-stall"),
         Row("rnn", "lcp-di", options={"tol": 1e-4, "patience": STALL_PATIENCE}, label="rnn-lcp-di-tol1e-4-stall"),
+        # The same β with faster controller gains, then also a 1e-4 warm start and the stall rule.
+        Row("rnn", "lcp-di", options=dict(FAST_GAINS), label="rnn-lcp-di-gains"),
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4}, label="rnn-lcp-di-gains-tol1e-4"),
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": STALL_PATIENCE},
+            label="rnn-lcp-di-gains-stall"),
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE},
+            label="rnn-lcp-di-gains-tol1e-4-stall"),
     ]
     return rows
 
@@ -185,14 +198,16 @@ def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
 def update_cosine(row: Row, net, x, y) -> Optional[float]:
     """Cosine between the row's parameter update and the autograd reference path's, on one batch.
 
-    The reference runs the research-code way: Euler, every step to ``tol`` or ``max_iter``, no stall rule.
+    The reference runs the research-code way: Euler, every step to ``tol`` or ``max_iter``, no stall rule,
+    at the published controller gains and warm start (``PATH_OPTIONS`` dropped: they change the path to
+    the controlled equilibrium, not the equilibrium).
     """
     if row.impl != "fast":
         return None
     method = row.build()
     if not isinstance(method, EquilibriumMethod) or row.method == "bptt":
         return None
-    reference = Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k not in ("solver", "patience")}).build()
+    reference = Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k not in PATH_OPTIONS}).build()
     torch.manual_seed(0)
     a = _flat_grads(method, net, x, y)
     torch.manual_seed(0)
@@ -348,6 +363,10 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
         "rnn_lcp_di_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4"), sec("rnn-rbp")),
         "rnn_lcp_di_stall_over_rbp": _ratio(sec("rnn-lcp-di-stall"), best_rbp),
         "rnn_lcp_di_stall_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4-stall"), sec("rnn-rbp")),
+        "rnn_lcp_di_gains_over_rbp": _ratio(sec("rnn-lcp-di-gains"), best_rbp),
+        "rnn_lcp_di_gains_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4"), sec("rnn-rbp")),
+        "rnn_lcp_di_gains_stall_over_rbp": _ratio(sec("rnn-lcp-di-gains-stall"), best_rbp),
+        "rnn_lcp_di_gains_stall_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4-stall"), sec("rnn-rbp")),
         "ff_lcp_di_over_bp": _ratio(sec("ff-lcp-di"), sec("ff-bp")),
         "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
         "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),

@@ -69,6 +69,11 @@ class LCPDI(EquilibriumMethod):
     Args:
         alpha: leak α of the integral controller (Euler needs ``|1 − dt·α| < 1``).
         k_i: integral gain. k_p: proportional gain. Control strength ``β = k_i/α + k_p``.
+            The controlled equilibrium and the update depend on the gains only through β; the
+            gains shape the path there. Where the control of each sample is weak (``β/B`` small:
+            the published batch of 64), the Euler-stepped controller settles at about ``1 − dt·α``
+            per step, so α 0.1, k_i 1 needs ≈130 steps to 1e-6 however fast the network settles;
+            α 1, k_i 10 (the same β) needs far fewer (``docs/performance.md``).
         warm_start_tol: tolerance of the free solve that starts the controlled dynamics
             (and gives the reported training loss); ``None`` (default): ``tol``. The
             controlled solve still reaches ``tol``; a loose warm start (e.g. 1e-4) saves
