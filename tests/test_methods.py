@@ -404,3 +404,19 @@ def test_controller_gains_with_the_same_beta_give_the_same_update(make):
     for gains in ((1.0, 10.0, 0.0), (1.0, 5.0, 5.0)):
         assert rel_err(outs[gains].grads, published.grads) < 1e-8, gains
     assert rel_err(outs[(1.0, 1.0, 0.0)].grads, published.grads) > 1e-2   # β = 1, not 10
+
+
+def test_solver_options_reach_every_solve_and_are_checked_at_construction():
+    net = tiny_rnn()
+    x, y = batch()
+    euler = LCPDI(tol=1e-12, max_iter=20000)
+    hybrid = LCPDI(tol=1e-12, max_iter=20000, solver="anderson",
+                   solver_options={"warmup": 30, "memory": 6, "start_below": float("inf")})
+    a, b = (m.gradients(net, *m._inputs(net, x, y)) for m in (euler, hybrid))
+    assert a.stats["converged"] and b.stats["converged"]
+    assert rel_err(b.grads, a.grads) < 1e-8
+    assert b.stats["iterations_controlled"] < a.stats["iterations_controlled"]
+    with pytest.raises(ConfigError, match="do not fit the 'euler' solver"):
+        LCPDI(solver_options={"warmup": 3})
+    with pytest.raises(ConfigError, match="solver_options must be a dict"):
+        LCPDI(solver_options=[("memory", 3)])

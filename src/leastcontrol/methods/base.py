@@ -156,6 +156,8 @@ class EquilibriumMethod(Method):
             has not fallen by 10 % in ``patience`` steps stops, if below ``stall_tol``. For dynamics
             that chatter at a floor above ``tol`` (ReLU kinks of the conv FF's controlled
             dynamics); see :class:`~leastcontrol.solvers.Solver`.
+        solver_options: further keyword settings of the solver, for every solve (e.g.
+            ``{"warmup": 100, "memory": 10}`` for ``anderson``); checked at construction.
     """
 
     dt: float = 1.0
@@ -166,10 +168,13 @@ class EquilibriumMethod(Method):
     impl: str = "fast"
     patience: int | None = None
     stall_tol: float | None = None
+    solver_options: Dict[str, Any] | None = None
 
     def __post_init__(self):
         super().__post_init__()
         _check_number("dt", self.dt)
+        if self.solver_options is not None and not isinstance(self.solver_options, dict):
+            raise ConfigError(f"solver_options must be a dict of solver settings, got {self.solver_options!r}")
         _check_number("tol", self.tol, allow_zero=True)
         if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
             raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
@@ -183,11 +188,15 @@ class EquilibriumMethod(Method):
         self._solver = self._make_solver(self.tol)
 
     def _make_solver(self, tol: float, groups=None):
-        options = {"check_every": self.check_every, "patience": self.patience, "stall_tol": self.stall_tol,
-                   "groups": groups}
+        options = {**(self.solver_options or {}), "check_every": self.check_every, "patience": self.patience,
+                   "stall_tol": self.stall_tol, "groups": groups}
         if self.impl == "autograd":
             options.update(check_every=1, freeze=False)
-        return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
+        try:
+            return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
+        except TypeError as err:
+            raise ConfigError(f"solver_options {self.solver_options} do not fit the '{self.solver}' solver ({err}); "
+                              "its settings are the keyword arguments of its class in leastcontrol.solvers") from None
 
     def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
         """``f`` and ``(∂_s f)ᵀ a`` on a flat state: the system's fused kernels, or one autograd call (``impl``)."""
