@@ -89,6 +89,8 @@ def default_rows() -> List[Row]:
             label="rnn-lcp-di-gains-stall"),
         Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE},
             label="rnn-lcp-di-gains-tol1e-4-stall"),
+        # RBP's tolerance and RBP's cap of 200 steps per phase: the like-for-like cost of the two.
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "max_iter": 200}, label="rnn-lcp-di-gains-tol1e-4-max200"),
     ]
     return rows
 
@@ -367,6 +369,7 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
         "rnn_lcp_di_gains_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4"), sec("rnn-rbp")),
         "rnn_lcp_di_gains_stall_over_rbp": _ratio(sec("rnn-lcp-di-gains-stall"), best_rbp),
         "rnn_lcp_di_gains_stall_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4-stall"), sec("rnn-rbp")),
+        "rnn_lcp_di_gains_over_rbp_equal_tol_and_cap": _ratio(sec("rnn-lcp-di-gains-tol1e-4-max200"), sec("rnn-rbp")),
         "ff_lcp_di_over_bp": _ratio(sec("ff-lcp-di"), sec("ff-bp")),
         "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
         "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),
