@@ -14,7 +14,6 @@ samples it settles. A sample counts as not settled when it ends above 10·tol.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import sys
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from leastcontrol.atomic import write_json  # noqa: E402
 from leastcontrol.bench import BenchConfig, _batches, _pretrained  # noqa: E402
 from leastcontrol.methods import get_method  # noqa: E402
+from leastcontrol.solvers import _relative_residual  # noqa: E402
 
 TAIL = 10.0   # a sample ending above TAIL·tol counts as not settled
 HYBRID = {"warmup": 100, "memory": 10, "start_below": math.inf, "restart": 1e6}
@@ -50,7 +50,8 @@ def explicit_field(net, x, y, alpha, k_i):
 
 
 def relative_residuals(z, g, widths):
-    return max(float(gp.norm() / zp.norm().clamp_min(1e-30)) for gp, zp in zip(g.split(widths), z.split(widths)))
+    """The per-population relative residual of one sample, the largest over ``widths`` (the solvers' rule)."""
+    return float(_relative_residual({"z": g[None]}, {"z": z[None]}, widths))
 
 
 def newton(field, z0, B, widths, steps=40):

@@ -420,3 +420,5 @@ def test_solver_options_reach_every_solve_and_are_checked_at_construction():
         LCPDI(solver_options={"warmup": 3})
     with pytest.raises(ConfigError, match="solver_options must be a dict"):
         LCPDI(solver_options=[("memory", 3)])
+    with pytest.raises(ConfigError, match=r"\['patience'\] are the method's own settings"):
+        LCPDI(solver="anderson", solver_options={"patience": 5})

@@ -25,6 +25,8 @@ from ..solvers import SOLVERS, SolveResult, get_solver
 from ..systems.base import AutogradFlatOperator, EquilibriumSystem, FlatOperator
 
 IMPLS = ("fast", "autograd")
+# Solver settings every EquilibriumMethod passes itself (see ``_make_solver``).
+_METHOD_SOLVER_SETTINGS = ("dt", "tol", "max_iter", "check_every", "patience", "stall_tol", "groups")
 
 
 @dataclass
@@ -175,6 +177,11 @@ class EquilibriumMethod(Method):
         _check_number("dt", self.dt)
         if self.solver_options is not None and not isinstance(self.solver_options, dict):
             raise ConfigError(f"solver_options must be a dict of solver settings, got {self.solver_options!r}")
+        owned = sorted(set(self.solver_options or {}) & set(_METHOD_SOLVER_SETTINGS))
+        if owned:
+            # The method sets these on every solver it builds; taking them here would drop one silently.
+            raise ConfigError(f"solver_options {owned} are the method's own settings; pass them as the method's "
+                              f"fields ({', '.join(owned)}=...) instead")
         _check_number("tol", self.tol, allow_zero=True)
         if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
             raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
