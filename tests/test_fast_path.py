@@ -146,6 +146,36 @@ def test_impl_settings_are_validated():
         get_method("rbp", impl="autograd", solver="anderson")
 
 
+def test_compiled_steps_give_the_eager_iterates():
+    """compile=True runs the same Euler iterates as one graph per check: same update and step counts.
+
+    Once to max_iter (a count that is not a multiple of check_every, so the last graph is shorter), once
+    to a tolerance, where samples freeze one by one and the batch shrinks to a single sample.
+    """
+    net = tiny_rnn()
+    x, y = batch(n_in=5, n_out=3, B=4)
+    for settings in ({"tol": 0.0, "max_iter": 95}, {"tol": 1e-9, "max_iter": 400}):
+        outs = [get_method("lcp-di", compile=c, **settings).gradients(net, x, y) for c in (False, True)]
+        eager, compiled = outs
+        assert rel_err(compiled.grads, eager.grads) < 1e-10
+        for key in ("iterations_free", "iterations_controlled", "sample_iterations"):
+            assert compiled.stats[key] == eager.stats[key]
+    assert eager.stats["sample_iterations"] < eager.stats["iterations"]  # samples froze
+
+
+def test_compile_settings_are_validated():
+    with pytest.raises(ConfigError, match="solver 'anderson'"):
+        get_method("lcp-di", compile=True, solver="anderson")
+    with pytest.raises(ConfigError, match="impl 'autograd'"):
+        get_method("rbp", compile=True, impl="autograd")
+    with pytest.raises(ConfigError, match="True or False"):
+        get_method("lcp-di", compile="yes")
+    with pytest.raises(ConfigError, match="method's own settings"):
+        get_method("lcp-di", solver_options={"compile": True})
+    from leastcontrol.train import TrainConfig
+    assert TrainConfig(method="rbp", compile=True).build_method().compile is True
+
+
 def test_bench_returns_every_figure_and_ratio(tmp_path):
     config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
     rows = [Row("ff", "bp"), Row("ff", "lcp-di"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stall-tol", type=float, help="stall rule: only below this residual (default: any)")
     g.add_argument("--impl", choices=IMPLS,
                    help="fast (default): closed-form VJPs, sample freezing; autograd: research-code reference path")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="run the Euler steps between convergence checks as one torch.compile graph (off; "
+                        "compiles for seconds at the start, pays on small batches and long tails)")
     g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
     g.add_argument("--ebd-lr", type=float, help="lcp-ebd: its learning rate (0.01)")
     g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")

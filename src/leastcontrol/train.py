@@ -27,7 +27,7 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 # Published settings (docs/LCP.md §4 and the research code's commands): gradient clipping 10
 # for the recurrent systems (RNN, DEQ).
 DEFAULT_GRAD_CLIP = {"rnn": 10.0, "deq": 10.0}
-METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "warm_start_tol",
+METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "compile", "warm_start_tol",
                   "controlled_residual", "patience", "stall_tol",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
@@ -69,6 +69,7 @@ class TrainConfig:
     solver: Optional[str] = None
     check_every: Optional[int] = None
     impl: Optional[str] = None
+    compile: Optional[bool] = None
     warm_start_tol: Optional[float] = None
     controlled_residual: Optional[str] = None
     patience: Optional[int] = None

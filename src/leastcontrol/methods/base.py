@@ -26,7 +26,7 @@ from ..systems.base import AutogradFlatOperator, EquilibriumSystem, FlatOperator
 
 IMPLS = ("fast", "autograd")
 # Solver settings every EquilibriumMethod passes itself (see ``_make_solver``).
-_METHOD_SOLVER_SETTINGS = ("dt", "tol", "max_iter", "check_every", "patience", "stall_tol", "groups")
+_METHOD_SOLVER_SETTINGS = ("dt", "tol", "max_iter", "check_every", "patience", "stall_tol", "groups", "compile")
 
 
 @dataclass
@@ -158,6 +158,9 @@ class EquilibriumMethod(Method):
             has not fallen by 10 % in ``patience`` steps stops, if below ``stall_tol``. For dynamics
             that chatter at a floor above ``tol`` (ReLU kinks of the conv FF's controlled
             dynamics); see :class:`~leastcontrol.solvers.Solver`.
+        compile: run the ``check_every`` Euler steps between two convergence checks as one
+            ``torch.compile`` graph (``euler`` solver, ``impl='fast'``; off by default). The first
+            solve of each phase compiles, for seconds; see ``docs/performance.md`` for when it pays.
         solver_options: further keyword settings of the solver, for every solve (e.g.
             ``{"warmup": 100, "memory": 10}`` for ``anderson``); checked at construction.
     """
@@ -171,6 +174,7 @@ class EquilibriumMethod(Method):
     patience: int | None = None
     stall_tol: float | None = None
     solver_options: Dict[str, Any] | None = None
+    compile: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,6 +196,11 @@ class EquilibriumMethod(Method):
         if self.impl == "autograd" and self.solver != "euler":
             raise ConfigError("impl 'autograd' is the research-code reference and runs the euler solver only; "
                               "use impl 'fast' for other solvers")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and (self.solver != "euler" or self.impl != "fast"):
+            raise ConfigError(f"compile runs the euler solver's steps on the fast path; got solver "
+                              f"'{self.solver}', impl '{self.impl}' (use solver 'euler', impl 'fast', or drop compile)")
         self._solver = self._make_solver(self.tol)
 
     def _make_solver(self, tol: float, groups=None):
@@ -199,6 +208,8 @@ class EquilibriumMethod(Method):
                    "stall_tol": self.stall_tol, "groups": groups}
         if self.impl == "autograd":
             options.update(check_every=1, freeze=False)
+        if self.compile:
+            options["compile"] = True
         try:
             return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
         except TypeError as err:
