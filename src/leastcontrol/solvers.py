@@ -381,14 +381,12 @@ def _euler_add(s, g, dt: float):
     return dict(zip(names, torch._foreach_add([s[k] for k in names], [g[k] for k in names], alpha=dt)))
 
 
-def _euler_steps(field, s, ctx, dt: float, n: int):
-    """``n − 1`` Euler steps, then the field at the last state: ``(s_{n−1}, g(s_{n−1}))``.
-
-    The caller takes the n-th step itself, after reading the residual ``dt·‖g‖/‖s‖`` it needs.
-    """
+def _euler_steps(field, s, ctx, dt: float, n: int, groups):
+    """``n`` Euler steps; returns ``s_n`` and each sample's residual of the last step, ``dt·‖g‖/‖s_{n−1}‖``."""
     for _ in range(n - 1):
         s = _euler_add(s, field(s, ctx), dt)
-    return s, field(s, ctx)
+    g = field(s, ctx)
+    return _euler_add(s, g, dt), dt * _relative_residual(g, s, groups)
 
 
 _COMPILED_STEPS = None
@@ -397,8 +395,9 @@ _COMPILED_STEPS = None
 def _compiled_euler_steps():
     """:func:`_euler_steps` through ``torch.compile`` (built once; the batch dimension is dynamic).
 
-    One graph holds the ``check_every`` steps between two convergence checks, so the
-    elementwise work of a step is fused and Python runs once per check, not once per step.
+    One graph holds the ``check_every`` steps between two convergence checks and the residual
+    read at the check, so the elementwise work of a step is fused and Python runs once per
+    check, not once per step.
     Fresh closures of the same field code reuse the graph (Dynamo guards on code, not identity).
     """
     global _COMPILED_STEPS
@@ -412,11 +411,11 @@ def _compiled_euler_steps():
 _COMPILED_GRAPHS = 64
 
 
-def _run_compiled(field, s, ctx, dt, n):
+def _run_compiled(field, s, ctx, dt, n, groups):
     import torch._dynamo  # noqa: F401  (for its exception types and config)
     try:
         with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
-            return _compiled_euler_steps()(field, s, ctx, dt, n)
+            return _compiled_euler_steps()(field, s, ctx, dt, n, groups)
     except torch._dynamo.exc.BackendCompilerFailed as err:
         raise ConfigError(f"compile=True needs a working torch.compile backend here (for the CPU, a C++ "
                           f"compiler): {type(err.inner_exception).__name__}: {err.inner_exception}; "
@@ -465,10 +464,8 @@ class Euler(Solver):
         while step < self.max_iter:
             # Run to the next convergence check (every check_every steps, and at max_iter).
             n = min(self.check_every - step % self.check_every, self.max_iter - step)
-            s, g = steps(g_field, s, ctx, self.dt, n)
+            s, res = steps(g_field, s, ctx, self.dt, n, self.groups)
             step += n
-            res = self.dt * _relative_residual(g, s, self.groups)
-            s = _euler_add(s, g, self.dt)
             r = self._check(layout, res, s, step)
             trace.append(r)
             frozen.record(res, step)
