@@ -363,6 +363,24 @@ def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
+# Ratio key -> the LCP-DI row it divides by the fastest RBP row (the "equal_tol" rows run at RBP's 1e-4).
+LCP_DI_OVER_RBP = {
+    "rnn_lcp_di_over_rbp": "rnn-lcp-di",
+    "rnn_lcp_di_over_rbp_equal_tol": "rnn-lcp-di-tol1e-4",
+    "rnn_lcp_di_stall_over_rbp": "rnn-lcp-di-stall",
+    "rnn_lcp_di_stall_over_rbp_equal_tol": "rnn-lcp-di-tol1e-4-stall",
+    "rnn_lcp_di_gains_over_rbp": "rnn-lcp-di-gains",
+    "rnn_lcp_di_gains_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4",
+    "rnn_lcp_di_gains_stall_over_rbp": "rnn-lcp-di-gains-stall",
+    "rnn_lcp_di_gains_stall_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall",
+    "rnn_lcp_di_gains_over_rbp_equal_tol_and_cap": "rnn-lcp-di-gains-tol1e-4-max200",
+    "rnn_lcp_di_compile_over_rbp": "rnn-lcp-di-compile",
+    "rnn_lcp_di_compile_over_rbp_equal_tol": "rnn-lcp-di-tol1e-4-compile",
+    "rnn_lcp_di_gains_stall_compile_over_rbp": "rnn-lcp-di-gains-stall-compile",
+    "rnn_lcp_di_gains_stall_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall-compile",
+}
+
+
 def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str, Any]:
     def sec(label):
         return by[label]["seconds_per_batch_median"] if label in by else None
@@ -382,20 +400,7 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
     return {
         "rnn_lcp_di_autograd_over_fast": _ratio(sec("rnn-lcp-di-autograd"), sec("rnn-lcp-di")),
         "rnn_lcp_di_iterations_autograd_over_fast": _ratio(its("rnn-lcp-di-autograd"), its("rnn-lcp-di")),
-        "rnn_lcp_di_over_rbp": _ratio(sec("rnn-lcp-di"), best_rbp),
-        "rnn_lcp_di_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4"), best_rbp),
-        "rnn_lcp_di_stall_over_rbp": _ratio(sec("rnn-lcp-di-stall"), best_rbp),
-        "rnn_lcp_di_stall_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4-stall"), best_rbp),
-        "rnn_lcp_di_gains_over_rbp": _ratio(sec("rnn-lcp-di-gains"), best_rbp),
-        "rnn_lcp_di_gains_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4"), best_rbp),
-        "rnn_lcp_di_gains_stall_over_rbp": _ratio(sec("rnn-lcp-di-gains-stall"), best_rbp),
-        "rnn_lcp_di_gains_stall_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4-stall"), best_rbp),
-        "rnn_lcp_di_gains_over_rbp_equal_tol_and_cap": _ratio(sec("rnn-lcp-di-gains-tol1e-4-max200"), best_rbp),
-        "rnn_lcp_di_compile_over_rbp": _ratio(sec("rnn-lcp-di-compile"), best_rbp),
-        "rnn_lcp_di_compile_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-tol1e-4-compile"), best_rbp),
-        "rnn_lcp_di_gains_stall_compile_over_rbp": _ratio(sec("rnn-lcp-di-gains-stall-compile"), best_rbp),
-        "rnn_lcp_di_gains_stall_compile_over_rbp_equal_tol": _ratio(sec("rnn-lcp-di-gains-tol1e-4-stall-compile"),
-                                                                    best_rbp),
+        **{key: _ratio(sec(label), best_rbp) for key, label in LCP_DI_OVER_RBP.items()},
         # The fastest LCP-DI setting at each tolerance (cap 800) over the fastest RBP setting.
         "rnn_lcp_di_best_over_rbp": _ratio(best_lcp_di(1e-6), best_rbp),
         "rnn_lcp_di_best_over_rbp_equal_tol": _ratio(best_lcp_di(1e-4), best_rbp),

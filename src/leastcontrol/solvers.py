@@ -15,6 +15,7 @@ Not converging within ``max_iter`` is reported in the stats, not raised
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field as dc_field
 from typing import Callable, Dict, List, Sequence
@@ -389,9 +390,7 @@ def _euler_steps(field, s, ctx, dt: float, n: int, groups):
     return _euler_add(s, g, dt), dt * _relative_residual(g, s, groups)
 
 
-_COMPILED_STEPS = None
-
-
+@functools.lru_cache(maxsize=None)
 def _compiled_euler_steps():
     """:func:`_euler_steps` through ``torch.compile`` (built once; the batch dimension is dynamic).
 
@@ -400,10 +399,7 @@ def _compiled_euler_steps():
     check, not once per step.
     Fresh closures of the same field code reuse the graph (Dynamo guards on code, not identity).
     """
-    global _COMPILED_STEPS
-    if _COMPILED_STEPS is None:
-        _COMPILED_STEPS = torch.compile(_euler_steps, dynamic=True)
-    return _COMPILED_STEPS
+    return torch.compile(_euler_steps, dynamic=True)
 
 
 # Graphs one process may hold for the compiled steps: one per field (free, controlled, adjoint, ...
@@ -576,23 +572,18 @@ class Anderson(Solver):
         step = 0
         for step in range(1, self.max_iter + 1):
             gz = self.dt * layout.pack(g_field(layout.unpack(z), ctx))
-            if step <= self.warmup:
-                # Plain Euler, as cheap as Euler's own step between checks.
-                if step % self.check_every == 0 or step == self.max_iter:
-                    _, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
-                    if stop:
-                        break
-                    if keep is not None:
-                        z, gz, best_z, best_r, ctx = z[keep], gz[keep], best_z[keep], best_r[keep], _subset(ctx, keep)
-                        X, G, gram, valid = X[keep], G[keep], gram[keep], valid[keep]
+            warming = step <= self.warmup
+            # Warm-up steps are plain Euler, as cheap as Euler's own: residuals only at the checks.
+            if not warming or step % self.check_every == 0 or step == self.max_iter:
+                res, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
+                if stop:
+                    break
+                if keep is not None:
+                    z, gz, res, X, G, valid = z[keep], gz[keep], res[keep], X[keep], G[keep], valid[keep]
+                    gram, best_z, best_r, ctx = gram[keep], best_z[keep], best_r[keep], _subset(ctx, keep)
+            if warming:
                 z = z + gz
                 continue
-            res, best_z, best_r, stop, keep = self._track(layout, frozen, trace, step, z, gz, best_z, best_r)
-            if stop:
-                break
-            if keep is not None:
-                z, gz, res, X, G, valid = z[keep], gz[keep], res[keep], X[keep], G[keep], valid[keep]
-                gram, best_z, best_r, ctx = gram[keep], best_z[keep], best_r[keep], _subset(ctx, keep)
             slot = (step - 1) % m
             X[:, slot], G[:, slot] = z, gz
             if group_of is None:
