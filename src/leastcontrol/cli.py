@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "or one residual over [φ | ψ] (joint)")
     m.add_argument("--cg-steps", type=_positive_int, default=10, help="imaml conjugate-gradient steps (10)")
     m.add_argument("--eval-tasks", type=_positive_int, default=1000, help="held-out tasks (1000; ≥ 600 for omniglot)")
+    m.add_argument("--checkpoint", default=None,
+                   help="save the run here every --checkpoint-every meta-steps (atomic writes)")
+    m.add_argument("--checkpoint-every", type=_positive_int, default=10, help="meta-steps between checkpoints (10)")
+    m.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     m.add_argument("--eval-queries", type=_positive_int, default=None,
                    help="query points per held-out task (sinusoid 100) or per class (omniglot: --queries)")
     m.add_argument("--seed", type=int, default=0)
@@ -246,7 +250,8 @@ def _meta(args) -> int:
                         inner_tol=args.inner_tol, inner_step_rule=args.inner_step_rule, lam=args.lam, learn_lam=args.learn_lam, beta=args.beta, route=args.route,
                         controlled_steps=args.controlled_steps, controlled_residual=args.controlled_residual,
                         cg_steps=args.cg_steps, eval_tasks=args.eval_tasks, eval_queries=args.eval_queries,
-                        seed=args.seed, json_out=args.json_out, progress=not args.quiet)
+                        seed=args.seed, json_out=args.json_out, checkpoint=args.checkpoint,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
     result = meta_train(config)
     test, before = result["test"], result["test_untrained"]
     print(f"{config.task} {config.method}: held-out {test['metric']} {test['mean']:.4f} ± {test['ci95']:.4f} "

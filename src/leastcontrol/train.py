@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import atomic_target, write_json
+from .atomic import write_json
+from .checkpoint import TRAIN_FORMAT, load_checkpoint, resume_state, save_checkpoint  # noqa: F401 (load_checkpoint: public here)
 from .data import DATASETS, Dataset, load_dataset
-from .errors import CheckpointError, ConfigError, SolverDivergedError
+from .errors import ConfigError, SolverDivergedError
 from .methods import METHODS, Method, get_method
 from .solvers import SOLVERS
 from .systems import SYSTEMS, EquilibriumSystem, get_system
@@ -285,33 +286,6 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
     return correct / max(len(y), 1)
 
 
-def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_checkpoint(path: str | Path) -> Dict[str, Any]:
-    """Read a checkpoint written by :func:`train`.
-
-    Raises:
-        CheckpointError: missing, unreadable or not a leastcontrol checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a leastcontrol checkpoint ({type(exc).__name__}); "
-            "delete it to start afresh or point --checkpoint at another file"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != "leastcontrol-checkpoint-1":
-        raise CheckpointError(f"{path} is not a leastcontrol checkpoint; point --checkpoint at another file")
-    return state
-
-
 _RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "batch_size", "lr", "optimizer",
                 "schedule", "seed", "epochs")
 
@@ -347,17 +321,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     history: List[Dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
     ckpt_path = Path(config.checkpoint) if config.checkpoint else None
-    if ckpt_path is not None and ckpt_path.exists():
-        if not config.resume:
-            raise CheckpointError(
-                f"checkpoint {ckpt_path} already exists; pass --resume to continue that run "
-                "or choose another --checkpoint path"
-            )
-        state = load_checkpoint(ckpt_path)
-        saved = state["config"]
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
-        if changed:
-            raise CheckpointError(f"checkpoint {ckpt_path} belongs to a run with other settings ({', '.join(changed)})")
+    state = resume_state(ckpt_path, config.resume, TRAIN_FORMAT, config.to_dict(), _RESUME_KEYS)
+    if state is not None:
         system.load_state_dict(state["system"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -437,8 +402,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                        f"  test acc {shown}  iters {record['mean_iterations']:.1f}"
                        f"  converged {record['converged_fraction']:.2f}  {epoch_seconds:.1f}s")
         if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, {
-                "format": "leastcontrol-checkpoint-1", "config": config.to_dict(), "epoch": epoch,
+            save_checkpoint(ckpt_path, {
+                "format": TRAIN_FORMAT, "config": config.to_dict(), "epoch": epoch,
                 "system": system.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": history, "train_seconds": train_seconds,

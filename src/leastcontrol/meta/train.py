@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import write_json
+from ..checkpoint import META_FORMAT, resume_state, save_checkpoint
 from ..errors import ConfigError
 from ..solvers import check_controlled_residual
 from .learners import check_activation
@@ -55,6 +56,9 @@ class MetaConfig:
     log_every: int = 50
     seed: int = 0
     json_out: Optional[str] = None
+    checkpoint: Optional[str] = None  # saved every checkpoint_every meta-steps, atomically
+    checkpoint_every: int = 10
+    resume: bool = False              # continue the run saved in checkpoint
     progress: bool = True
 
     def __post_init__(self):
@@ -72,7 +76,7 @@ class MetaConfig:
         if self.eval_chunk is None:
             self.eval_chunk = self.meta_batch
         for key in ("ways", "shots", "queries", "meta_batch", "meta_steps", "inner_steps", "eval_tasks",
-                    "eval_queries", "eval_chunk", "log_every", "cg_steps"):
+                    "eval_queries", "eval_chunk", "log_every", "cg_steps", "checkpoint_every"):
             value = getattr(self, key)
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
@@ -81,6 +85,8 @@ class MetaConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
         check_activation(self.activation)
+        if self.resume and not self.checkpoint:
+            raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
         if self.task == "omniglot":
             check_episode(self.shots, self.queries)
             check_episode(self.shots, self.eval_queries, "eval_queries")
@@ -175,6 +181,12 @@ def _mean_stats(window: list) -> Dict[str, float]:
     return {k: sum(float(s[k]) for s in window) / len(window) for k in keys}
 
 
+# Settings a resumed run must share with the checkpoint it continues (the rest only says where
+# results go and how often to save).
+_RESUME_KEYS = tuple(f.name for f in fields(MetaConfig)
+                     if f.name not in ("data_dir", "json_out", "checkpoint", "checkpoint_every", "resume", "progress"))
+
+
 def meta_train(config: MetaConfig) -> Dict[str, Any]:
     """Meta-train ω (the learner's initialisation and anchor) and evaluate it on held-out tasks.
 
@@ -185,6 +197,14 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
         ``config.json_out``. ``inner_converged_fraction`` is the mean fraction of tasks whose inner
         solve reached ``tol``; below 0.9 (training or held-out) a ``RuntimeWarning`` says so and
         names the fix, as it does when iMAML's CG residual over the last logged window exceeds 1e-2.
+
+    With ``config.checkpoint`` the run is saved every ``checkpoint_every`` meta-steps (ω, Adam,
+    both random streams, the history so far); ``resume=True`` continues it from there, to the same
+    result as a run that was never interrupted.
+
+    Raises:
+        ConfigError, CheckpointError (a checkpoint that exists without ``resume``, is unreadable,
+        or belongs to a run with other settings).
     """
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
@@ -204,11 +224,25 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
         return evaluate(problem(), omega.detach(), task, settings, config.eval_tasks, config.eval_queries,
                         config.seed, config.eval_chunk)
 
-    untrained = held_out()
     opt = torch.optim.Adam([omega, log_lam] if config.learn_lam else [omega], lr=config.meta_lr)
     history, window, settled, window_stats = [], [], [], []
-    start = time.perf_counter()
-    bar = tqdm(range(1, config.meta_steps + 1), desc=f"meta {config.method}", disable=not config.progress)
+    first_step, seconds_before = 1, 0.0
+    state = resume_state(config.checkpoint, config.resume, META_FORMAT, asdict(config), _RESUME_KEYS)
+    if state is not None:
+        with torch.no_grad():
+            omega.copy_(state["omega"])
+            log_lam.copy_(state["log_lam"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["task_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        untrained, history, settled = state["untrained"], state["history"], state["settled"]
+        window, window_stats = state["window"], state["window_stats"]
+        first_step, seconds_before = state["step"] + 1, state["train_seconds"]
+    else:
+        untrained = held_out()
+    start = time.perf_counter() - seconds_before
+    bar = tqdm(range(first_step, config.meta_steps + 1), desc=f"meta {config.method}", disable=not config.progress,
+               initial=first_step - 1, total=config.meta_steps)
     for step in bar:
         inner = problem()
         out = method(inner, omega.detach(), task.sample(config.meta_batch, g))
@@ -228,6 +262,13 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
             history.append(entry)
             bar.set_postfix(val=f"{entry['val_loss']:.3f}")
             window, window_stats = [], []
+        if config.checkpoint and (step % config.checkpoint_every == 0 or step == config.meta_steps):
+            save_checkpoint(config.checkpoint, {
+                "format": META_FORMAT, "config": asdict(config), "step": step,
+                "omega": omega.detach(), "log_lam": log_lam.detach(), "optimizer": opt.state_dict(),
+                "task_rng": g.get_state(), "torch_rng": torch.get_rng_state(),
+                "untrained": untrained, "history": history, "settled": settled,
+                "window": window, "window_stats": window_stats, "train_seconds": time.perf_counter() - start})
     train_seconds = time.perf_counter() - start
     test = held_out()
     settled_fractions = {"train": sum(settled) / len(settled), "test": test.pop("inner_converged_fraction"),

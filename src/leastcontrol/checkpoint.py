@@ -1,0 +1,66 @@
+"""Checkpoints of long runs: atomic writes, validated reads, and the rules for resuming one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+
+from .atomic import atomic_target
+from .errors import CheckpointError
+
+TRAIN_FORMAT = "leastcontrol-checkpoint-1"
+META_FORMAT = "leastcontrol-meta-checkpoint-1"
+
+
+def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> None:
+    """``torch.save`` of ``state`` to ``path``, atomically: a crash mid-write leaves the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT) -> Dict[str, Any]:
+    """Read a checkpoint of format ``fmt`` (:func:`leastcontrol.train.train`'s by default).
+
+    Raises:
+        CheckpointError: missing, unreadable, or not a checkpoint of that format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a leastcontrol checkpoint ({type(exc).__name__}); "
+            "delete it to start afresh or point --checkpoint at another file"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        what = "meta-training " if fmt == META_FORMAT else ""
+        raise CheckpointError(f"{path} is not a leastcontrol {what}checkpoint; point --checkpoint at another file")
+    return state
+
+
+def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Mapping[str, Any],
+                 keys: Iterable[str]) -> Optional[Dict[str, Any]]:
+    """The saved state to continue from, or ``None`` for a fresh run.
+
+    A checkpoint that exists is only continued with ``resume`` (never overwritten by a new run),
+    and only if the settings in ``keys`` are those of ``config``.
+
+    Raises:
+        CheckpointError: the file exists without ``resume``, is unreadable, or is another run's.
+    """
+    if path is None or not Path(path).exists():
+        return None
+    if not resume:
+        raise CheckpointError(f"checkpoint {path} already exists; pass --resume to continue that run "
+                              "or choose another --checkpoint path")
+    state = load_checkpoint(path, fmt)
+    saved = state["config"]
+    changed = [k for k in keys if saved.get(k) != config.get(k)]
+    if changed:
+        raise CheckpointError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)})")
+    return state
