@@ -211,3 +211,17 @@ def test_bench_cli_rejects_a_missing_gpu(capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", "--device", "cuda", "--quiet"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_check_level_anderson_gives_the_converged_update_eager_and_compiled():
+    """LCP-DI with Euler's check-level Anderson mixing reaches the same controlled equilibrium, so the
+    same update as plain Euler solved tightly (float64), and the compiled steps give the eager iterates."""
+    net = tiny_rnn()
+    x, y = batch(n_in=5, n_out=3, B=4)
+    reference = get_method("lcp-di", tol=1e-12, max_iter=6000).gradients(net, x, y)
+    opts = {"solver_options": {"anderson_memory": 3, "anderson_after": 30}, "tol": 1e-10, "max_iter": 2000}
+    eager, compiled = (get_method("lcp-di", compile=c, **opts).gradients(net, x, y) for c in (False, True))
+    assert eager.stats["converged"]
+    assert rel_err(eager.grads, reference.grads) < 1e-7
+    assert rel_err(compiled.grads, eager.grads) < 1e-9
+    assert compiled.stats["iterations"] == eager.stats["iterations"]

@@ -56,6 +56,10 @@ class SolverStats:
         mean_sample_iterations: steps per sample, averaged (below ``iterations`` when samples freeze).
         restarts: (Anderson) safeguard restarts from a sample's best iterate.
         stalled_fraction: fraction of samples stopped by the stall rule (``patience``) above ``tol``.
+        sample_iterations: ``(B,)`` steps each sample took before it stopped (``None`` where a
+            solver does not track samples).
+        sample_residuals: ``(B,)`` each sample's relative residual where it stopped; with
+            ``sample_iterations`` it tells which samples settled slowly, stalled or hit ``max_iter``.
     """
 
     iterations: int
@@ -67,6 +71,8 @@ class SolverStats:
     mean_sample_iterations: float | None = None
     restarts: int = 0
     stalled_fraction: float = 0.0
+    sample_iterations: torch.Tensor | None = None
+    sample_residuals: torch.Tensor | None = None
 
 
 @dataclass
@@ -370,7 +376,8 @@ class _Freezer:
             stalled = float((~converged & self._stalled(self.final_res, self.sample_steps, self.mark_step))
                             .double().mean())
         return SolverStats(step, r, r < tol, float(converged.double().mean()), trace, fallbacks,
-                           float(self.sample_steps.mean()), restarts, stalled)
+                           float(self.sample_steps.mean()), restarts, stalled,
+                           self.sample_steps.long(), self.final_res.clone())
 
 
 def _subset(d: Dict[str, torch.Tensor] | None, keep: torch.Tensor):
@@ -418,6 +425,76 @@ def _run_compiled(field, s, ctx, dt, n, groups):
                           "run without compile (--compile off)") from None
 
 
+def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
+    """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots.
+
+    ``gram`` (B, m, m, float64) holds the inner products ``G_i · G_j`` of the stored residuals;
+    ``reg`` is Tikhonov regularisation relative to the Gram matrix's scale. Returns ``(α, ok)``,
+    ``ok`` False for a sample whose small system is singular (its α is zero).
+    """
+    m = gram.shape[1]
+    pair = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    gram = torch.where(pair, gram, 0.0)
+    scale = (gram.diagonal(dim1=1, dim2=2).sum(1) / valid.sum(1).clamp_min(1)).clamp_min(_TINY)
+    # Invalid slots get an identity row and a zero right-hand side, so their weight is exactly 0.
+    gram = gram + (reg * scale)[:, None, None] * eye + torch.where(~valid, 1.0, 0.0)[:, :, None] * eye
+    rhs = valid.to(gram.dtype)[:, :, None]
+    w, info = torch.linalg.solve_ex(gram, rhs)
+    w = w.squeeze(-1)
+    wsum = w.sum(1, keepdim=True)
+    ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
+    alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
+    return alpha, ok
+
+
+class _CheckAnderson:
+    """Anderson mixing (type II) of the map "``check_every`` Euler steps", one mix per check.
+
+    Holds, per sample, the last ``memory`` pairs (start ``x_j``, end ``F_j``) of the runs of steps
+    between two checks and returns ``Σ α_j F_j`` with α minimising ``‖Σ α_j (F_j − x_j)‖``
+    (``Σ α_j = 1``; with ``widths``, each group weighed by ``1/‖s_g‖``, the norm the stopping rule
+    reads). Over ten steps the slow modes of the Euler map, a lightly damped rotation included,
+    are few and well separated, so a small memory captures them; the mixing costs a few small
+    products per check, not per step. A sample whose residual at a check grows above ``restart``
+    times its best returns to its best end point with an empty memory.
+    """
+
+    def __init__(self, z: torch.Tensor, memory: int, widths, reg: float, restart: float):
+        B, N = z.shape
+        self.X, self.F = z.new_zeros(B, memory, N), z.new_zeros(B, memory, N)
+        self.valid = torch.zeros(B, memory, dtype=torch.bool, device=z.device)
+        self.best = torch.full((B,), math.inf, dtype=torch.float64, device=z.device)
+        self.best_z = z.clone()
+        self.widths, self.reg, self.restart, self.count = widths, reg, restart, 0
+        self.group_of = None if widths is None else torch.repeat_interleave(
+            torch.arange(len(widths), device=z.device), torch.tensor(widths, device=z.device))
+
+    def subset(self, keep: torch.Tensor) -> None:
+        self.X, self.F, self.valid = self.X[keep], self.F[keep], self.valid[keep]
+        self.best, self.best_z = self.best[keep], self.best_z[keep]
+
+    def mix(self, start: torch.Tensor, end: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+        """The next start: the mix of the stored runs, or (after a blow-up) the best end so far."""
+        res = res.double()
+        blown = res > self.restart * self.best
+        improved = res < self.best
+        self.best = torch.where(improved, res, self.best)
+        self.best_z = torch.where(improved[:, None], end, self.best_z)
+        slot = self.count % self.X.shape[1]
+        self.count += 1
+        self.X[:, slot], self.F[:, slot], self.valid[:, slot] = start, end, True
+        G = (self.F - self.X).double()
+        if self.group_of is not None:
+            norms = torch.stack([_sq_norm(p) for p in end.split(list(self.widths), 1)], 1).double()
+            G = G * norms.clamp_min(_TINY).rsqrt()[:, self.group_of][:, None, :]
+        alpha, ok = _anderson_weights(torch.bmm(G, G.transpose(1, 2)), self.valid, self.reg)
+        mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), self.F).squeeze(1), end)
+        # A sample whose residual grew far above its best restarts there, with an empty memory.
+        self.valid &= ~blown[:, None]
+        return torch.where(blown[:, None], self.best_z, mixed)
+
+
 class Euler(Solver):
     """Forward-Euler iteration ``s_{t+1} = s_t + dt · g(s_t)``.
 
@@ -440,12 +517,21 @@ class Euler(Solver):
     name = "euler"
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *, freeze: bool = True,
-                 compile: bool = False, **kwargs):
+                 compile: bool = False, anderson_memory: int = 0, anderson_after: int = 50,
+                 restart: float = 10.0, reg: float = 1e-8, **kwargs):
         super().__init__(dt, tol, max_iter, **kwargs)
         self.freeze = bool(freeze)
         if not isinstance(compile, bool):
             raise ConfigError(f"compile must be True or False, got {compile!r}")
         self.compile = compile
+        if not (isinstance(anderson_memory, int) and anderson_memory >= 0):
+            raise ConfigError(f"anderson_memory must be an integer >= 0 (0: plain Euler), got {anderson_memory!r}")
+        if not (isinstance(anderson_after, int) and anderson_after >= 0):
+            raise ConfigError(f"anderson_after must be an integer >= 0, got {anderson_after!r}")
+        if not restart > 1:
+            raise ConfigError(f"restart must be > 1, got {restart!r}")
+        self.anderson_memory, self.anderson_after = anderson_memory, anderson_after
+        self.restart, self.reg = float(restart), float(reg)
 
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
@@ -456,10 +542,12 @@ class Euler(Solver):
         ctx = context
         trace: List[float] = []
         steps = _run_compiled if self.compile else _euler_steps
+        mixer = None
         step = 0
         while step < self.max_iter:
             # Run to the next convergence check (every check_every steps, and at max_iter).
             n = min(self.check_every - step % self.check_every, self.max_iter - step)
+            start = s
             s, res = steps(g_field, s, ctx, self.dt, n, self.groups)
             step += n
             r = self._check(layout, res, s, step)
@@ -470,7 +558,14 @@ class Euler(Solver):
                 break
             keep = frozen.freeze(done, s)
             if keep is not None:
-                s, ctx = _subset(s, keep), _subset(ctx, keep)
+                s, ctx, start, res = _subset(s, keep), _subset(ctx, keep), _subset(start, keep), res[keep]
+                if mixer is not None:
+                    mixer.subset(keep)
+            if self.anderson_memory and step >= self.anderson_after and step < self.max_iter:
+                end = layout.pack(s)
+                if mixer is None:
+                    mixer = _CheckAnderson(end, self.anderson_memory, layout.flat_groups, self.reg, self.restart)
+                s = layout.unpack(mixer.mix(layout.pack(start), end, res))
         return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace))
 
 
@@ -528,26 +623,6 @@ class Anderson(Solver):
         self.restart, self.start_below, self.freeze = float(restart), float(start_below), bool(freeze)
         self.warmup = warmup
 
-    def _weights(self, gram: torch.Tensor, valid: torch.Tensor):
-        """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots.
-
-        ``gram`` (B, m, m, float64) holds the inner products ``G_i · G_j`` of the stored steps.
-        """
-        m = gram.shape[1]
-        pair = valid[:, :, None] & valid[:, None, :]
-        eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
-        gram = torch.where(pair, gram, 0.0)
-        scale = (gram.diagonal(dim1=1, dim2=2).sum(1) / valid.sum(1).clamp_min(1)).clamp_min(_TINY)
-        # Invalid slots get an identity row and a zero right-hand side, so their weight is exactly 0.
-        gram = gram + (self.reg * scale)[:, None, None] * eye + torch.where(~valid, 1.0, 0.0)[:, :, None] * eye
-        rhs = valid.to(gram.dtype)[:, :, None]
-        w, info = torch.linalg.solve_ex(gram, rhs)
-        w = w.squeeze(-1)
-        wsum = w.sum(1, keepdim=True)
-        ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
-        alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
-        return alpha, ok
-
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
         layout, g_field, z, frozen = self._start(field, state0, context, labels)
@@ -594,7 +669,7 @@ class Anderson(Solver):
                 Gw = G * norms.clamp_min(_TINY).rsqrt()[:, group_of][:, None, :]
                 gram = torch.bmm(Gw, Gw.transpose(1, 2))
             valid[:, slot] = True
-            alpha, ok = self._weights(gram, valid)
+            alpha, ok = _anderson_weights(gram, valid, self.reg)
             mixed = (torch.bmm(alpha[:, None, :].to(z.dtype), X)
                      + self.mixing * torch.bmm(alpha[:, None, :], G).to(z.dtype)).squeeze(1)
             z = torch.where(ok[:, None], mixed, z + self.mixing * gz)
