@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="run the Euler steps between convergence checks as one torch.compile graph (off; "
                         "compiles for seconds at the start, pays on small batches and long tails)")
+    g.add_argument("--anderson-memory", type=int,
+                   help="euler: mix the last M runs of --check-every steps at each check (Anderson "
+                        "acceleration of the k-step map; 0/off: plain Euler)")
+    g.add_argument("--anderson-after", type=int, help="euler: first step of that mixing (50)")
     g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
     g.add_argument("--ebd-lr", type=float, help="lcp-ebd: its learning rate (0.01)")
     g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")

@@ -32,6 +32,8 @@ METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solv
                   "controlled_residual", "patience", "stall_tol",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
+# Settings of the solver itself, passed to the method as its solver_options.
+SOLVER_OPTIONS = ("anderson_memory", "anderson_after")
 
 
 @dataclass
@@ -71,6 +73,8 @@ class TrainConfig:
     check_every: Optional[int] = None
     impl: Optional[str] = None
     compile: Optional[bool] = None
+    anderson_memory: Optional[int] = None   # euler: Anderson mixing at each check (solver_options)
+    anderson_after: Optional[int] = None
     warm_start_tol: Optional[float] = None
     controlled_residual: Optional[str] = None
     patience: Optional[int] = None
@@ -132,7 +136,14 @@ class TrainConfig:
         """The method settings that were given, restricted to those the method accepts."""
         factory = METHODS.factory(self.method)
         accepted = {f.name for f in fields(factory)} if hasattr(factory, "__dataclass_fields__") else set(METHOD_OPTIONS)
-        return {k: getattr(self, k) for k in METHOD_OPTIONS if getattr(self, k) is not None and k in accepted}
+        options = {k: getattr(self, k) for k in METHOD_OPTIONS if getattr(self, k) is not None and k in accepted}
+        solver_options = {k: getattr(self, k) for k in SOLVER_OPTIONS if getattr(self, k) is not None}
+        if solver_options:
+            if "solver_options" not in accepted:
+                raise ConfigError(f"{', '.join(solver_options)} set the solver of an equilibrium method; "
+                                  f"'{self.method}' has none")
+            options["solver_options"] = solver_options
+        return options
 
     def build_method(self) -> Method:
         return get_method(self.method, **self.method_options())
