@@ -203,3 +203,18 @@ def test_skip_diverged_counts_the_batches_it_skips(monkeypatch):
     result = train(TrainConfig(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50,
                                progress=False, skip_diverged=True))
     assert result["history"][-1]["skipped_batches"] == 1 and len(calls) == 3
+
+
+def test_anderson_settings_reach_the_euler_solver_and_bad_ones_fail_at_construction():
+    from leastcontrol.cli import build_parser
+    args = build_parser().parse_args(["train", "--anderson-memory", "3", "--anderson-after", "40"])
+    assert (args.anderson_memory, args.anderson_after) == (3, 40)
+    method = TrainConfig(method="lcp-di", anderson_memory=3, anderson_after=40).build_method()
+    assert method.solver_options == {"anderson_memory": 3, "anderson_after": 40}
+    assert method._solver.anderson_memory == 3 and method._solver.anderson_after == 40
+    with pytest.raises(ConfigError, match="anderson_memory"):
+        TrainConfig(method="lcp-di", anderson_memory=-2)
+    with pytest.raises(ConfigError, match="'bp' has none"):
+        TrainConfig(model="ff", method="bp", anderson_memory=3)
+    with pytest.raises(ConfigError, match="do not fit the 'anderson' solver"):
+        TrainConfig(method="lcp-di", solver="anderson", anderson_memory=3)
