@@ -10,6 +10,10 @@ the Anderson solver after an Euler warm-up (group-weighted least squares), for t
 samples it settles. A sample counts as not settled when it ends above 10·tol.
 
     python benchmarks/controlled_tail.py --data-dir ../shared/data/mnist --json-out docs/runs/controlled_tail.json
+
+First, at the bench's fastest LCP-DI settings (α 1, k_i 10, warm start 1e-4, patience 100), without and
+with Euler's check-level Anderson mixing: how the samples that take more than 150 controlled steps end
+(``--composition-only`` stops there).
 """
 from __future__ import annotations
 
@@ -30,6 +34,28 @@ from leastcontrol.solvers import _relative_residual  # noqa: E402
 
 TAIL = 10.0   # a sample ending above TAIL·tol counts as not settled
 HYBRID = {"warmup": 100, "memory": 10, "start_below": math.inf, "restart": 1e6}
+LONG = 150    # controlled steps above which a sample counts as part of the tail
+# The bench's fastest LCP-DI setting (-gains-stall), without and with Euler's check-level mixing.
+TAIL_SETTINGS = {"gains-stall": {"alpha": 1.0, "k_i": 10.0, "warm_start_tol": 1e-4, "patience": 100},
+                 "gains-stall-accel": {"alpha": 1.0, "k_i": 10.0, "warm_start_tol": 1e-4, "patience": 100,
+                                       "solver_options": {"anderson_memory": 3, "anderson_after": 60}}}
+
+
+def tail_composition(net, batches, settings):
+    """How the samples that take more than ``LONG`` controlled steps end: at tol, stalled, or at max_iter."""
+    m = get_method("lcp-di", **settings)
+    out = {"long": 0, "reached_tol": 0, "stalled": 0, "at_max_iter": 0, "steps_per_batch": []}
+    for x, y in batches:
+        x, y = m._inputs(net, x, y)
+        st = m.controlled_equilibrium(net, x, y, m.warm_start(net, x)).stats
+        out["steps_per_batch"].append(st.iterations)
+        long = st.sample_iterations > LONG
+        out["long"] += int(long.sum())
+        out["reached_tol"] += int((long & (st.sample_residuals < m.tol)).sum())
+        out["at_max_iter"] += int((long & (st.sample_residuals >= m.tol) & (st.sample_iterations >= m.max_iter)).sum())
+    out["stalled"] = out["long"] - out["reached_tol"] - out["at_max_iter"]
+    out["steps_per_batch"] = statistics.mean(out["steps_per_batch"])
+    return out
 
 
 def explicit_field(net, x, y, alpha, k_i):
@@ -69,11 +95,22 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--json-out", default=None)
+    p.add_argument("--composition-only", action="store_true",
+                   help="only the composition of the tail at the bench's fastest settings (no Newton, no Anderson)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     config = BenchConfig(data_dir=args.data_dir, memory=False, progress=False)
     batches = _batches(config, config.pretrain + config.warmup + config.batches)
     net = _pretrained("rnn", config, batches)
+    composition = {}
+    for name, settings in TAIL_SETTINGS.items():
+        c = composition[name] = tail_composition(net, batches[:args.batches], settings)
+        print(f"{name}: {c['long']} samples above {LONG} controlled steps: {c['reached_tol']} reached tol, "
+              f"{c['stalled']} stalled, {c['at_max_iter']} at max_iter; {c['steps_per_batch']:.1f} controlled steps per batch")
+    if args.composition_only:
+        if args.json_out:
+            write_json(Path(args.json_out), {"config": {"batches": args.batches}, "tail_composition": composition})
+        return composition
     euler = get_method("lcp-di")
     hybrid = get_method("lcp-di", solver="anderson", solver_options=HYBRID)
     H, O = net.n_hidden, net.n_out
@@ -105,7 +142,7 @@ def main(argv=None):
                 print(f"batch {i:2d} sample {j:2d}: Euler ends at {r:.1e}; Newton root residual {root_res:.1e}, "
                       f"max|1+λ| there {modulus:.4f}, |v_root − v_free| {t['distance_v_free_to_root']:.2f}")
     result = {"config": {"batches": args.batches, "data_dir": bool(args.data_dir), "hybrid": HYBRID},
-              "tail": tail, "batches": summary}
+              "tail": tail, "batches": summary, "tail_composition": composition}
     for name, rows in summary.items():
         conv = statistics.mean(r["converged_fraction"] for r in rows)
         print(f"{name:6s}: converged fraction {conv:.4f}, batches at max_iter "
