@@ -509,6 +509,14 @@ class Euler(Solver):
     each field pays the compilation, seconds). It pays where a step is many small
     operations on a small batch (the tail of a solve, after most samples froze).
 
+    With ``anderson_memory=m > 0`` each convergence check from step ``anderson_after`` on also
+    mixes the last ``m`` runs of ``check_every`` steps (:class:`_CheckAnderson`, Anderson
+    acceleration of the ``check_every``-step Euler map): the steps stay plain, compiled or not, and
+    the slow samples of a solve settle in fewer of them. The fixed point and the stopping rule are
+    Euler's; only the path to it changes. ``restart``: a sample whose residual at a check exceeds
+    this multiple of its best returns to its best point with an empty memory; ``reg``: Tikhonov
+    regularisation of the least squares, relative to their scale.
+
     >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
     >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
     (True, 1.0)
