@@ -425,6 +425,19 @@ def _run_compiled(field, s, ctx, dt, n, groups):
                           "run without compile (--compile off)") from None
 
 
+def _group_index(widths, device) -> torch.Tensor | None:
+    """For groups of ``widths`` along dim 1, the group of each column (``None`` without groups)."""
+    if widths is None:
+        return None
+    return torch.repeat_interleave(torch.arange(len(widths), device=device), torch.tensor(widths, device=device))
+
+
+def _group_weights(z: torch.Tensor, widths, group_of: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` float64: ``1/‖z_g‖`` of each column's group, the norm the per-group residual reads."""
+    norms = torch.stack([_sq_norm(p) for p in z.split(list(widths), 1)], 1).double()
+    return norms.clamp_min(_TINY).rsqrt()[:, group_of]
+
+
 def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
     """Mixing weights α (B, m) minimising ‖Σ α_j G_j‖ with Σ α_j = 1 over the valid slots.
 
@@ -467,8 +480,7 @@ class _CheckAnderson:
         self.best = torch.full((B,), math.inf, dtype=torch.float64, device=z.device)
         self.best_z = z.clone()
         self.widths, self.reg, self.restart, self.count = widths, reg, restart, 0
-        self.group_of = None if widths is None else torch.repeat_interleave(
-            torch.arange(len(widths), device=z.device), torch.tensor(widths, device=z.device))
+        self.group_of = _group_index(widths, z.device)
 
     def subset(self, keep: torch.Tensor) -> None:
         self.X, self.F, self.valid = self.X[keep], self.F[keep], self.valid[keep]
@@ -486,8 +498,7 @@ class _CheckAnderson:
         self.X[:, slot], self.F[:, slot], self.valid[:, slot] = start, end, True
         G = (self.F - self.X).double()
         if self.group_of is not None:
-            norms = torch.stack([_sq_norm(p) for p in end.split(list(self.widths), 1)], 1).double()
-            G = G * norms.clamp_min(_TINY).rsqrt()[:, self.group_of][:, None, :]
+            G = G * _group_weights(end, self.widths, self.group_of)[:, None, :]
         alpha, ok = _anderson_weights(torch.bmm(G, G.transpose(1, 2)), self.valid, self.reg)
         mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), self.F).squeeze(1), end)
         # A sample whose residual grew far above its best restarts there, with an empty memory.
@@ -566,9 +577,11 @@ class Euler(Solver):
                 break
             keep = frozen.freeze(done, s)
             if keep is not None:
-                s, ctx, start, res = _subset(s, keep), _subset(ctx, keep), _subset(start, keep), res[keep]
-                if mixer is not None:
-                    mixer.subset(keep)
+                s, ctx = _subset(s, keep), _subset(ctx, keep)
+                if self.anderson_memory:
+                    start, res = _subset(start, keep), res[keep]
+                    if mixer is not None:
+                        mixer.subset(keep)
             if self.anderson_memory and step >= self.anderson_after and step < self.max_iter:
                 end = layout.pack(s)
                 if mixer is None:
@@ -645,8 +658,7 @@ class Anderson(Solver):
         valid = torch.zeros(B, m, dtype=torch.bool, device=z.device)
         best_z, best_r = z.clone(), z.new_full((B,), math.inf, dtype=torch.float64)
         widths = layout.flat_groups
-        group_of = None if widths is None else torch.repeat_interleave(
-            torch.arange(len(widths), device=z.device), torch.tensor(widths, device=z.device))
+        group_of = _group_index(widths, z.device)
         ctx = context
         trace: List[float] = []
         # Counted on the device; read once at the end (no sync per step).
@@ -673,8 +685,7 @@ class Anderson(Solver):
                 row = torch.bmm(G, G[:, slot, :, None]).squeeze(-1)
                 gram[:, slot, :], gram[:, :, slot] = row, row
             else:
-                norms = torch.stack([_sq_norm(p) for p in z.split(list(widths), 1)], 1).double()
-                Gw = G * norms.clamp_min(_TINY).rsqrt()[:, group_of][:, None, :]
+                Gw = G * _group_weights(z, widths, group_of)[:, None, :]
                 gram = torch.bmm(Gw, Gw.transpose(1, 2))
             valid[:, slot] = True
             alpha, ok = _anderson_weights(gram, valid, self.reg)
