@@ -7,7 +7,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 
 from .atomic import atomic_target
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 TRAIN_FORMAT = "leastcontrol-checkpoint-1"
 META_FORMAT = "leastcontrol-meta-checkpoint-1"
@@ -41,6 +41,12 @@ def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT) -> Dict[str, Any]
         what = "meta-training " if fmt == META_FORMAT else ""
         raise CheckpointError(f"{path} is not a leastcontrol {what}checkpoint; point --checkpoint at another file")
     return state
+
+
+def check_resume(checkpoint: Optional[str], resume: bool) -> None:
+    """Config check of a run's checkpoint settings: ``resume`` needs a ``checkpoint`` path."""
+    if resume and not checkpoint:
+        raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
 
 
 def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Mapping[str, Any],

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import write_json
-from .checkpoint import TRAIN_FORMAT, load_checkpoint, resume_state, save_checkpoint  # noqa: F401 (load_checkpoint: public here)
+from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint, resume_state, save_checkpoint  # noqa: F401 (load_checkpoint: public here)
 from .data import DATASETS, Dataset, load_dataset
 from .errors import ConfigError, SolverDivergedError
 from .methods import METHODS, Method, get_method
@@ -128,8 +128,7 @@ class TrainConfig:
             raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
         if self.augment and self.dataset != "cifar10":
             raise ConfigError("augment (random crop + flip) is for cifar10 only")
-        if self.resume and not self.checkpoint:
-            raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
+        check_resume(self.checkpoint, self.resume)
         self.build_method()  # method settings are validated here, before any data is read
 
     def method_options(self) -> Dict[str, Any]:

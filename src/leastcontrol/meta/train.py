@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import write_json
-from ..checkpoint import META_FORMAT, resume_state, save_checkpoint
+from ..checkpoint import META_FORMAT, check_resume, resume_state, save_checkpoint
 from ..errors import ConfigError
 from ..solvers import check_controlled_residual
 from .learners import check_activation
@@ -85,8 +85,7 @@ class MetaConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{key} must be a positive number, got {value!r}")
         check_activation(self.activation)
-        if self.resume and not self.checkpoint:
-            raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
+        check_resume(self.checkpoint, self.resume)
         if self.task == "omniglot":
             check_episode(self.shots, self.queries)
             check_episode(self.shots, self.eval_queries, "eval_queries")
