@@ -6,9 +6,9 @@ from leastcontrol.systems import FeedforwardEquilibrium, RecurrentEquilibrium
 F64 = torch.float64
 
 
-def tiny_rnn(n_in=5, n_hidden=8, n_out=3, w_scale=0.5, seed=1):
+def tiny_rnn(n_in=5, n_hidden=8, n_out=3, w_scale=0.5, seed=1, recurrent_bias=False):
     g = torch.Generator().manual_seed(seed)
-    net = RecurrentEquilibrium(n_in, n_hidden, n_out, dtype=F64, generator=g)
+    net = RecurrentEquilibrium(n_in, n_hidden, n_out, recurrent_bias=recurrent_bias, dtype=F64, generator=g)
     with torch.no_grad():
         net.W.mul_(w_scale)  # keep the dynamics comfortably contractive
         net.U.mul_(2.0)

@@ -28,8 +28,9 @@ def test_feedforward_equilibrium_is_the_forward_pass():
     assert not torch.allclose(shorter.state["o"], expected, atol=1e-3)
 
 
-@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff, lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))],
-                         ids=["rnn", "ff", "ff-deep"])
+@pytest.mark.parametrize("make", [tiny_rnn, lambda: tiny_rnn(recurrent_bias=True), tiny_ff,
+                                  lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))],
+                         ids=["rnn", "rnn-recurrent-bias", "ff", "ff-deep"])
 def test_closed_form_vjps_equal_autograd(make):
     net = make()
     x, _ = batch(n_in=5, n_out=net.n_out)
@@ -44,8 +45,9 @@ def test_closed_form_vjps_equal_autograd(make):
         assert torch.allclose(vjp_fast[k], vjp_ref[k], atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("make", [tiny_rnn, tiny_ff, lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))],
-                         ids=["rnn", "ff", "ff-deep"])
+@pytest.mark.parametrize("make", [tiny_rnn, lambda: tiny_rnn(recurrent_bias=True), tiny_ff,
+                                  lambda: tiny_ff(sizes=(5, 4, 6, 3, 2))],
+                         ids=["rnn", "rnn-recurrent-bias", "ff", "ff-deep"])
 def test_local_param_vjp_equals_autograd_of_inner_product(make):
     """The built-ins' outer-product (∂θ f)ᵀ c equals autograd of ⟨f(s, θ), c⟩."""
     net = make()

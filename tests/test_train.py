@@ -218,3 +218,66 @@ def test_anderson_settings_reach_the_euler_solver_and_bad_ones_fail_at_construct
         TrainConfig(model="ff", method="bp", anderson_memory=3)
     with pytest.raises(ConfigError, match="do not fit the 'anderson' solver"):
         TrainConfig(method="lcp-di", solver="anderson", anderson_memory=3)
+
+
+def _research_code_draws(model, method, n_in, hidden, n_out, n_train, batch_size, seed, epochs=2):
+    """What PyTorch's own layers and a shuffling DataLoader draw after ``torch.manual_seed(seed)``,
+    in the research code's order: encoder, hidden layer, decoder, Kolen-Pollack feedback, epochs."""
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(seed)
+    layers = [nn.Linear(n_in, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, n_out)]
+    feedback = {}
+    if method == "lcp-kp":
+        feedback["B"] = nn.Linear(hidden, hidden, bias=False).weight.detach()
+        feedback["D"] = torch.randn(hidden, n_out)
+    loader = DataLoader(range(n_train), batch_size=batch_size, shuffle=True)
+    orders = [torch.cat(list(loader)) for _ in range(epochs)]
+    return [(m.weight.detach(), m.bias.detach()) for m in layers], feedback, orders
+
+
+@pytest.mark.parametrize("model,method", [("ff", "lcp-kp"), ("rnn", "lcp-kp"), ("rnn", "lcp-ebd")])
+def test_a_seed_draws_the_research_codes_weights_feedback_and_batch_order(model, method, monkeypatch):
+    """Seed s starts from the weights and feedback, and visits the batches in the order, that
+    PyTorch layers and ``DataLoader(shuffle=True)`` give after ``torch.manual_seed(s)``; so a run
+    pairs with the same seed of the paper's research code."""
+    from types import SimpleNamespace
+
+    from leastcontrol.train import epoch_order, init_system
+
+    seed, hidden, n_train, batch = 7, 8, 40, 16
+    config = TrainConfig(model=model, method=method, hidden=hidden, recurrent_bias=model == "rnn", seed=seed,
+                         epochs=2, batch_size=batch, limit_train=n_train, limit_test=20, eval_every=0,
+                         progress=False)
+    layers, feedback, orders = _research_code_draws(model, method, 64, hidden, 10, n_train, batch, seed)
+
+    net = init_system(config, SimpleNamespace(n_features=64, n_classes=10, input_shape=(64,)),
+                      config.build_method(), torch.Generator().manual_seed(seed))
+    hidden_w, hidden_b = (net.W[0], net.b_W[0]) if model == "ff" else (net.W, net.b_W)
+    ours = [(net.U, net.b), (hidden_w, hidden_b), (net.D, net.c)]
+    for (w, b), (w_ref, b_ref) in zip(ours, layers):
+        assert torch.allclose(w, w_ref, rtol=1e-6, atol=0) and torch.allclose(b, b_ref, rtol=1e-6, atol=0)
+    if feedback:
+        key = "W_0" if model == "ff" else "W"
+        assert torch.allclose(net.feedback[key], feedback["B"] / feedback["B"].norm(), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(net.feedback["D"], feedback["D"] / feedback["D"].norm(), rtol=1e-5, atol=1e-7)
+        assert abs(float(net.feedback[key].norm()) - 1) < 1e-6
+
+    # The training loop draws from the same stream in the same order: its epochs are the loader's.
+    seen = []
+
+    def spy(rng, n):
+        out = epoch_order(rng, n)
+        seen.append(out[0])
+        return out
+
+    monkeypatch.setattr(train_module, "epoch_order", spy)
+    extra = {"k_i": 0.01, "max_iter": 50} if method == "lcp-kp" else {"ebd_steps": 20}
+    train(TrainConfig(**{**config.to_dict(), **extra}))
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, orders))
+
+
+def test_recurrent_bias_is_an_rnn_option():
+    with pytest.raises(ConfigError, match="recurrent_bias"):
+        TrainConfig(model="ff", recurrent_bias=True)

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=METHODS.names(), help="learning rule (default lcp-di)")
     _add_data_args(t, train=True)
     t.add_argument("--hidden", type=_positive_int, help="hidden units, per layer for ff (256)")
+    t.add_argument("--recurrent-bias", action=argparse.BooleanOptionalAction,
+                   help="rnn: give W φ(v) its own bias besides the input's, as the paper's research code does "
+                        "(off; the published configs turn it on)")
     t.add_argument("--epochs", type=_positive_int,
                    help="training epochs (default 30; 8 on digits)")
     t.add_argument("--batch-size", type=_positive_int, help="(64)")

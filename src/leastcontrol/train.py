@@ -55,6 +55,7 @@ class TrainConfig:
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
     hidden: int = 256
+    recurrent_bias: bool = False   # rnn: a second hidden bias on W φ(v), as in the research code
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
+        if self.recurrent_bias and self.model != "rnn":
+            raise ConfigError(f"recurrent_bias is an option of the rnn model, not of '{self.model}'")
         if self.augment and self.dataset != "cifar10":
             raise ConfigError("augment (random crop + flip) is for cifar10 only")
         check_resume(self.checkpoint, self.resume)
@@ -259,10 +262,42 @@ def _batch_solver_stats(stats: Dict[str, Any]) -> tuple:
             min(fractions) if fractions else None, max(stalled) if stalled else None)
 
 
-def build_system(config: TrainConfig, data: Dataset) -> EquilibriumSystem:
-    generator = torch.Generator().manual_seed(config.seed)
+def build_system(config: TrainConfig, data: Dataset, generator: torch.Generator | None = None) -> EquilibriumSystem:
+    """The configured system, initialised from ``generator`` (default: a fresh one seeded with ``config.seed``)."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(config.seed)
+    extra = {"recurrent_bias": True} if config.recurrent_bias else {}
     return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden,
-                      input_shape=data.input_shape, generator=generator)
+                      input_shape=data.input_shape, generator=generator, **extra)
+
+
+# A run's randomness is one stream per seed, drawn in the order of the paper's research code
+# (PyTorch layers, then a shuffling DataLoader): the weights, any feedback weights, then per epoch
+# two seeds, the loader's worker seed (here: the epoch's augmentation) and its sampler's (the
+# shuffle). So seed s starts from the same network and visits the batches in the same order as
+# seed s of the research code, which makes the two a paired comparison; resuming needs only the
+# stream's state.
+
+def init_system(config: TrainConfig, data: Dataset, method: Method, rng: torch.Generator) -> EquilibriumSystem:
+    """The configured system with what ``method`` adds to it (e.g. feedback weights), drawn from ``rng``."""
+    system = build_system(config, data, rng)
+    method.prepare(system, rng)  # before the optimizer sees the parameters
+    return system
+
+
+def _draw_seed(rng: torch.Generator) -> int:
+    """One 64-bit seed from ``rng``, drawn as PyTorch's DataLoader and RandomSampler draw theirs."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=rng))
+
+
+def epoch_order(rng: torch.Generator, n: int) -> tuple:
+    """``(permutation of range(n), generator for the epoch's augmentation)``, the next epoch of ``rng``.
+
+    The permutation is the one a ``DataLoader(..., shuffle=True)`` draws from a global generator
+    in the same state.
+    """
+    augment_rng, shuffle = (torch.Generator().manual_seed(_draw_seed(rng)) for _ in range(2))
+    return torch.randperm(n, generator=shuffle), augment_rng
 
 
 def cosine_factor(step: int, total: int, floor: float = 0.1) -> float:
@@ -296,7 +331,7 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
     return correct / max(len(y), 1)
 
 
-_RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "batch_size", "lr", "optimizer",
+_RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "recurrent_bias", "batch_size", "lr", "optimizer",
                 "schedule", "seed", "epochs")
 
 
@@ -314,9 +349,15 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     method = config.build_method()
     data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.limit_test)
     device = resolve_device(config.device)
-    system = build_system(config, data).to(device)
-    method.prepare(system)  # e.g. feedback weights, before the optimizer sees the parameters
+    rng = torch.Generator().manual_seed(config.seed)
+    system = init_system(config, data, method, rng).to(device)
     params = list(system.parameters())
+    # Feedback weights (lcp-kp) are clipped on their own, as in the research code, so a large
+    # feedback update does not shrink the forward one.
+    feedback = getattr(system, "feedback", None)
+    feedback_ids = {id(p) for p in feedback.parameters()} if feedback is not None else set()
+    clip_groups = [g for g in ([p for p in params if id(p) not in feedback_ids],
+                               [p for p in params if id(p) in feedback_ids]) if g]
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -326,7 +367,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     total_steps = steps_per_epoch * config.epochs
     factor = (lambda s: cosine_factor(s, total_steps)) if config.schedule == "cosine" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    shuffle = torch.Generator().manual_seed(config.seed)
 
     history: List[Dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
@@ -336,14 +376,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         system.load_state_dict(state["system"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        shuffle.set_state(state["shuffle_rng"])
+        rng.set_state(state["shuffle_rng"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
 
     test_accuracy = history[-1]["test_accuracy"] if history else None
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
-        order = torch.randperm(n_train, generator=shuffle)
+        order, augment_rng = epoch_order(rng, n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
                 "skipped": 0}
         seen = 0
@@ -352,7 +392,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                    leave=False, dynamic_ncols=True)
         for b in bar:
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x = preprocess(config, data.train_x[idx], shuffle).to(device)
+            x = preprocess(config, data.train_x[idx], augment_rng).to(device)
             y = data.train_y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             try:
@@ -366,7 +406,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 scheduler.step()
                 continue
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                for group in clip_groups:
+                    torch.nn.utils.clip_grad_norm_(group, config.grad_clip)
             optimizer.step()
             method.after_step(system)
             scheduler.step()
@@ -415,7 +456,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             save_checkpoint(ckpt_path, {
                 "format": TRAIN_FORMAT, "config": config.to_dict(), "epoch": epoch,
                 "system": system.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
+                "scheduler": scheduler.state_dict(), "shuffle_rng": rng.get_state(),
                 "torch_rng": torch.get_rng_state(), "history": history, "train_seconds": train_seconds,
             })
 

@@ -124,8 +124,11 @@ class Method:
         """Gradients on validated inputs, without touching ``.grad``."""
         raise NotImplementedError
 
-    def prepare(self, system: EquilibriumSystem) -> None:
-        """Add what the method needs to the system (e.g. feedback weights); call before making the optimizer."""
+    def prepare(self, system: EquilibriumSystem, generator: torch.Generator | None = None) -> None:
+        """Add what the method needs to the system (e.g. feedback weights); call before making the optimizer.
+
+        ``generator`` draws any random start (default: PyTorch's global generator).
+        """
 
     def after_step(self, system: EquilibriumSystem) -> None:
         """Hook to call after each optimizer step (e.g. weight decay of Kolen-Pollack)."""

@@ -176,10 +176,14 @@ class EquilibriumSystem(nn.Module):
             fb = nn.ParameterDict()
             for key, name in self.feedback_pathways().items():
                 shape = self.mirror(key, params[name]).shape
-                m = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+                m = self.feedback_draw(key, shape, generator).to(self.device)
                 fb[key] = nn.Parameter(m / m.norm())
             self.feedback = fb
         return self.feedback
+
+    def feedback_draw(self, key: str, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The random matrix a feedback weight starts from (before it is scaled to unit norm): N(0, 1)."""
+        return torch.randn(shape, generator=generator, dtype=self.dtype)
 
     def mirror(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """A forward weight (or its update) in the layout of its feedback weight: the transpose.

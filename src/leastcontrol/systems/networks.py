@@ -19,6 +19,17 @@ def _tanh_and_slope(v: torch.Tensor):
     return r, 1.0 - r * r
 
 
+def _layer_like_feedback(system, key, shape, generator=None):
+    """Feedback draws as in the paper's research code, so a seed gives its feedback weights too.
+
+    The readout's D̃ is Gaussian; a layer's B is drawn like a fresh linear layer of its shape,
+    U(−1/√fan_in, 1/√fan_in). Both are then scaled to unit norm (:meth:`add_feedback`).
+    """
+    if key == "D":
+        return torch.randn(shape, generator=generator, dtype=system.dtype)
+    return uniform_init_(torch.empty(shape, dtype=system.dtype), shape[1], generator)
+
+
 class RecurrentEquilibrium(EquilibriumSystem):
     """Fully recurrent tanh network.
 
@@ -27,6 +38,11 @@ class RecurrentEquilibrium(EquilibriumSystem):
 
     Args:
         n_in: input features. n_hidden: recurrent units. n_out: output units.
+        recurrent_bias: also give the recurrent layer its own bias ``b_W`` (``W φ(v) + b_W``), as
+            the paper's research code does (its input and recurrent layers each carry a bias).
+            The sum ``b + b_W`` is the same equation, but two parameters with one gradient move
+            the bias twice as fast under Adam, and the initialisation draws one more vector, so
+            runs pair with the research code's only with it.
         dtype: parameter dtype. generator: optional RNG for the initialisation.
 
     >>> net = RecurrentEquilibrium(4, 8, 3)
@@ -34,7 +50,7 @@ class RecurrentEquilibrium(EquilibriumSystem):
     [('o', 3), ('v', 8)]
     """
 
-    def __init__(self, n_in: int = 784, n_hidden: int = 256, n_out: int = 10, *,
+    def __init__(self, n_in: int = 784, n_hidden: int = 256, n_out: int = 10, *, recurrent_bias: bool = False,
                  dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
         super().__init__()
         sizes_check([n_in, n_hidden, n_out])
@@ -43,6 +59,10 @@ class RecurrentEquilibrium(EquilibriumSystem):
         self.U = nn.Parameter(uniform_init_(torch.empty(H, n_in, dtype=dtype), n_in, generator))
         self.b = nn.Parameter(uniform_init_(torch.empty(H, dtype=dtype), n_in, generator))
         self.W = nn.Parameter(uniform_init_(torch.empty(H, H, dtype=dtype), H, generator))
+        if recurrent_bias:
+            self.b_W = nn.Parameter(uniform_init_(torch.empty(H, dtype=dtype), H, generator))
+        else:
+            self.register_parameter("b_W", None)
         self.D = nn.Parameter(uniform_init_(torch.empty(n_out, H, dtype=dtype), H, generator))
         self.c = nn.Parameter(uniform_init_(torch.empty(n_out, dtype=dtype), H, generator))
 
@@ -50,7 +70,9 @@ class RecurrentEquilibrium(EquilibriumSystem):
         return {"v": self.n_hidden, "o": self.n_out}
 
     def encode(self, x):
-        return torch.addmm(self.b, x, self.U.t())
+        # The recurrent bias is constant in the state, so it joins the input drive.
+        b = self.b if self.b_W is None else self.b + self.b_W
+        return torch.addmm(b, x, self.U.t())
 
     def dynamics(self, state, drive):
         r = torch.tanh(state["v"])
@@ -61,6 +83,8 @@ class RecurrentEquilibrium(EquilibriumSystem):
 
     def feedback_pathways(self):
         return {"W": "W", "D": "D"}
+
+    feedback_draw = _layer_like_feedback
 
     def rate_slope(self, state):
         return {"v": 1.0 - torch.tanh(state["v"]).pow(2)}
@@ -82,7 +106,10 @@ class RecurrentEquilibrium(EquilibriumSystem):
         # Local outer products: postsynaptic cotangent times presynaptic rate (or input).
         r = torch.tanh(state["v"])
         c_v, c_o = cotangent["v"], cotangent["o"]
-        return {"U": c_v.t() @ x, "b": c_v.sum(0), "W": c_v.t() @ r, "D": c_o.t() @ r, "c": c_o.sum(0)}
+        grads = {"U": c_v.t() @ x, "b": c_v.sum(0), "W": c_v.t() @ r, "D": c_o.t() @ r, "c": c_o.sum(0)}
+        if self.b_W is not None:
+            grads["b_W"] = grads["b"]
+        return grads
 
 
 class _RecurrentFlat(FlatOperator):
@@ -190,6 +217,8 @@ class FeedforwardEquilibrium(EquilibriumSystem):
         pathways = {f"W_{i}": f"W.{i}" for i in range(len(self.W))}
         pathways["D"] = "D"
         return pathways
+
+    feedback_draw = _layer_like_feedback
 
     def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
         pairs = [_tanh_and_slope(h) for h in self.blocks(state["v"])]
