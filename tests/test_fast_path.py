@@ -180,7 +180,8 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
     rows = [Row("ff", "bp"), Row("ff", "lcp-di"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),
             Row("rnn", "lcp-di", impl="autograd"), Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
-            Row("rnn", "lcp-di", options={"patience": 100}, label="rnn-lcp-di-stall")]
+            Row("rnn", "lcp-di", options={"patience": 100}, label="rnn-lcp-di-stall"),
+            Row("rnn", "rbp", options={"tol": 1e-6, "max_iter": 800}, label="rnn-rbp-tol1e-6")]
     result = run_bench(config, rows)
     keys = {"model", "method", "impl", "max_iter", "seconds_per_batch_median", "seconds_per_batch_min",
             "mean_iterations", "peak_memory_mb", "inference_seconds_per_batch", "update_cosine_vs_autograd"}
@@ -194,6 +195,12 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     for key in ("rnn_lcp_di_autograd_over_fast", "rnn_lcp_di_over_rbp", "rnn_lcp_di_over_rbp_equal_tol",
                 "rnn_lcp_di_stall_over_rbp", "ff_lcp_di_over_bp"):
         assert ratios[key] > 0
+    sec = {k: r["seconds_per_batch_median"] for k, r in by.items()}
+    # Each method's fastest row at the tolerance and cap compared; the 1e-6 RBP row is not RBP's best.
+    assert ratios["rnn_lcp_di_best_over_rbp"] == pytest.approx(
+        min(sec["rnn-lcp-di"], sec["rnn-lcp-di-stall"]) / sec["rnn-rbp"])
+    assert ratios["rnn_lcp_di_best_over_rbp_equal_tol_1e-6"] == pytest.approx(
+        min(sec["rnn-lcp-di"], sec["rnn-lcp-di-stall"]) / sec["rnn-rbp-tol1e-6"])
     assert ratios["lcp_di_memory_800_over_100"] is None  # memory probes were skipped
     # Same network, same batches: the fast path checks convergence every `check_every` steps per
     # phase (free, controlled), so it may run up to check_every - 1 more steps in each.
