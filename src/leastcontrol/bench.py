@@ -111,6 +111,8 @@ def default_rows() -> List[Row]:
     rows += [
         Row("rnn", "rbp", options={**rbp_tight, **COMPILE}, label="rnn-rbp-tol1e-6-compile"),
         Row("rnn", "rbp", options={**rbp_tight, **ACCEL_RBP, **COMPILE}, label="rnn-rbp-tol1e-6-accel-compile"),
+        Row("rnn", "rbp", options={**rbp_tight, "patience": STALL_PATIENCE, **ACCEL_RBP, **COMPILE},
+            label="rnn-rbp-tol1e-6-stall-accel-compile"),
     ]
     # Check-level Anderson mixing of the Euler steps, eager and compiled.
     for suffix, extra in (("", {}), ("-compile", COMPILE)):
