@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from leastcontrol.bench import BenchConfig, Row, run_bench
+from leastcontrol.bench import BenchConfig, Row, format_table, run_bench
 from leastcontrol.cli import main
 from leastcontrol.errors import ConfigError
 from leastcontrol.methods import get_method
@@ -211,6 +211,18 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
         assert ref <= fast <= ref + 2 * (check_every - 1)
     assert ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] == pytest.approx(
         sum(agreement["reference_iterations"]) / sum(agreement["iterations"]))
+
+
+def test_bench_reports_a_row_whose_solves_diverge_and_times_the_others():
+    config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
+    rows = [Row("rnn", "rbp"), Row("rnn", "rbp", options={"dt": 100.0}, label="rnn-rbp-diverging")]
+    result = run_bench(config, rows)
+    by = {r["label"]: r for r in result["rows"]}
+    bad, good = by["rnn-rbp-diverging"], by["rnn-rbp"]
+    assert "| rnn-rbp-diverging | euler | 0.0001 | – |" in format_table(result)
+    assert bad["diverged_batches"] == config.batches and bad["seconds_per_batch_median"] is None
+    assert bad["inference_seconds_per_batch"] is None
+    assert good["diverged_batches"] == 0 and good["seconds_per_batch_median"] > 0
 
 
 def test_bench_cli_rejects_a_missing_gpu(capsys):

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_json
-from .errors import ConfigError
+from .errors import ConfigError, SolverDivergedError
 from .methods import get_method
 from .methods.base import EquilibriumMethod, Method
 from .systems import get_system
@@ -194,13 +194,19 @@ class _Trainer:
         self.seconds: List[float] = []
         self.iterations: List[float] = []
         self.sample_iterations: List[float] = []
+        self.diverged = 0   # timed batches whose solve diverged: no update, not in the times
 
     def step(self, x, y, record: bool) -> None:
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         sync()
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        out = self.method(self.net, x, y)
+        try:
+            out = self.method(self.net, x, y)
+        except SolverDivergedError:
+            # As under ``train --skip-diverged``: the batch makes no update, and it is counted.
+            self.diverged += record
+            return
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
         self.opt.step()
@@ -221,6 +227,14 @@ class _Trainer:
             sync()
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
+
+
+def _unless_diverged(measure, *args):
+    """``measure(*args)``, or None when a solve in it diverges (the row reports what it could)."""
+    try:
+        return measure(*args)
+    except SolverDivergedError:
+        return None
 
 
 def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
@@ -337,19 +351,22 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             t.step(x, y, record=i >= config.warmup)
     results = []
     for t in tqdm(trainers, desc="inference, cosines", disable=not config.progress, leave=False):
-        med = statistics.median(t.seconds)
-        iters = statistics.mean(t.iterations)
+        timed = bool(t.seconds)
+        med = statistics.median(t.seconds) if timed else None
+        iters = statistics.mean(t.iterations) if timed else None
         x, y = batches[0]
         results.append({
             "model": t.row.model, "method": t.row.method, "impl": t.row.impl, "label": t.row.name,
             "solver": _solver_label(t.method), "tol": getattr(t.method, "tol", None),
             "max_iter": getattr(t.method, "max_iter", None),
-            "seconds_per_batch_median": med, "seconds_per_batch_min": min(t.seconds),
-            "mean_iterations": iters, "mean_sample_iterations": statistics.mean(t.sample_iterations),
+            "seconds_per_batch_median": med, "seconds_per_batch_min": min(t.seconds) if timed else None,
+            "mean_iterations": iters,
+            "mean_sample_iterations": statistics.mean(t.sample_iterations) if timed else None,
             "seconds_per_iteration": med / iters if iters else None,
+            "diverged_batches": t.diverged,
             "peak_memory_mb": None,
-            "inference_seconds_per_batch": t.inference_seconds(batches),
-            "update_cosine_vs_autograd": update_cosine(t.row, start[t.row.model], x, y),
+            "inference_seconds_per_batch": _unless_diverged(t.inference_seconds, batches),
+            "update_cosine_vs_autograd": _unless_diverged(update_cosine, t.row, start[t.row.model], x, y),
         })
     by = {r["label"]: r for r in results}
     agreement = {}
@@ -424,7 +441,7 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
         """The fastest RNN row of ``method`` at this tolerance and cap, any solver."""
         times = [r["seconds_per_batch_median"] for r in by.values()
                  if r["model"] == "rnn" and r["method"] == method and r["impl"] == "fast"
-                 and r["tol"] == tol and r["max_iter"] == max_iter]
+                 and r["tol"] == tol and r["max_iter"] == max_iter and r["seconds_per_batch_median"] is not None]
         return min(times, default=None)
 
     # RBP at its published 1e-4 / 200 serves the published comparison and the one at 1e-4.
@@ -452,15 +469,18 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
 def format_table(result: Dict[str, Any]) -> str:
     """The rows and ratios as a Markdown table (also printed on the terminal)."""
     lines = ["| row | solver | tol | s/batch median | s/batch min | iterations | iters/sample | ms/iteration "
-             "| peak MB | inference s/batch | cos vs autograd |", "|" + "---|" * 11]
+             "| peak MB | inference s/batch | cos vs autograd | diverged batches |", "|" + "---|" * 12]
+
+    def f(v, spec):
+        return "–" if v is None else format(v, spec)
+
     for r in result["rows"]:
-        def f(v, spec):
-            return "–" if v is None else format(v, spec)
-        lines.append(f"| {r['label']} | {r['solver']} | {f(r['tol'], 'g')} | {r['seconds_per_batch_median']:.4f} "
-                     f"| {r['seconds_per_batch_min']:.4f} | {r['mean_iterations']:.1f} | {r['mean_sample_iterations']:.1f} "
+        lines.append(f"| {r['label']} | {r['solver']} | {f(r['tol'], 'g')} | {f(r['seconds_per_batch_median'], '.4f')} "
+                     f"| {f(r['seconds_per_batch_min'], '.4f')} | {f(r['mean_iterations'], '.1f')} "
+                     f"| {f(r['mean_sample_iterations'], '.1f')} "
                      f"| {f(r['seconds_per_iteration'] and 1000 * r['seconds_per_iteration'], '.3f')} "
-                     f"| {f(r['peak_memory_mb'], '.1f')} | {r['inference_seconds_per_batch']:.4f} "
-                     f"| {f(r['update_cosine_vs_autograd'], '.6f')} |")
+                     f"| {f(r['peak_memory_mb'], '.1f')} | {f(r['inference_seconds_per_batch'], '.4f')} "
+                     f"| {f(r['update_cosine_vs_autograd'], '.6f')} | {r.get('diverged_batches', 0)} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {'–' if v is None else format(v, '.3f')} |" for k, v in result["ratios"].items()]
     if result.get("memory_probes_mb"):
