@@ -1,0 +1,90 @@
+"""Where one RNN training batch spends its time: free phase, second phase (adjoint or controlled).
+
+On the bench's starting RNN (``leastcontrol bench``'s pretraining, MNIST batches of 64), with the
+weights held fixed, each bench row named on the command line computes its update on the same
+batches; the wall time of the free solve and of the second solve are taken around the method's
+own calls (``free_equilibrium``, ``adjoint`` / ``controlled_equilibrium``). Printed and written:
+medians over the timed batches of the seconds per phase and of the iterations per phase.
+
+    python benchmarks/phase_profile.py --data-dir ../shared/data/mnist --json-out FILE \\
+        rnn-rbp-compile rnn-lcp-di-gains-tol1e-4-stall-accel-compile
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from leastcontrol import bench  # noqa: E402
+from leastcontrol.atomic import write_json  # noqa: E402
+
+PHASES = ("free_equilibrium", "adjoint", "controlled_equilibrium")
+
+
+def _timed(method, name, seconds):
+    """Wrap ``method.name`` (on the instance) so that each call adds its wall time to ``seconds[name]``."""
+    inner = getattr(method, name)
+
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    setattr(method, name, call)
+
+
+def profile(labels, config: bench.BenchConfig):
+    rows = {r.name: r for r in bench.default_rows()}
+    unknown = [label for label in labels if label not in rows]
+    if unknown:
+        raise SystemExit(f"unknown bench row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
+    batches = bench._batches(config, config.warmup + config.batches)
+    net = bench._pretrained("rnn", config, batches)
+    out = {}
+    for label in labels:
+        method = rows[label].build()
+        seconds: dict = {}
+        for name in PHASES:
+            if hasattr(method, name):
+                _timed(method, name, seconds)
+        records = []
+        for i, (x, y) in enumerate(batches):
+            seconds.clear()
+            copy_ = copy.deepcopy(net)
+            t0 = time.perf_counter()
+            result = method.gradients(copy_, *method._inputs(copy_, x, y))
+            total = time.perf_counter() - t0
+            if i >= config.warmup:
+                its = {k: float(v) for k, v in result.stats.items() if k.startswith("iterations")}
+                records.append({"seconds_total": total, **{f"seconds_{k}": v for k, v in seconds.items()}, **its})
+        out[label] = {k: statistics.median(r[k] for r in records) for k in records[0]}
+        print(label, "  ".join(f"{k} {v:.4g}" for k, v in out[label].items()), flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("rows", nargs="+", help="bench row labels (see leastcontrol bench)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = bench.BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)
+    out = profile(args.rows, config)
+    if args.json_out:
+        write_json(args.json_out, {"threads": args.threads, "batches": args.batches, "rows": out})
+
+
+if __name__ == "__main__":
+    main()
