@@ -108,7 +108,7 @@ class RecurrentEquilibrium(EquilibriumSystem):
         c_v, c_o = cotangent["v"], cotangent["o"]
         grads = {"U": c_v.t() @ x, "b": c_v.sum(0), "W": c_v.t() @ r, "D": c_o.t() @ r, "c": c_o.sum(0)}
         if self.b_W is not None:
-            grads["b_W"] = grads["b"]
+            grads["b_W"] = grads["b"].clone()   # its own tensor: a caller may scale one in place
         return grads
 
 
