@@ -6,8 +6,10 @@ import re
 import pytest
 
 from leastcontrol import reproduce as reproduce_module
+from leastcontrol import train as train_module
+from leastcontrol.checkpoint import load_checkpoint
 from leastcontrol.cli import main
-from leastcontrol.errors import ConfigError
+from leastcontrol.errors import CheckpointError, ConfigError
 from leastcontrol.reproduce import available_rows, reproduce
 
 TINY = {"dataset": "digits", "epochs": 1, "limit_train": 256, "limit_test": 64, "hidden": 16}
@@ -40,6 +42,38 @@ def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):
     again = reproduce("mnist", tmp_path, rows=["ff-bp", "rnn-lcp-kp"], seeds=[0, 1], overrides=TINY,
                       progress=False)
     assert again == table
+
+
+def test_an_interrupted_row_resumes_from_its_epoch_checkpoint_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    tiny = dict(TINY, epochs=2)
+    reference = reproduce("mnist", tmp_path / "whole", rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
+    out = tmp_path / "interrupted"
+    calls = {"n": 0}
+    real = train_module.evaluate
+
+    def interrupt_on_second_eval(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "evaluate", interrupt_on_second_eval)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
+    ckpt = out / "rnn-lcp-kp_seed0.ckpt"
+    assert load_checkpoint(ckpt)["epoch"] == 1 and not (out / "rnn-lcp-kp_seed0.json").exists()
+    # Another budget does not continue that run: it names the setting and the way out.
+    with pytest.raises(CheckpointError, match="other settings.*epochs.*remove the file"):
+        reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=dict(tiny, epochs=3), progress=False)
+    resumed = reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
+    assert not ckpt.exists()
+    whole = json.loads((tmp_path / "whole" / "rnn-lcp-kp_seed0.json").read_text())
+    again = json.loads((out / "rnn-lcp-kp_seed0.json").read_text())
+    for key in ("train_loss", "test_accuracy", "mean_iterations", "batch_solver_stats"):
+        assert [h[key] for h in again["history"]] == [h[key] for h in whole["history"]], key
+    assert again["feedback_alignment"] == whole["feedback_alignment"]
+    assert [r["test_accuracy_mean"] for r in resumed] == [r["test_accuracy_mean"] for r in reference]
 
 
 def test_unknown_row_lists_valid_rows(tmp_path):

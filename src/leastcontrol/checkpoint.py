@@ -68,5 +68,6 @@ def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Map
     saved = state["config"]
     changed = [k for k in keys if saved.get(k) != config.get(k)]
     if changed:
-        raise CheckpointError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)})")
+        raise CheckpointError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)}); "
+                              "continue it with its own settings, or remove the file to start afresh")
     return state
