@@ -281,3 +281,28 @@ def test_a_seed_draws_the_research_codes_weights_feedback_and_batch_order(model,
 def test_recurrent_bias_is_an_rnn_option():
     with pytest.raises(ConfigError, match="recurrent_bias"):
         TrainConfig(model="ff", recurrent_bias=True)
+
+
+def test_feedback_weights_are_clipped_on_their_own_in_train_and_bench():
+    """Kolen-Pollack feedback forms its own clip group: a large feedback update is cut to the bound
+    without shrinking a forward update that is within it (the research code's two clips)."""
+    from leastcontrol import bench
+    from leastcontrol.methods import get_method
+    from leastcontrol.systems import RecurrentEquilibrium
+    from leastcontrol.train import clip_gradients, gradient_clip_groups
+
+    net = RecurrentEquilibrium(6, 5, 3)
+    get_method("lcp-kp").prepare(net)
+    forward, feedback = gradient_clip_groups(net)
+    assert {id(p) for p in feedback} == {id(p) for p in net.feedback.parameters()}
+    assert {id(p) for p in forward} | {id(p) for p in feedback} == {id(p) for p in net.parameters()}
+    for p in forward:
+        p.grad = torch.full_like(p, 1e-3)
+    for p in feedback:
+        p.grad = torch.full_like(p, 1.0)
+    before = [p.grad.clone() for p in forward]
+    clip_gradients([forward, feedback], 1.0)
+    assert all(torch.equal(p.grad, b) for p, b in zip(forward, before))
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in feedback])).item() == pytest.approx(1.0)
+    trainer = bench._Trainer(bench.Row("rnn", "lcp-kp"), RecurrentEquilibrium(6, 5, 3), bench.BenchConfig())
+    assert [len(g) for g in trainer.clip_groups] == [len(forward), len(feedback)]

@@ -29,6 +29,7 @@ from .errors import ConfigError, SolverDivergedError
 from .methods import get_method
 from .methods.base import EquilibriumMethod, Method
 from .systems import get_system
+from .train import clip_gradients, gradient_clip_groups
 
 # Published settings (docs/LCP.md §4) for every row; bench rows add their own overrides.
 PUBLISHED = {
@@ -191,6 +192,7 @@ class _Trainer:
         self.method.prepare(net)
         self.opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         self.clip = GRAD_CLIP[row.model]
+        self.clip_groups = gradient_clip_groups(net)   # after prepare(): KP's feedback is its own group
         self.seconds: List[float] = []
         self.iterations: List[float] = []
         self.sample_iterations: List[float] = []
@@ -207,8 +209,7 @@ class _Trainer:
             # As under ``train --skip-diverged``: the batch makes no update, and it is counted.
             self.diverged += record
             return
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip)
+        clip_gradients(self.clip_groups, self.clip)
         self.opt.step()
         self.method.after_step(self.net)
         sync()

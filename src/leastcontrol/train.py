@@ -335,6 +335,27 @@ _RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "recurren
                 "schedule", "seed", "epochs")
 
 
+
+def gradient_clip_groups(system: torch.nn.Module) -> List[List[torch.nn.Parameter]]:
+    """The parameter groups whose gradient norms are clipped separately.
+
+    The forward parameters form one group; feedback weights (``system.feedback``, set up by
+    ``lcp-kp``) another, as in the research code, so a large feedback update does not shrink the
+    forward one.
+    """
+    feedback = getattr(system, "feedback", None)
+    feedback_ids = {id(p) for p in feedback.parameters()} if feedback is not None else set()
+    params = list(system.parameters())
+    return [g for g in ([p for p in params if id(p) not in feedback_ids],
+                        [p for p in params if id(p) in feedback_ids]) if g]
+
+
+def clip_gradients(groups: List[List[torch.nn.Parameter]], max_norm: float) -> None:
+    """Clip each group's gradient to ``max_norm`` in its own 2-norm (``0`` or ``None``: no clipping)."""
+    if max_norm:
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, max_norm)
+
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Train ``config.model`` with ``config.method`` and return the JSON-ready result.
 
@@ -352,12 +373,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     rng = torch.Generator().manual_seed(config.seed)
     system = init_system(config, data, method, rng).to(device)
     params = list(system.parameters())
-    # Feedback weights (lcp-kp) are clipped on their own, as in the research code, so a large
-    # feedback update does not shrink the forward one.
-    feedback = getattr(system, "feedback", None)
-    feedback_ids = {id(p) for p in feedback.parameters()} if feedback is not None else set()
-    clip_groups = [g for g in ([p for p in params if id(p) not in feedback_ids],
-                               [p for p in params if id(p) in feedback_ids]) if g]
+    clip_groups = gradient_clip_groups(system)
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -405,9 +421,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 sums["skipped"] += 1
                 scheduler.step()
                 continue
-            if config.grad_clip:
-                for group in clip_groups:
-                    torch.nn.utils.clip_grad_norm_(group, config.grad_clip)
+            clip_gradients(clip_groups, config.grad_clip)
             optimizer.step()
             method.after_step(system)
             scheduler.step()
