@@ -40,3 +40,20 @@ def cosine(a: dict, b: dict) -> float:
 def rel_err(a: dict, b: dict) -> float:
     a, b = flat(a), flat(b)
     return float((a - b).norm() / b.norm())
+
+
+def interrupt_on_second_eval(monkeypatch):
+    """Make the training loop's second evaluation raise ``KeyboardInterrupt`` (a run stopped
+    after its first epoch's checkpoint)."""
+    from leastcontrol import train as train_module
+
+    calls = {"n": 0}
+    real = train_module.evaluate
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", flaky)

@@ -6,11 +6,12 @@ import re
 import pytest
 
 from leastcontrol import reproduce as reproduce_module
-from leastcontrol import train as train_module
 from leastcontrol.checkpoint import load_checkpoint
 from leastcontrol.cli import main
 from leastcontrol.errors import CheckpointError, ConfigError
 from leastcontrol.reproduce import available_rows, reproduce
+
+from .helpers import interrupt_on_second_eval
 
 TINY = {"dataset": "digits", "epochs": 1, "limit_train": 256, "limit_test": 64, "hidden": 16}
 
@@ -48,17 +49,8 @@ def test_an_interrupted_row_resumes_from_its_epoch_checkpoint_to_the_uninterrupt
     tiny = dict(TINY, epochs=2)
     reference = reproduce("mnist", tmp_path / "whole", rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
     out = tmp_path / "interrupted"
-    calls = {"n": 0}
-    real = train_module.evaluate
-
-    def interrupt_on_second_eval(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     with monkeypatch.context() as m:
-        m.setattr(train_module, "evaluate", interrupt_on_second_eval)
+        interrupt_on_second_eval(m)
         with pytest.raises(KeyboardInterrupt):
             reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
     ckpt = out / "rnn-lcp-kp_seed0.ckpt"

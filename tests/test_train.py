@@ -9,6 +9,8 @@ from leastcontrol.cli import main
 from leastcontrol.errors import CheckpointError, ConfigError
 from leastcontrol.train import TrainConfig, load_checkpoint, train
 
+from .helpers import interrupt_on_second_eval
+
 
 @pytest.mark.parametrize("model,method,options", [
     ("ff", "bp", {}), ("ff", "rbp", {}), ("ff", "lcp-di", {}), ("rnn", "rbp", {}),
@@ -46,25 +48,12 @@ def test_cosine_schedule_ends_at_a_tenth():
     assert result["history"][-1]["lr"] == pytest.approx(1e-4)
 
 
-def _interrupt_on_second_eval(monkeypatch):
-    calls = {"n": 0}
-    real = train_module.evaluate
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "evaluate", flaky)
-
-
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     base = dict(model="rnn", method="rbp", hidden=16, epochs=2, limit_train=192, limit_test=64, progress=False)
     reference = train(TrainConfig(**base))
     ckpt = tmp_path / "run.pt"
     with monkeypatch.context() as m:
-        _interrupt_on_second_eval(m)
+        interrupt_on_second_eval(m)
         with pytest.raises(KeyboardInterrupt):
             train(TrainConfig(**base, checkpoint=str(ckpt)))
     assert load_checkpoint(ckpt)["epoch"] == 1
