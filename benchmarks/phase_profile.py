@@ -11,19 +11,19 @@ medians over the timed batches of the seconds per phase and of the iterations pe
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from leastcontrol import bench  # noqa: E402
 from leastcontrol.atomic import write_json  # noqa: E402
+
+import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
 PHASES = ("free_equilibrium", "adjoint", "controlled_equilibrium")
 
@@ -72,15 +72,9 @@ def profile(labels, config: bench.BenchConfig):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("rows", nargs="+", help="bench row labels (see leastcontrol bench)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = bench.BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)
+    args, config = _fixed_network.parse(
+        __doc__.split("\n\n")[0], argv,
+        lambda p: p.add_argument("rows", nargs="+", help="bench row labels (see leastcontrol bench)"))
     out = profile(args.rows, config)
     if args.json_out:
         write_json(args.json_out, {"threads": args.threads, "batches": args.batches, "rows": out})

@@ -14,7 +14,6 @@ with the 1e-4 start's, median and minimum over the batches.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -27,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from leastcontrol import bench  # noqa: E402
 from leastcontrol.atomic import write_json  # noqa: E402
+
+import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 from leastcontrol.methods.lcp import local_update  # noqa: E402
 from leastcontrol.solvers import SolveResult, SolverStats  # noqa: E402
 
@@ -86,14 +87,7 @@ def measure(config: bench.BenchConfig):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json-out", default=None)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = bench.BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)
+    args, config = _fixed_network.parse(__doc__.split("\n\n")[0], argv)
     out = measure(config)
     if args.json_out:
         write_json(args.json_out, {"threads": args.threads, "batches": args.batches, "lcp_row": LCP_ROW,
