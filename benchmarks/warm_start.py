@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from leastcontrol import bench  # noqa: E402
 from leastcontrol.atomic import write_json  # noqa: E402
-
-import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 from leastcontrol.methods.lcp import local_update  # noqa: E402
 from leastcontrol.solvers import SolveResult, SolverStats  # noqa: E402
+
+import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
 LCP_ROW, RBP_ROW = "rnn-lcp-di-gains-tol1e-4-stall-accel-compile", "rnn-rbp-compile"
 STARTS = (("free 1e-4", 1e-4), ("free 1e-3", 1e-3), ("free 1e-2", 1e-2), ("zero", None))
@@ -50,7 +50,7 @@ def _update(method, net, x, y, zero: bool):
     else:
         ctrl = method.controlled_equilibrium(net, x, y, _zero_start(method, net, x))
         grads, steps = local_update(net, x, ctrl), ctrl.stats.mean_sample_iterations
-    return torch.cat([g.reshape(-1) for _, g in sorted(grads.items())]).double(), float(steps)
+    return bench.flat_update(grads).double(), float(steps)
 
 
 def measure(config: bench.BenchConfig):
@@ -59,7 +59,8 @@ def measure(config: bench.BenchConfig):
     net = bench._pretrained("rnn", config, batches)
     settings = {RBP_ROW: (rows[RBP_ROW].build(), False)}
     for name, tol in STARTS:
-        options = dict(rows[LCP_ROW].options, warm_start_tol=tol if tol is not None else 1e-4)
+        # The zero start runs no free phase, so it takes the row's options as they are.
+        options = dict(rows[LCP_ROW].options, **({} if tol is None else {"warm_start_tol": tol}))
         settings[name] = (bench.Row("rnn", "lcp-di", options=options).build(), tol is None)
     records = {name: [] for name in settings}
     for i, (x, y) in enumerate(batches):

@@ -238,9 +238,14 @@ def _unless_diverged(measure, *args):
         return None
 
 
+def flat_update(grads: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """A method's parameter update as one vector, parameters in name order (for cosines between updates)."""
+    return torch.cat([g.reshape(-1) for _, g in sorted(grads.items())])
+
+
 def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
     out = method.gradients(copy.deepcopy(net), *method._inputs(net, x, y))
-    return torch.cat([g.reshape(-1) for _, g in sorted(out.grads.items())])
+    return flat_update(out.grads)
 
 
 def update_cosine(row: Row, net, x, y) -> Optional[float]:

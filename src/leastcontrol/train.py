@@ -335,7 +335,6 @@ _RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "recurren
                 "schedule", "seed", "epochs")
 
 
-
 def gradient_clip_groups(system: torch.nn.Module) -> List[List[torch.nn.Parameter]]:
     """The parameter groups whose gradient norms are clipped separately.
 
@@ -355,6 +354,7 @@ def clip_gradients(groups: List[List[torch.nn.Parameter]], max_norm: float) -> N
     if max_norm:
         for group in groups:
             torch.nn.utils.clip_grad_norm_(group, max_norm)
+
 
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Train ``config.model`` with ``config.method`` and return the JSON-ready result.
