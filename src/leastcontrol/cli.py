@@ -269,19 +269,15 @@ def _meta(args) -> int:
 
 def _eval(args) -> int:
     from .data import load_dataset
-    from .train import TrainConfig, build_system, evaluate, load_checkpoint, preprocess
+    from .train import config_from_checkpoint, evaluate, load_checkpoint, preprocess, restore_system
     from .atomic import write_json
 
     state = load_checkpoint(args.checkpoint)
-    saved = dict(state["config"], json_out=None, checkpoint=None, resume=False, progress=False)
-    config = TrainConfig(**saved)
+    config = config_from_checkpoint(state)
     dataset = args.dataset or config.dataset
     data_dir = args.data_dir or config.data_dir
     data = load_dataset(dataset, data_dir, args.limit_train or 1, args.limit_test)
-    system = build_system(config, data)
-    method = config.build_method()
-    method.prepare(system)  # e.g. feedback weights that the checkpoint holds
-    system.load_state_dict(state["system"])
+    system, method = restore_system(state, config, data)
     accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
                         config.eval_batch_size, config.amp, progress=True)
     print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "

@@ -12,7 +12,7 @@ import time
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -269,6 +269,21 @@ def build_system(config: TrainConfig, data: Dataset, generator: torch.Generator 
     extra = {"recurrent_bias": True} if config.recurrent_bias else {}
     return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden,
                       input_shape=data.input_shape, generator=generator, **extra)
+
+
+def config_from_checkpoint(state: Mapping[str, Any]) -> TrainConfig:
+    """The settings a training checkpoint (``load_checkpoint``) was written with, for evaluation only."""
+    return TrainConfig(**dict(state["config"], json_out=None, checkpoint=None, resume=False, progress=False))
+
+
+def restore_system(state: Mapping[str, Any], config: TrainConfig, data: Dataset) -> Tuple[EquilibriumSystem, Method]:
+    """The trained system a checkpoint holds, sized for ``data``, with its configured method prepared
+    (e.g. the feedback weights the checkpoint also holds)."""
+    system = build_system(config, data)
+    method = config.build_method()
+    method.prepare(system)
+    system.load_state_dict(state["system"])
+    return system, method
 
 
 # A run's randomness is one stream per seed, drawn in the order of the paper's research code
