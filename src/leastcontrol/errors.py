@@ -16,6 +16,8 @@ class SolverDivergedError(LeastControlError, FloatingPointError):
     Attributes:
         population: name of the first state population that became non-finite.
         step: solver iteration at which it was detected.
+        solver: what diverged (a solver's name, with any context).
+        hint: the fix the message names.
     """
 
     GENERIC_HINT = "Try a smaller dt, a smaller learning rate, or gradient clipping (--grad-clip)."
@@ -23,10 +25,9 @@ class SolverDivergedError(LeastControlError, FloatingPointError):
     def __init__(self, population: str, step: int, solver: str = "solver", hint: str | None = None):
         self.population = population
         self.step = step
-        super().__init__(
-            f"{solver} diverged: population '{population}' became NaN/Inf at step {step}. "
-            + (hint or self.GENERIC_HINT)
-        )
+        self.solver = solver
+        self.hint = hint or self.GENERIC_HINT
+        super().__init__(f"{solver} diverged: population '{population}' became NaN/Inf at step {step}. {self.hint}")
 
 
 class DatasetNotFoundError(LeastControlError, FileNotFoundError):
