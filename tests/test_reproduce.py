@@ -32,6 +32,7 @@ def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert [r["row"] for r in rows] == ["ff-bp", "rnn-lcp-kp"] and rows[0]["seeds"] == "2"
     assert re.search(r"\| W -?\d\.\d{3}, D -?\d\.\d{3} \|", (tmp_path / "results.md").read_text())
+    assert re.search(r"\| ff-bp \| \d+\.\d\d ± \d+\.\d\d \| 2 \|", (tmp_path / "results.md").read_text())
     run = json.loads((tmp_path / "ff-bp_seed1.json").read_text())
     assert run["config"]["seed"] == 1 and run["config"]["method"] == "bp" and run["config"]["epochs"] == 1
     assert table[1]["feedback_alignment"].keys() == {"W", "D"}
@@ -78,3 +79,11 @@ def test_cli_reproduce(tmp_path, capsys):
                  "--limit-train", "128", "--limit-test", "32", "--out", str(tmp_path), "--quiet"])
     assert code == 0
     assert "| ff-bp |" in capsys.readouterr().out
+
+
+def test_a_row_of_one_run_shows_no_spread():
+    from leastcontrol.reproduce import _markdown
+    entry = {"row": "rnn-rbp", "seeds": 1, "test_accuracy_mean": 96.64, "test_accuracy_std": 0.0,
+             "seconds_per_epoch": 35.7, "mean_iterations": 267.5, "converged_fraction": 0.47}
+    line = _markdown([entry], "# t").splitlines()[-1]
+    assert line.startswith("| rnn-rbp | 96.64 | 1 |") and "±" not in line

@@ -71,7 +71,9 @@ def _markdown(table: List[Dict[str, Any]], header: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for e in table:
         align = ", ".join(f"{k} {v:.3f}" for k, v in e.get("feedback_alignment", {}).items()) or "–"
-        lines.append(f"| {e['row']} | {e['test_accuracy_mean']:.2f} ± {e['test_accuracy_std']:.2f} | {e['seeds']} | "
+        # One run has no spread to show.
+        spread = f" ± {e['test_accuracy_std']:.2f}" if e["seeds"] > 1 else ""
+        lines.append(f"| {e['row']} | {e['test_accuracy_mean']:.2f}{spread} | {e['seeds']} | "
                      f"{e['seconds_per_epoch']:.1f} | {e['mean_iterations']:.1f} | {e['converged_fraction']:.2f} | {align} |")
     return "\n".join(lines) + "\n"
 
