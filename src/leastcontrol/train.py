@@ -431,9 +431,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     out = method(system, x, y)
             except SolverDivergedError as err:
                 if not config.skip_diverged:
-                    raise SolverDivergedError(err.population, err.step, f"epoch {epoch}, batch {b + 1}: {err.solver}",
-                                              f"{err.hint} Or pass --skip-diverged: such a batch then makes no "
-                                              "update and is counted in the history.") from err
+                    raise SolverDivergedError(
+                        err.population, err.step, f"epoch {epoch}, batch {b + 1}: {err.solver}",
+                        f"{err.hint} Or pass --skip-diverged (skip_diverged=True): such a batch then makes "
+                        "no update and is counted in the history.") from err
                 # Counted and reported in the history: this batch makes no update.
                 sums["skipped"] += 1
                 scheduler.step()
