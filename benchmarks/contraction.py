@@ -42,16 +42,16 @@ from leastcontrol.systems import RecurrentEquilibrium  # noqa: E402
 from leastcontrol.train import config_from_checkpoint, load_checkpoint, restore_system  # noqa: E402
 
 
-def relative_residual(system: RecurrentEquilibrium, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per sample ``‖W φ(v) + Ux + b − v‖ / ‖v‖``: the Euler (dt 1) step's relative change."""
-    f = torch.tanh(v) @ system.W.t() + system.encode(x) - v
-    return f.norm(dim=1) / v.norm(dim=1).clamp_min(1e-30)
+def relative_residual(system: RecurrentEquilibrium, x: torch.Tensor, state) -> torch.Tensor:
+    """Per sample ``‖f_v‖ / ‖v‖`` of the system's own dynamics: the Euler (dt 1) step's relative change."""
+    f = system.dynamics(state, system.encode(x))["v"]
+    return f.norm(dim=1) / state["v"].norm(dim=1).clamp_min(1e-30)
 
 
-def spectrum(system: RecurrentEquilibrium, v: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues ``(B, H)`` of ``J = W diag(φ'(v))`` for each sample's state ``v`` (float64)."""
+def spectrum(system: RecurrentEquilibrium, state) -> torch.Tensor:
+    """Eigenvalues ``(B, H)`` of ``J = W diag(φ'(v))`` at each sample's state (float64)."""
     W = system.W.detach().double()
-    slope = 1.0 - torch.tanh(v.double()).pow(2)
+    slope = system.rate_slope(state)["v"].double()
     return torch.linalg.eigvals(W.unsqueeze(0) * slope.unsqueeze(1))
 
 
@@ -61,9 +61,9 @@ def largest_stable_dt(eigenvalues: torch.Tensor) -> torch.Tensor:
     return (2.0 * mu.real / mu.abs().pow(2)).min(dim=1).values
 
 
-def settle(system, x, solver: str, tol: float, max_iter: int) -> torch.Tensor:
-    """The hidden state ``v`` after a free solve from zero (the ``rbp`` method's free phase)."""
-    return get_method("rbp", solver=solver, tol=tol, max_iter=max_iter).free_equilibrium(system, x).state["v"]
+def settle(system, x, solver: str, tol: float, max_iter: int):
+    """The state after a free solve from zero (the ``rbp`` method's free phase)."""
+    return get_method("rbp", solver=solver, tol=tol, max_iter=max_iter).free_equilibrium(system, x).state
 
 
 @torch.no_grad()
@@ -78,13 +78,12 @@ def measure(path: str, data_dir: str | None, samples: int) -> dict:
     x = system.prepare_input(data.test_x[:samples].double())
     published = relative_residual(system, x, settle(system, x, "euler", 1e-4, 200)) < 1e-4
     # Euler at dt 1 settles only where it contracts; Anderson also finds equilibria it does not.
-    v = settle(system, x, "euler", 1e-9, 5000)
-    by_euler = relative_residual(system, x, v) < 1e-6
-    v_and = settle(system, x, "anderson", 1e-9, 2000)
-    by_anderson = ~by_euler & (relative_residual(system, x, v_and) < 1e-6)
-    v = torch.where(by_anderson.unsqueeze(1), v_and, v)
+    euler = settle(system, x, "euler", 1e-9, 5000)
+    by_euler = relative_residual(system, x, euler) < 1e-6
+    anderson = settle(system, x, "anderson", 1e-9, 2000)
+    by_anderson = ~by_euler & (relative_residual(system, x, anderson) < 1e-6)
     found = by_euler | by_anderson
-    lam = spectrum(system, v)
+    lam = spectrum(system, {"v": torch.where(by_anderson.unsqueeze(1), anderson["v"], euler["v"])})
     rho, top_real, dt_max = lam.abs().amax(dim=1), lam.real.amax(dim=1), largest_stable_dt(lam)
 
     def over(values: torch.Tensor, mask: torch.Tensor, reduce) -> float | None:
