@@ -24,7 +24,7 @@ from leastcontrol.atomic import write_json  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
-PHASES = ("free_equilibrium", "adjoint", "controlled_equilibrium")
+PHASES = ("free_equilibrium", "adjoint", "controlled_equilibrium", "feedback_covariance")
 
 
 def _timed(method, name, seconds):

@@ -1,6 +1,9 @@
 """Gradients of every method against independent references (float64)."""
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from leastcontrol.errors import ConfigError, SolverDivergedError
 from leastcontrol.methods import BP, LCPDI, LCPEBD, LCPKP, RBP, get_method
@@ -319,6 +322,45 @@ def test_linear_feedback_learning_aligns_with_dynamic_inversion():
         lf.learn_feedback(net, x, y, ctrl)
     assert all(b > a for a, b in zip(cosines, cosines[1:])), cosines
     assert cosines[-1] - cosines[0] > 0.05
+
+
+def test_linear_feedback_noisy_phase_follows_its_equations():
+    """The fused noisy phase equals a plain transcription of its equations, step by step, in float64:
+
+    ``v̇ = f_v + Q u + σε``, ``ȯ = f_o + u``, ``u̇_int = −∇_o L − α u_int`` from ``(s*, u*)``, OU noise
+    ``ε ← a ε + √(1−a²) ξ``, and ``C = −(1/σ²T B) Σ_t σε_t (u_{t+1} − u*)ᵀ``.
+    """
+    from leastcontrol.methods import LCPLF
+
+    net = tiny_rnn()
+    x, y = batch()
+    xs = net.prepare_input(x)
+    lf = LCPLF(alpha=0.5, k_i=2.0, k_p=0.3, tol=1e-12, max_iter=20000, noise_steps=30, sigma=0.05, tau_noise=4.0)
+    ctrl = lf.controlled_equilibrium(net, xs, y)
+    C = lf.feedback_covariance(net, xs, y, ctrl, generator=torch.Generator().manual_seed(3))
+
+    g = torch.Generator().manual_seed(3)
+    B, Q, drive = xs.shape[0], net.lf_Q, net.encode(xs).detach()
+
+    def control(o, u_int):
+        return lf.k_i * u_int - lf.k_p * (torch.softmax(o, -1) - F.one_hot(y, o.shape[1])) / B
+
+    v, o, u_star = ctrl.state["v"].clone(), ctrl.state["o"].clone(), ctrl.control["o"]
+    u_int = (u_star + lf.k_p * (torch.softmax(o, -1) - F.one_hot(y, o.shape[1])) / B) / lf.k_i
+    a = math.exp(-lf.dt / lf.tau_noise)
+    eps = torch.randn(v.shape, generator=g, dtype=F64)
+    acc = torch.zeros_like(Q)
+    for _ in range(lf.noise_steps):
+        u = control(o, u_int)
+        f = net.dynamics({"v": v, "o": o}, drive)
+        grad_o = (torch.softmax(o, -1) - F.one_hot(y, o.shape[1])) / B
+        v, o, u_int = (v + lf.dt * (f["v"] + u @ Q.T + lf.sigma * eps), o + lf.dt * (f["o"] + u),
+                       u_int + lf.dt * (-grad_o - lf.alpha * u_int))
+        acc += (lf.sigma * eps).T @ (control(o, u_int) - u_star)
+        eps = a * eps + math.sqrt(1 - a * a) * torch.randn(eps.shape, generator=g, dtype=F64)
+    expected = -acc / (lf.sigma ** 2 * lf.noise_steps * B)
+    assert expected.abs().max() > 1e-3          # the phase moved the control
+    assert torch.allclose(C, expected, rtol=1e-10, atol=1e-14)
 
 
 def test_linear_feedback_update_is_slope_modulated_feedback():

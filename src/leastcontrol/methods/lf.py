@@ -95,58 +95,85 @@ class LCPLF(LCPDI):
             raise ValueError("lcp-lf needs a system with one hidden population 'v' and an output population")
         return hidden[0]
 
-    def _field(self, system, y, B, noise=None):
-        out, hid = system.output_population, self._hidden(system)
+    def _flat(self, system, x, y):
+        """LF's dynamics on one flat buffer ``z = [s | u_int]``, ``s = [v | o]`` (output last).
+
+        Returns the flat operator, the width ``n_out`` of ``o``, the drive, the dense target and
+        ``P = [Qᵀ | I]`` (``n_out × N``), so that one ``addmm`` adds the feedback to the whole state:
+
+            ṡ = f(s) + u P  (+ [η | 0] in the noisy phase),   u̇_int = −∇_o L − α u_int.
+        """
+        op = self._flat_operator(system)
+        self._hidden(system)
+        n_out = op.sizes[system.output_population]
         Q = self._Q(system)
+        P = torch.cat([Q, torch.eye(n_out, dtype=Q.dtype, device=Q.device)]).t().contiguous()
+        drive = op.drive(x)
+        target = self._loss.dense_target(y, x.new_zeros(x.shape[0], n_out, dtype=Q.dtype))
+        return op, n_out, drive, target, P
 
-        def field(z, c) -> Dict[str, torch.Tensor]:
-            grad_o = self._loss.grad(z[out], c["y"]) / B
-            u = self._control(z["u_int"], grad_o)
-            f = system.dynamics({hid: z[hid], out: z[out]}, c["drive"])
-            d = {hid: f[hid] + u @ Q.t(), out: f[out] + u, "u_int": -grad_o - self.alpha * z["u_int"]}
-            if noise is not None:
-                d[hid] = d[hid] + noise
-            return d
-
-        return field
+    def _output_control(self, s, u_int, target, n_out, inv_B):
+        """``∇_o L`` (batch mean) at the output block of ``s``, and the control ``u``."""
+        grad_o = self._loss.dense_grad(s[:, -n_out:], target).mul_(inv_B)
+        return grad_o, self._control(u_int, grad_o)
 
     @torch.no_grad()
     def controlled_equilibrium(self, system, x, y, free=None) -> ControlledEquilibrium:
         """Controlled dynamics with linear feedback, from the free equilibrium."""
         x = system.prepare_input(x)
         free = free if free is not None else self.warm_start(system, x)
-        out, hid = system.output_population, self._hidden(system)
-        B = x.shape[0]
-        z0 = dict(free.state, u_int=torch.zeros_like(free.state[out]))
-        res = self._solve(self._field(system, y, B), z0, {"drive": system.encode(x), "y": y},
-                          self._controlled_solver("entries"))
-        z = res.state
-        u = self._control(z["u_int"], self._loss.grad(z[out], y) / B)
-        feedback = u @ self._Q(system).t()
-        slope = system.rate_slope(z)[hid]
+        hid = self._hidden(system)
+        op, n_out, drive, target, P = self._flat(system, x, y)
+        N, inv_B = op.n_state, 1.0 / x.shape[0]
+
+        def field(z, c):
+            s, u_int = z[:, :N], z[:, N:]
+            grad_o, u = self._output_control(s, u_int, c["target"], n_out, inv_B)
+            ds = op.f(s, c["drive"]).addmm_(u, P)
+            return torch.cat([ds, grad_o.add_(u_int, alpha=self.alpha).neg_()], dim=1)
+
+        s0 = op.pack(free.state)
+        z0 = torch.cat([s0, s0.new_zeros(s0.shape[0], n_out)], dim=1)
+        # Each population (v, o, u_int) settles to tol in its own relative residual.
+        groups = tuple(op.sizes.values()) + (n_out,)
+        res = self._solve_flat(field, z0, {"drive": drive, "target": target}, self._controlled_solver(groups),
+                               populations={**op.sizes, "u_int": n_out})
+        s, u_int = res.state[:, :N], res.state[:, N:]
+        _, u = self._output_control(s, u_int, target, n_out, inv_B)
+        state = op.unpack(s)
         # The local update reads the feedback signal modulated by φ'(v*).
-        control = {hid: slope * feedback, out: u}
-        return ControlledEquilibrium({hid: z[hid], out: z[out]}, control, res.stats, free)
+        control = {hid: system.rate_slope(state)[hid] * (u @ self._Q(system).t()), system.output_population: u}
+        return ControlledEquilibrium(state, control, res.stats, free)
 
     @torch.no_grad()
     def feedback_covariance(self, system, x, y, ctrl: ControlledEquilibrium,
                             generator: torch.Generator | None = None) -> torch.Tensor:
-        """The noisy phase: ``C = −(1/σ²) ⟨σε (u − u*)ᵀ⟩`` (hidden × output) around the controlled equilibrium."""
-        out, hid = system.output_population, self._hidden(system)
+        """The noisy phase: ``C = −(1/σ²) ⟨σε (u − u*)ᵀ⟩`` (hidden × output) around the controlled equilibrium.
+
+        ``noise_steps`` Euler steps of the controlled dynamics with OU noise ``η = σε`` on the hidden
+        units, from ``(s*, u*)``; each step's noise is correlated with the control it leads to.
+        """
+        out = system.output_population
+        op, n_out, drive, target, P = self._flat(system, x, y)
         B = x.shape[0]
-        context = {"drive": system.encode(x), "y": y}
+        n_h, inv_B = op.n_state - n_out, 1.0 / B
         u_ref = ctrl.control[out]
-        z = dict(ctrl.state)
-        z["u_int"] = (u_ref + self.k_p * self._loss.grad(z[out], y) / B) / self.k_i
+        s = op.pack(ctrl.state)
+        grad_o = self._loss.dense_grad(s[:, n_h:], target).mul_(inv_B)
+        u_int = (u_ref + self.k_p * grad_o) / self.k_i
+        u = self._control(u_int, grad_o)
         a = math.exp(-self.dt / self.tau_noise)
-        eps = torch.randn(z[hid].shape, generator=generator, dtype=z[hid].dtype).to(z[hid].device)
+        eps = torch.randn((B, n_h), generator=generator, dtype=s.dtype).to(s.device)
         acc = torch.zeros_like(self._Q(system))
         for _ in range(self.noise_steps):
             eta = self.sigma * eps
-            d = self._field(system, y, B, noise=eta)(z, context)
-            z = {k: z[k] + self.dt * d[k] for k in z}
-            u = self._control(z["u_int"], self._loss.grad(z[out], y) / B)
-            acc += eta.t() @ (u - u_ref)
+            ds = op.f(s, drive).addmm_(u, P)
+            ds[:, :n_h] += eta
+            u_int = u_int - self.dt * (grad_o + self.alpha * u_int)
+            s = s.add_(ds, alpha=self.dt)
+            # u at the new state: read by the covariance now and by the next step's field.
+            grad_o, u = self._output_control(s, u_int, target, n_out, inv_B)
+            acc.addmm_(eta.t(), u - u_ref)
             noise = torch.randn(eps.shape, generator=generator, dtype=eps.dtype).to(eps.device)
             eps = a * eps + math.sqrt(1 - a * a) * noise
         return -acc / (self.sigma ** 2 * max(self.noise_steps, 1) * B)
