@@ -292,6 +292,61 @@ def test_check_level_anderson_settles_what_plain_euler_circles_and_shortens_slow
     assert torch.allclose(mixed.state["s"], s_star, atol=1e-8)
 
 
+def _reference_mixes(runs, widths, memory, reg, restart):
+    """Check-level Anderson, one sample at a time, straight from its definition: the stored runs
+    (start x_j, end F_j) since the last restart, the newest ``memory``; α minimises
+    ``‖Σ α_j W (F_j − x_j)‖² + reg·scale·‖α‖²`` with ``Σ α_j = 1``, ``W`` weighing each group by
+    ``1/‖end_g‖`` and ``scale`` the mean of the stored ``‖W G_j‖²``; the next start is ``Σ α_j F_j``,
+    or the best end so far when the residual rose above ``restart`` times the best."""
+    outs = []
+    B = runs[0][0].shape[0]
+    stored = [dict() for _ in range(B)]
+    best = [float("inf")] * B
+    best_end = [None] * B
+    for count, (start, end, res) in enumerate(runs):
+        out = torch.empty_like(end)
+        for b in range(B):
+            r = float(res[b])
+            blown, best_before = r > restart * best[b], best[b]
+            if r < best_before:
+                best[b], best_end[b] = r, end[b].clone()
+            stored[b][count % memory] = (end[b] - start[b], end[b].clone())
+            parts = end[b].split(widths)
+            w = torch.cat([torch.full((len(p),), 1.0 / float(p.norm()), dtype=F64) for p in parts])
+            slots = sorted(stored[b])
+            Gw = torch.stack([stored[b][j][0] * w for j in slots])
+            gram = Gw @ Gw.T
+            gram = gram + reg * float(gram.diagonal().mean()) * torch.eye(len(slots), dtype=F64)
+            a = torch.linalg.solve(gram, torch.ones(len(slots), dtype=F64))
+            a = a / a.sum()
+            out[b] = sum(a_j * stored[b][j][1] for a_j, j in zip(a, slots))
+            if blown:
+                out[b], stored[b] = best_end[b], {}
+        outs.append(out)
+    return outs
+
+
+def test_check_level_anderson_mix_matches_its_definition():
+    """The mixer's next starts against a per-sample transcription of the method: groups weighed by
+    their own norms, a ring of ``memory`` runs, and one sample whose residual jumps (restart)."""
+    from leastcontrol.solvers import _CheckAnderson
+    g = torch.Generator().manual_seed(3)
+    B, widths, memory, reg, restart = 3, (4, 3, 2), 2, 1e-8, 10.0
+    runs = []
+    for step in range(5):
+        start = torch.randn(B, sum(widths), generator=g, dtype=F64)
+        end = start + 0.1 * torch.randn(B, sum(widths), generator=g, dtype=F64)
+        res = torch.rand(B, generator=g, dtype=F64) * 0.1
+        if step == 3:
+            res[1] = 50.0  # far above its best: a restart
+        runs.append((start, end, res))
+    for groups in (widths, None):
+        mixer = _CheckAnderson(runs[0][0], memory, groups, reg, restart)
+        reference = _reference_mixes(runs, widths if groups else (sum(widths),), memory, reg, restart)
+        for (start, end, res), expected in zip(runs, reference):
+            assert torch.allclose(mixer.mix(start, end, res), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_check_level_anderson_before_its_start_is_plain_euler_and_is_validated():
     field, s0, _ = linear_problem(gain=0.9)
     plain = Euler(tol=0.0, max_iter=60, check_every=10).solve(field, s0)

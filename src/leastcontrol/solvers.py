@@ -445,20 +445,18 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
     ``reg`` is Tikhonov regularisation relative to the Gram matrix's scale. Returns ``(α, ok)``,
     ``ok`` False for a sample whose small system is singular (its α is zero).
     """
-    m = gram.shape[1]
     pair = valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     gram = torch.where(pair, gram, 0.0)
-    scale = (gram.diagonal(dim1=1, dim2=2).sum(1) / valid.sum(1).clamp_min(1)).clamp_min(_TINY)
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    scale = (diagonal.sum(1) / valid.sum(1).clamp_min(1)).clamp_min_(_TINY)
     # Invalid slots get an identity row and a zero right-hand side, so their weight is exactly 0.
-    gram = gram + (reg * scale)[:, None, None] * eye + torch.where(~valid, 1.0, 0.0)[:, :, None] * eye
-    rhs = valid.to(gram.dtype)[:, :, None]
-    w, info = torch.linalg.solve_ex(gram, rhs)
+    diagonal.add_(torch.where(valid, (reg * scale)[:, None], 1.0))
+    w, info = torch.linalg.solve_ex(gram, valid.to(gram.dtype)[:, :, None])
     w = w.squeeze(-1)
-    wsum = w.sum(1, keepdim=True)
-    ok = (info == 0) & torch.isfinite(w).all(1) & (wsum.squeeze(1).abs() > _TINY)
-    alpha = torch.where(ok[:, None], w / torch.where(ok[:, None], wsum, torch.ones_like(wsum)), 0.0)
-    return alpha, ok
+    wsum = w.sum(1)
+    alpha = w / wsum[:, None]
+    ok = (info == 0) & (wsum.abs() > _TINY) & torch.isfinite(alpha).all(1)
+    return torch.where(ok[:, None], alpha, 0.0), ok
 
 
 class _CheckAnderson:
@@ -471,19 +469,29 @@ class _CheckAnderson:
     are few and well separated, so a small memory captures them; the mixing costs a few small
     products per check, not per step. A sample whose residual at a check grows above ``restart``
     times its best returns to its best end point with an empty memory.
+
+    The residuals ``G_j = F_j − x_j`` are kept in float64 with their inner products per group,
+    ``P[g, i, j] = G_{i,g} · G_{j,g}``. A mix adds the new run's row of these and weighs the groups
+    by the current ``1/‖s_g‖²``: a fixed, small number of operations whatever the memory and the
+    number of groups, which is what a mix costs on the few samples of a solve's tail.
     """
 
     def __init__(self, z: torch.Tensor, memory: int, widths, reg: float, restart: float):
         B, N = z.shape
-        self.X, self.F = z.new_zeros(B, memory, N), z.new_zeros(B, memory, N)
+        self.F = z.new_zeros(B, memory, N)
+        self.G = torch.zeros(B, memory, N, dtype=torch.float64, device=z.device)
+        # (N, groups): which group each column belongs to, so per-group sums are one product.
+        group_of = _group_index(widths, z.device)
+        self.member = (torch.ones(N, 1, dtype=torch.float64, device=z.device) if group_of is None
+                       else torch.nn.functional.one_hot(group_of, len(widths)).to(torch.float64))
+        self.P = torch.zeros(B, self.member.shape[1], memory, memory, dtype=torch.float64, device=z.device)
         self.valid = torch.zeros(B, memory, dtype=torch.bool, device=z.device)
         self.best = torch.full((B,), math.inf, dtype=torch.float64, device=z.device)
         self.best_z = z.clone()
-        self.widths, self.reg, self.restart, self.count = widths, reg, restart, 0
-        self.group_of = _group_index(widths, z.device)
+        self.reg, self.restart, self.count = reg, restart, 0
 
     def subset(self, keep: torch.Tensor) -> None:
-        self.X, self.F, self.valid = self.X[keep], self.F[keep], self.valid[keep]
+        self.F, self.G, self.P, self.valid = self.F[keep], self.G[keep], self.P[keep], self.valid[keep]
         self.best, self.best_z = self.best[keep], self.best_z[keep]
 
     def mix(self, start: torch.Tensor, end: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
@@ -493,13 +501,18 @@ class _CheckAnderson:
         improved = res < self.best
         self.best = torch.where(improved, res, self.best)
         self.best_z = torch.where(improved[:, None], end, self.best_z)
-        slot = self.count % self.X.shape[1]
+        B, m, N = self.F.shape
+        slot = self.count % m
         self.count += 1
-        self.X[:, slot], self.F[:, slot], self.valid[:, slot] = start, end, True
-        G = (self.F - self.X).double()
-        if self.group_of is not None:
-            G = G * _group_weights(end, self.widths, self.group_of)[:, None, :]
-        alpha, ok = _anderson_weights(torch.bmm(G, G.transpose(1, 2)), self.valid, self.reg)
+        g = (end - start).double()
+        self.F[:, slot], self.G[:, slot], self.valid[:, slot] = end, g, True
+        # The new run against every stored one, per group: (B, m, groups), one row and column of P.
+        row = ((self.G * g[:, None, :]).view(B * m, N) @ self.member).view(B, m, -1).transpose(1, 2)
+        self.P[:, :, slot, :] = row
+        self.P[:, :, :, slot] = row
+        weight = (end * end).double() @ self.member        # ‖s_g‖² per sample and group
+        gram = torch.einsum("bgij,bg->bij", self.P, weight.clamp_min_(_TINY).reciprocal_())
+        alpha, ok = _anderson_weights(gram, self.valid, self.reg)
         mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), self.F).squeeze(1), end)
         # A sample whose residual grew far above its best restarts there, with an empty memory.
         self.valid &= ~blown[:, None]
