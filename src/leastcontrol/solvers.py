@@ -125,9 +125,13 @@ class _Layout:
         return lambda d, ctx=None: self.from_user(field(self.to_user(d)))
 
     def pack(self, d) -> torch.Tensor:
+        if len(self.names) == 1:   # one population: a view, not a copy
+            return d[self.names[0]].reshape(d[self.names[0]].shape[0], -1)
         return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in self.names], dim=1)
 
     def unpack(self, z: torch.Tensor):
+        if len(self.names) == 1:
+            return {self.names[0]: z.reshape(z.shape[0], *self.shapes[self.names[0]][1:])}
         parts = torch.split(z, self.sizes, dim=1)
         return {k: p.reshape(p.shape[0], *self.shapes[k][1:]) for k, p in zip(self.names, parts)}
 
