@@ -6,6 +6,7 @@ import argparse
 import torch
 
 from leastcontrol import bench
+from leastcontrol.atomic import write_json
 
 
 def parse(description: str, argv=None, add_arguments=None):
@@ -21,3 +22,24 @@ def parse(description: str, argv=None, add_arguments=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     return args, bench.BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)
+
+
+def rows_and_network(labels, config: bench.BenchConfig):
+    """The bench rows named by ``labels`` (exits listing the valid ones on an unknown label), the
+    batches (``config.warmup`` untimed, then ``config.batches`` timed) and the bench's starting RNN."""
+    rows = {r.name: r for r in bench.default_rows()}
+    unknown = [label for label in labels if label not in rows]
+    if unknown:
+        raise SystemExit(f"unknown bench row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
+    batches = bench._batches(config, config.warmup + config.batches)
+    return [rows[label] for label in labels], batches, bench._pretrained("rnn", config, batches)
+
+
+def run_rows(description: str, profile, argv=None) -> None:
+    """The command line of the scripts that profile bench rows: ``rows`` and the options of
+    :func:`parse`; runs ``profile(labels, config)`` and writes its result to ``--json-out``."""
+    args, config = parse(description, argv,
+                         lambda p: p.add_argument("rows", nargs="+", help="bench row labels (see leastcontrol bench)"))
+    out = profile(args.rows, config)
+    if args.json_out:
+        write_json(args.json_out, {"threads": args.threads, "batches": args.batches, "rows": out})

@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from leastcontrol import bench  # noqa: E402
-from leastcontrol.atomic import write_json  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
@@ -42,15 +41,10 @@ def _timed(method, name, seconds):
 
 
 def profile(labels, config: bench.BenchConfig):
-    rows = {r.name: r for r in bench.default_rows()}
-    unknown = [label for label in labels if label not in rows]
-    if unknown:
-        raise SystemExit(f"unknown bench row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
-    batches = bench._batches(config, config.warmup + config.batches)
-    net = bench._pretrained("rnn", config, batches)
+    rows, batches, net = _fixed_network.rows_and_network(labels, config)
     out = {}
-    for label in labels:
-        method = rows[label].build()
+    for label, row in zip(labels, rows):
+        method = row.build()
         seconds: dict = {}
         for name in PHASES:
             if hasattr(method, name):
@@ -71,12 +65,7 @@ def profile(labels, config: bench.BenchConfig):
 
 
 def main(argv=None):
-    args, config = _fixed_network.parse(
-        __doc__.split("\n\n")[0], argv,
-        lambda p: p.add_argument("rows", nargs="+", help="bench row labels (see leastcontrol bench)"))
-    out = profile(args.rows, config)
-    if args.json_out:
-        write_json(args.json_out, {"threads": args.threads, "batches": args.batches, "rows": out})
+    _fixed_network.run_rows(__doc__.split("\n\n")[0], profile, argv)
 
 
 if __name__ == "__main__":
