@@ -37,6 +37,9 @@ def test_flat_operator_equals_autograd(make):
     assert torch.allclose(f, op.pack(f_ref), atol=1e-12, rtol=0)
     assert torch.allclose(vjp, op.pack(vjp_ref), atol=1e-10, rtol=0)
     assert torch.allclose(only_f, f, atol=0, rtol=0) and torch.allclose(only_vjp, vjp, atol=1e-14, rtol=0)
+    with torch.no_grad():   # the adjoint's route: the slopes of a fixed state, then VJPs at it
+        at_fixed = op.vjp_at(op.linearize(s, op.drive(x)), op.drive(x), a)
+    assert torch.allclose(at_fixed, op.pack(vjp_ref), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("make", SYSTEMS, ids=IDS)

@@ -113,8 +113,10 @@ class RBP(EquilibriumMethod):
         op = self._flat_operator(system)
         s = op.pack(state)
         dL_flat = torch.cat([s.new_zeros(B, op.n_state - dL.shape[1]), dL], dim=1)  # output population last
-        res = self._solve_flat(lambda lam, c: op.vjp(c["state"], c["drive"], lam).add_(c["dL"]),
-                               torch.zeros_like(s), {"drive": op.drive(x), "dL": dL_flat, "state": s},
+        drive = op.drive(x)
+        # The state is fixed during the adjoint dynamics: its slopes are computed once, not per step.
+        res = self._solve_flat(lambda lam, c: op.vjp_at(c["lin"], c["drive"], lam).add_(c["dL"]),
+                               torch.zeros_like(s), {"drive": drive, "dL": dL_flat, "lin": op.linearize(s, drive)},
                                populations=op.sizes)
         return SolveResult(op.unpack(res.state), res.stats)
 

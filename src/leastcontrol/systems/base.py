@@ -280,6 +280,16 @@ class FlatOperator:
     def vjp(self, s: torch.Tensor, drive, a: torch.Tensor) -> torch.Tensor:
         return self.f_and_vjp(s, drive, a)[1]
 
+    def linearize(self, s: torch.Tensor, drive) -> torch.Tensor:
+        """What :meth:`vjp_at` needs of a fixed state ``s``, batch first (solvers subset it with the
+        batch). Here ``s`` itself; the built-in networks keep only the slopes ``φ'(v)``."""
+        return s
+
+    def vjp_at(self, lin: torch.Tensor, drive, a: torch.Tensor) -> torch.Tensor:
+        """``(∂_s f(s))ᵀ a`` at the state that ``lin = linearize(s, drive)`` describes: for the adjoint
+        dynamics, where ``s`` stays fixed while ``a`` moves, so the slopes are computed once."""
+        return self.vjp(lin, drive, a)
+
 
 class AutogradFlatOperator(FlatOperator):
     """The reference flat operator: every VJP is one ``torch.autograd.grad`` call (research-code style)."""

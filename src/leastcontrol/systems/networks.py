@@ -120,6 +120,9 @@ class _RecurrentFlat(FlatOperator):
 
         f(s)      = φ(v) Mᵀ + drive − s                         (one matmul)
         (∂_s f)ᵀ a = −a + [φ'(v) ⊙ (a M) | 0]                   (one matmul)
+
+    At a fixed state (the adjoint dynamics) :meth:`vjp_at` reads ``φ'(v)`` from :meth:`linearize`
+    instead of recomputing ``tanh`` every step.
     """
 
     def __init__(self, system, feedback=None):
@@ -149,6 +152,15 @@ class _RecurrentFlat(FlatOperator):
 
     def vjp(self, s, drive, a):
         return self._vjp(torch.tanh(s[:, :self.H]), a)
+
+    def linearize(self, s, drive):
+        r = torch.tanh(s[:, :self.H])
+        return 1.0 - r * r                            # φ'(v), (B, H)
+
+    def vjp_at(self, slope, drive, a):
+        vjp = a.neg()
+        vjp[:, :self.H] += (a @ self.back).mul_(slope)
+        return vjp
 
 
 class FeedforwardEquilibrium(EquilibriumSystem):
