@@ -68,10 +68,14 @@ def _instrument() -> None:
 
 def profile(labels, config: bench.BenchConfig):
     rows, batches, net = _fixed_network.rows_and_network(labels, config)
+    methods = [row.build() for row in rows]
+    other = [label for label, m in zip(labels, methods) if getattr(m, "solver", "euler") != "euler"]
+    if other:
+        raise SystemExit(f"solve_profile splits Euler solves only; row(s) {', '.join(other)} use another solver "
+                         "(time them with benchmarks/phase_profile.py)")
     _instrument()
     out = {}
-    for label, row in zip(labels, rows):
-        method = row.build()
+    for label, method in zip(labels, methods):
         total = 0.0
         for i, (x, y) in enumerate(batches):
             if i == config.warmup:
