@@ -127,6 +127,36 @@ def chattering_problem(B=4, c=1e-3):
     return (lambda s, ctx: field(s)), start, context
 
 
+def _scalar_euler_stop(rate, tol, check_every, max_iter):
+    """One sample of ``ds/dt = (1 − rate)(1 − s)`` from 0 under Euler (dt 1), by hand: the first
+    check whose residual ``|g(s_{n−1})| / |s_{n−1}|`` is below ``tol`` (or max_iter): (step, residual, s)."""
+    s = 0.0
+    for step in range(1, max_iter + 1):
+        g = (1 - rate) * (1 - s)
+        res = abs(g) / max(abs(s), 1e-30)
+        s = s + g
+        if (step % check_every == 0 or step == max_iter) and (res < tol or step == max_iter):
+            return step, res, s
+
+
+def test_freezing_records_each_samples_own_stop_also_at_max_iter():
+    """Samples settling at different rates stop at their own checks; one stops at the very last
+    check (max_iter) and one never settles: each sample's steps, residual and state against a
+    scalar transcription of the iteration."""
+    rates = torch.tensor([0.5, 0.8, 0.97], dtype=F64)
+    tol, every = 1e-6, 5
+    max_iter = _scalar_euler_stop(0.8, tol, every, 10_000)[0]   # the second sample settles at the last check
+    field = lambda s, ctx: {"s": (1 - rates[ctx["index"]])[:, None] * (1 - s["s"])}  # noqa: E731
+    res = Euler(tol=tol, max_iter=max_iter, check_every=every).solve(
+        field, {"s": torch.zeros(3, 1, dtype=F64)}, {"index": torch.arange(3)})
+    expected = [_scalar_euler_stop(float(r), tol, every, max_iter) for r in rates]
+    assert expected[1][0] == max_iter and expected[2][1] > tol and expected[0][0] < max_iter
+    assert res.stats.sample_iterations.tolist() == [e[0] for e in expected]
+    assert torch.allclose(res.stats.sample_residuals, torch.tensor([e[1] for e in expected], dtype=F64), rtol=1e-9)
+    assert torch.allclose(res.state["s"][:, 0], torch.tensor([e[2] for e in expected], dtype=F64), rtol=1e-12)
+    assert res.stats.converged_fraction == pytest.approx(2 / 3) and not res.stats.converged
+
+
 @pytest.mark.parametrize("freeze", [True, False])
 def test_stall_rule_stops_dynamics_that_chatter_at_a_floor(freeze):
     field, s0, ctx = chattering_problem()

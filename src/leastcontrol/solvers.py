@@ -286,8 +286,8 @@ class Solver:
 
         Returns:
             ``(res, best_z, best_r, stop, keep)``: ``stop`` when every sample is done (converged or
-            stalled); ``keep``
-            the rows still iterating when some froze (the caller subsets its own tensors), else None.
+            stalled); ``keep`` the indices of the rows still iterating when some froze (the caller
+            subsets its own tensors), else None.
         """
         res = _relative_residual({"z": gz}, {"z": z}, layout.flat_groups).double()
         improved = res < best_r
@@ -299,8 +299,7 @@ class Solver:
             raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
         r = float(best_r.max())
         trace.append(r)
-        frozen.record(best_r, step)
-        done = frozen.done(best_r, self.tol, step)
+        done = frozen.check(best_r, self.tol, step)
         if bool(done.all()):
             return res, best_z, best_r, True, None
         return res, best_z, best_r, False, frozen.freeze(done, {"z": best_z})
@@ -318,8 +317,10 @@ class _Freezer:
     Holds the final state of every sample that is done (converged, or stalled
     under the stall rule) and the indices of those still iterating; the solver
     keeps iterating on the active rows only, so a few slow samples do not make
-    the whole batch pay. Also keeps, per sample, the residual at its last 10 % fall
-    and that step, which the stall rule reads.
+    the whole batch pay. Also keeps, per active sample, the residual at its last 10 % fall
+    and that step, which the stall rule reads. What the active rows share (their last
+    residual and step) is written to the per-sample record only when they stop, so a check
+    costs a few operations on the active rows, not a scatter into the whole batch.
     """
 
     def __init__(self, template: Dict[str, torch.Tensor], enabled: bool,
@@ -327,42 +328,57 @@ class _Freezer:
         first = next(iter(template.values()))
         B, device = first.shape[0], first.device
         self.enabled, self.patience, self.stall_tol = enabled, patience, stall_tol
-        self.mark_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
-        self.mark_step = torch.zeros(B, dtype=torch.float64, device=device)
+        f64 = {"dtype": torch.float64, "device": device}
         self.out = {k: v.clone() for k, v in template.items()} if enabled else None
         self.active = torch.arange(B, device=device)
-        self.final_res = torch.full((B,), math.inf, device=device, dtype=torch.float64)
-        self.sample_steps = torch.zeros(B, dtype=torch.float64, device=device)
+        # Per sample, filled in as samples stop: final residual, steps taken, step of the last fall.
+        self.final_res = torch.full((B,), math.inf, **f64)
+        self.sample_steps = torch.zeros(B, **f64)
+        self.mark_step = torch.zeros(B, **f64)
+        # Per active sample: the last checked residual (at step `last_step`) and the stall marks.
+        self.last_res, self.last_step = self.final_res.clone(), 0
+        self.active_mark_res = torch.full((B,), math.inf, **f64)
+        self.active_mark_step = torch.zeros(B, **f64)
 
-    def record(self, res: torch.Tensor, step: int) -> None:
+    def check(self, res: torch.Tensor, tol: float, step: int) -> torch.Tensor:
+        """Record the active rows' residuals ``res`` at ``step``; return those that stop: residual
+        below ``tol``, or stalled (see :class:`Solver`'s ``patience``)."""
         res = res.double()
-        self.final_res[self.active] = res
-        self.sample_steps[self.active] = step
+        self.last_res, self.last_step = res, step
+        done = res < tol
         if self.patience:
-            fell = res < _STALL_RATIO * self.mark_res[self.active]
-            rows = self.active[fell]
-            self.mark_res[rows] = res[fell]
-            self.mark_step[rows] = step
+            fell = res < _STALL_RATIO * self.active_mark_res
+            self.active_mark_res = torch.where(fell, res, self.active_mark_res)
+            self.active_mark_step = torch.where(fell, float(step), self.active_mark_step)
+            stalled = self.active_mark_step <= step - self.patience
+            if self.stall_tol < math.inf:
+                stalled &= res < self.stall_tol
+            done |= stalled
+        return done
 
     def _stalled(self, res: torch.Tensor, steps: torch.Tensor, mark_step: torch.Tensor) -> torch.Tensor:
         return (steps - mark_step >= self.patience) & (res < self.stall_tol)
 
-    def done(self, res: torch.Tensor, tol: float, step: int) -> torch.Tensor:
-        """Active rows that stop: residual below ``tol``, or stalled (see :class:`Solver`'s ``patience``)."""
-        done = res < tol
+    def _record(self, rows: torch.Tensor, among: torch.Tensor | None) -> None:
+        """Write the last residual, step and stall mark of the active rows ``among`` (all if None) for ``rows``."""
+        pick = (lambda t: t) if among is None else (lambda t: t[among])
+        self.final_res[rows] = pick(self.last_res)
+        self.sample_steps[rows] = float(self.last_step)
         if self.patience:
-            done = done | self._stalled(res.double(), step, self.mark_step[self.active])
-        return done
+            self.mark_step[rows] = pick(self.active_mark_step)
 
     def freeze(self, done: torch.Tensor, final: Dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Store the rows ``done`` of ``final``; return the keep-mask for the caller's tensors (or None)."""
+        """Store the rows ``done`` of ``final``; return the indices of the caller's rows to keep (or None)."""
         if not self.enabled or not bool(done.any()):
             return None
-        rows = self.active[done]
+        stop, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+        rows = self.active[stop]
         for k, v in final.items():
-            self.out[k][rows] = v[done]
-        keep = ~done
-        self.active = self.active[keep]
+            self.out[k][rows] = v[stop]
+        self._record(rows, stop)
+        self.active, self.last_res = self.active[keep], self.last_res[keep]
+        if self.patience:
+            self.active_mark_res, self.active_mark_step = self.active_mark_res[keep], self.active_mark_step[keep]
         return keep
 
     def result(self, final: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -373,6 +389,7 @@ class _Freezer:
         return self.out
 
     def stats(self, step: int, tol: float, trace: List[float], fallbacks: int = 0, restarts: int = 0) -> SolverStats:
+        self._record(self.active, None)
         r = float(self.final_res.max())
         converged = self.final_res < tol
         stalled = 0.0
@@ -588,8 +605,7 @@ class Euler(Solver):
             step += n
             r = self._check(layout, res, s, step)
             trace.append(r)
-            frozen.record(res, step)
-            done = frozen.done(res, self.tol, step)
+            done = frozen.check(res, self.tol, step)
             if bool(done.all()):
                 break
             keep = frozen.freeze(done, s)
