@@ -464,3 +464,27 @@ def test_solver_options_reach_every_solve_and_are_checked_at_construction():
         LCPDI(solver_options=[("memory", 3)])
     with pytest.raises(ConfigError, match=r"\['patience'\] are the method's own settings"):
         LCPDI(solver="anderson", solver_options={"patience": 5})
+
+
+def test_rbp_anderson_solves_the_adjoint_where_the_euler_dynamics_are_unstable():
+    """At a state whose linearised dynamics have an eigenvalue with positive real part (a fixed
+    point Anderson can settle on and Euler cannot), the adjoint dynamics grow without end; RBP's
+    Anderson adjoint still solves ``(∂_s f)ᵀ λ = −∇_s L``, checked per sample against a dense
+    solve with the Jacobian from autograd."""
+    net = tiny_rnn(w_scale=3.0)
+    x, y = batch(B=3)
+    state = {k: torch.zeros_like(v) for k, v in net.init_state(x.shape[0]).items()}
+    op = RBP()._flat_operator(net)
+    s, drive = op.pack(state), op.drive(x)
+    jac = [torch.autograd.functional.jacobian(lambda v, b=b: op.f(v[None], drive[b:b + 1])[0], s[b])
+           for b in range(x.shape[0])]
+    assert max(float(torch.linalg.eigvals(J).real.max()) for J in jac) > 0.05   # unstable here
+    dL = torch.autograd.functional.jacobian(
+        lambda v: F.cross_entropy(net.readout(op.unpack(v)), y), s)              # ∇_s of the batch mean
+    expected = torch.stack([torch.linalg.solve(J.T, -g) for J, g in zip(jac, dL)])
+    euler = RBP(tol=1e-10, max_iter=300).adjoint(net, x, state, y)
+    assert not euler.stats.converged
+    anderson = RBP(tol=1e-10, max_iter=300, solver="anderson").adjoint(net, x, state, y)
+    assert anderson.stats.converged
+    got = op.pack(anderson.state)
+    assert torch.allclose(got, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))

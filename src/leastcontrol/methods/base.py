@@ -206,9 +206,11 @@ class EquilibriumMethod(Method):
                               f"'{self.solver}', impl '{self.impl}' (use solver 'euler', impl 'fast', or drop compile)")
         self._solver = self._make_solver(self.tol)
 
-    def _make_solver(self, tol: float, groups=None):
-        options = {**(self.solver_options or {}), "check_every": self.check_every, "patience": self.patience,
-                   "stall_tol": self.stall_tol, "groups": groups}
+    def _make_solver(self, tol: float, groups=None, **defaults):
+        """The solver of one phase at ``tol``; ``defaults``: settings of this phase that the user's
+        ``solver_options`` override."""
+        options = {**defaults, **(self.solver_options or {}), "check_every": self.check_every,
+                   "patience": self.patience, "stall_tol": self.stall_tol, "groups": groups}
         if self.impl == "autograd":
             options.update(check_every=1, freeze=False)
         if self.compile:

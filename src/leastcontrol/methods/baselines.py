@@ -1,6 +1,7 @@
 """Gradient baselines: backprop through the layered forward pass, and recurrent backprop."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,12 +98,23 @@ class RBP(EquilibriumMethod):
        kept across iterations), so ``(∂_s f)ᵀ λ* = −∇_s L``;
     3. one VJP in θ: ``∇_θ L(s°) = (∂_θ f(s°))ᵀ λ*``.
 
-    Defaults are the published RNN settings (tol 1e-4, max 200 steps).
+    Defaults are the published RNN settings (tol 1e-4, max 200 steps). With ``solver="anderson"``
+    the adjoint phase, linear in λ, is accelerated from its first step (``start_below`` ∞ unless
+    ``solver_options`` set it); the free phase keeps the solver's ``start_below``.
     """
 
     name = "rbp"
     tol: float = 1e-4
     max_iter: int = 200
+
+    def __post_init__(self):
+        super().__post_init__()
+        # The adjoint dynamics are linear in λ: there is no basin for the plain dynamics to choose,
+        # so Anderson accelerates them from the first step (start_below ∞). That also settles the
+        # adjoint at a fixed point whose Euler dynamics are unstable (Anderson can settle the free
+        # phase on one), where the plain adjoint dynamics grow without end.
+        self._adjoint_solver = (self._make_solver(self.tol, start_below=math.inf) if self.solver == "anderson"
+                                else self._solver)
 
     @torch.no_grad()
     def adjoint(self, system: EquilibriumSystem, x: torch.Tensor, state, y: torch.Tensor) -> SolveResult:
@@ -117,7 +129,7 @@ class RBP(EquilibriumMethod):
         # The state is fixed during the adjoint dynamics: its slopes are computed once, not per step.
         res = self._solve_flat(lambda lam, c: op.vjp_at(c["lin"], c["drive"], lam).add_(c["dL"]),
                                torch.zeros_like(s), {"drive": drive, "dL": dL_flat, "lin": op.linearize(s, drive)},
-                               populations=op.sizes)
+                               self._adjoint_solver, populations=op.sizes)
         return SolveResult(op.unpack(res.state), res.stats)
 
     def gradients(self, system, x, y):
