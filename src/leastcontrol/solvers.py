@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field as dc_field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -299,10 +299,8 @@ class Solver:
             raise SolverDivergedError(layout.first_nonfinite(layout.unpack(z + gz)), step, self.name)
         r = float(best_r.max())
         trace.append(r)
-        done = frozen.check(best_r, self.tol, step)
-        if bool(done.all()):
-            return res, best_z, best_r, True, None
-        return res, best_z, best_r, False, frozen.freeze(done, {"z": best_z})
+        finished, keep = frozen.freeze(frozen.check(best_r, self.tol, step), {"z": best_z})
+        return res, best_z, best_r, finished, keep
 
     def _check(self, layout, residuals: torch.Tensor, d, step: int):
         r = float(residuals.max())
@@ -367,11 +365,20 @@ class _Freezer:
         if self.patience:
             self.mark_step[rows] = pick(self.active_mark_step)
 
-    def freeze(self, done: torch.Tensor, final: Dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Store the rows ``done`` of ``final``; return the indices of the caller's rows to keep (or None)."""
-        if not self.enabled or not bool(done.any()):
-            return None
-        stop, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+    def freeze(self, done: torch.Tensor, final: Dict[str, torch.Tensor]) -> Tuple[bool, torch.Tensor | None]:
+        """Store the rows ``done`` of ``final``.
+
+        Returns:
+            ``(finished, keep)``: ``finished`` when every active row is done (nothing is stored: the
+            caller's final state goes to :meth:`result`); ``keep`` the indices of the caller's rows
+            that go on, when some stopped and freezing is on, else None.
+        """
+        stop = done.nonzero().squeeze(1)   # one read of the mask answers "all?", "any?" and "which?"
+        if stop.numel() == done.numel():
+            return True, None
+        if not self.enabled or stop.numel() == 0:
+            return False, None
+        keep = (~done).nonzero().squeeze(1)
         rows = self.active[stop]
         for k, v in final.items():
             self.out[k][rows] = v[stop]
@@ -379,7 +386,7 @@ class _Freezer:
         self.active, self.last_res = self.active[keep], self.last_res[keep]
         if self.patience:
             self.active_mark_res, self.active_mark_step = self.active_mark_res[keep], self.active_mark_step[keep]
-        return keep
+        return False, keep
 
     def result(self, final: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if not self.enabled:
@@ -605,10 +612,9 @@ class Euler(Solver):
             step += n
             r = self._check(layout, res, s, step)
             trace.append(r)
-            done = frozen.check(res, self.tol, step)
-            if bool(done.all()):
+            finished, keep = frozen.freeze(frozen.check(res, self.tol, step), s)
+            if finished:
                 break
-            keep = frozen.freeze(done, s)
             if keep is not None:
                 s, ctx = _subset(s, keep), _subset(ctx, keep)
                 if self.anderson_memory:
