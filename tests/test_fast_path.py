@@ -216,6 +216,19 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
         sum(agreement["reference_iterations"]) / sum(agreement["iterations"]))
 
 
+def test_bench_rows_with_random_draws_repeat_their_steps():
+    """KP's and LF's random feedback and LF's noise come from seeded generators: two bench runs
+    give each row the same step counts even though the global generator moved in between."""
+    config = BenchConfig(batch_size=8, hidden=8, batches=3, warmup=1, pretrain=1, memory=False, progress=False)
+    rows = [Row("rnn", "lcp-kp"), Row("rnn", "lcp-lf")]
+    counts = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        trainers = {r["label"]: r for r in run_bench(config, rows)["rows"]}
+        counts.append({k: (r["mean_iterations"], r["update_cosine_vs_autograd"]) for k, r in trainers.items()})
+    assert counts[0] == counts[1]
+
+
 def test_bench_reports_a_row_whose_solves_diverge_and_times_the_others():
     config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
     rows = [Row("rnn", "rbp"), Row("rnn", "rbp", options={"dt": 100.0}, label="rnn-rbp-diverging")]

@@ -189,7 +189,11 @@ class _Trainer:
     def __init__(self, row: Row, net, config: BenchConfig):
         self.row, self.net = row, net
         self.method = row.build()
-        self.method.prepare(net)
+        # PyTorch seeds its global generator from entropy in each process. A row's random draws
+        # (KP's and LF's feedback, LF's noise during a step) come from generators seeded here and
+        # before each step, so its steps are the same in every run, whatever rows run beside it.
+        self.seed, self.steps_taken = config.seed, 0
+        self.method.prepare(net, torch.Generator().manual_seed(config.seed))
         self.opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         self.clip = GRAD_CLIP[row.model]
         self.clip_groups = gradient_clip_groups(net)   # after prepare(): KP's feedback is its own group
@@ -200,6 +204,8 @@ class _Trainer:
 
     def step(self, x, y, record: bool) -> None:
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        torch.manual_seed(self.seed * 100_003 + self.steps_taken)   # LF's noise draws from the global generator
+        self.steps_taken += 1
         sync()
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
