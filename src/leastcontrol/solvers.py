@@ -348,14 +348,15 @@ class _Freezer:
             fell = res < _STALL_RATIO * self.active_mark_res
             self.active_mark_res = torch.where(fell, res, self.active_mark_res)
             self.active_mark_step = torch.where(fell, float(step), self.active_mark_step)
-            stalled = self.active_mark_step <= step - self.patience
-            if self.stall_tol < math.inf:
-                stalled &= res < self.stall_tol
-            done |= stalled
+            done |= self._stalled(res, step, self.active_mark_step)
         return done
 
-    def _stalled(self, res: torch.Tensor, steps: torch.Tensor, mark_step: torch.Tensor) -> torch.Tensor:
-        return (steps - mark_step >= self.patience) & (res < self.stall_tol)
+    def _stalled(self, res: torch.Tensor, steps, mark_step: torch.Tensor) -> torch.Tensor:
+        """The stall rule: ``patience`` steps since the last 10 % fall, at a residual below ``stall_tol``."""
+        stalled = steps - mark_step >= self.patience
+        if self.stall_tol < math.inf:   # no stall tolerance: one comparison fewer per check
+            stalled &= res < self.stall_tol
+        return stalled
 
     def _record(self, rows: torch.Tensor, among: torch.Tensor | None) -> None:
         """Write the last residual, step and stall mark of the active rows ``among`` (all if None) for ``rows``."""
