@@ -24,15 +24,23 @@ def parse(description: str, argv=None, add_arguments=None):
     return args, bench.BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)
 
 
-def rows_and_network(labels, config: bench.BenchConfig):
-    """The bench rows named by ``labels`` (exits listing the valid ones on an unknown label), the
-    batches (``config.warmup`` untimed, then ``config.batches`` timed) and the bench's starting RNN."""
-    rows = {r.name: r for r in bench.default_rows()}
-    unknown = [label for label in labels if label not in rows]
+def rows_and_network(labels, config: bench.BenchConfig, refuse=None):
+    """The bench rows named by ``labels``, the batches (``config.warmup`` untimed, then
+    ``config.batches`` timed) and the bench's starting RNN.
+
+    Exits before the pretraining (minutes) on an unknown label, listing the valid ones, and when
+    ``refuse(rows)`` returns a message: a script that cannot measure some rows says so at once.
+    """
+    known = {r.name: r for r in bench.default_rows()}
+    unknown = [label for label in labels if label not in known]
     if unknown:
-        raise SystemExit(f"unknown bench row(s) {', '.join(unknown)}; rows: {', '.join(rows)}")
+        raise SystemExit(f"unknown bench row(s) {', '.join(unknown)}; rows: {', '.join(known)}")
+    rows = [known[label] for label in labels]
+    message = refuse(rows) if refuse is not None else None
+    if message:
+        raise SystemExit(message)
     batches = bench._batches(config, config.warmup + config.batches)
-    return [rows[label] for label in labels], batches, bench._pretrained("rnn", config, batches)
+    return rows, batches, bench._pretrained("rnn", config, batches)
 
 
 def run_rows(description: str, profile, argv=None) -> None:
