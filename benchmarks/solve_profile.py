@@ -5,7 +5,8 @@ weights held fixed, each bench row named on the command line computes its update
 batches. Wall-clock timers around the Euler solver's own calls split each batch into:
 - ``steps``: the runs of ``check_every`` steps between two convergence checks (compiled or not),
   also by the number of samples still active (``steps_active_le_N``: at most N samples);
-- ``mix``: the check-level Anderson mixes (rows with ``-accel``);
+- ``mix``: the check-level Anderson mixes (rows with ``-accel``; under ``-compile`` they run inside
+  the steps' graph and count as steps);
 - ``checks``: the rest of the Euler solves, the bookkeeping at the convergence checks (residual
   read, stall rule, freezing converged samples, subsetting);
 - ``outside``: everything outside the solves (encoding, local update, readout).
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
 
 from leastcontrol import bench, solvers  # noqa: E402
 
@@ -46,6 +49,8 @@ def _timed(owner, name: str, key: str, bucket_of_active=None) -> None:
     inner = getattr(owner, name)
 
     def call(*args, **kwargs):
+        if torch.compiler.is_compiling():   # traced into a compiled graph: no timer there
+            return inner(*args, **kwargs)
         t0 = time.perf_counter()
         try:
             return inner(*args, **kwargs)
@@ -58,11 +63,10 @@ def _timed(owner, name: str, key: str, bucket_of_active=None) -> None:
 
 
 def _instrument() -> None:
-    solvers._compiled_euler_steps()   # compiled from the plain function, before it is wrapped below
-    active = lambda args: next(iter(args[1].values())).shape[0]   # noqa: E731  (args: field, state, ...)
-    _timed(solvers, "_run_compiled", "steps", active)
-    _timed(solvers, "_euler_steps", "steps", active)
-    _timed(solvers._CheckAnderson, "mix", "mix")
+    # args: (steps, field, state, ...) compiled, (field, state, ...) eager
+    _timed(solvers, "_run_compiled", "steps", lambda args: next(iter(args[2].values())).shape[0])
+    _timed(solvers, "_euler_steps", "steps", lambda args: next(iter(args[1].values())).shape[0])
+    _timed(solvers, "_check_mix", "mix")
     _timed(solvers.Euler, "solve", "solve")
 
 

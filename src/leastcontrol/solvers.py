@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field as dc_field
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -427,27 +428,31 @@ def _euler_steps(field, s, ctx, dt: float, n: int, groups):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled_euler_steps():
-    """:func:`_euler_steps` through ``torch.compile`` (built once; the batch dimension is dynamic).
+def _compiled(steps):
+    """``steps`` (:func:`_euler_steps` or :func:`_euler_steps_mixed`) through ``torch.compile``,
+    built once each; the batch dimension is dynamic.
 
     One graph holds the ``check_every`` steps between two convergence checks and the residual
-    read at the check, so the elementwise work of a step is fused and Python runs once per
-    check, not once per step.
+    read at the check (and, mixed, the check-level Anderson mix), so the elementwise work of a step
+    is fused and Python runs once per check, not once per step.
     Fresh closures of the same field code reuse the graph (Dynamo guards on code, not identity).
     """
-    return torch.compile(_euler_steps, dynamic=True)
+    # Inductor 2.13's lowering of the mix's small batched solve calls a helper it deprecated itself.
+    warnings.filterwarnings("ignore", message=r".*torch\._prims_common\.check.*", category=FutureWarning)
+    return torch.compile(steps, dynamic=True)
 
 
 # Graphs one process may hold for the compiled steps: one per field (free, controlled, adjoint, ...
-# of each method) and batch regime (a batch of one is compiled apart); Dynamo's default is 8.
+# of each method), with or without the mix, and batch regime (a batch of one is compiled apart);
+# Dynamo's default is 8.
 _COMPILED_GRAPHS = 64
 
 
-def _run_compiled(field, s, ctx, dt, n, groups):
+def _run_compiled(steps, *args):
     import torch._dynamo  # noqa: F401  (for its exception types and config)
     try:
         with torch._dynamo.config.patch(recompile_limit=_COMPILED_GRAPHS):
-            return _compiled_euler_steps()(field, s, ctx, dt, n, groups)
+            return _compiled(steps)(*args)
     except torch._dynamo.exc.BackendCompilerFailed as err:
         raise ConfigError(f"compile=True needs a working torch.compile backend here (for the CPU, a C++ "
                           f"compiler): {type(err.inner_exception).__name__}: {err.inner_exception}; "
@@ -472,20 +477,63 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
 
     ``gram`` (B, m, m, float64) holds the inner products ``G_i · G_j`` of the stored residuals;
     ``reg`` is Tikhonov regularisation relative to the Gram matrix's scale. Returns ``(α, ok)``,
-    ``ok`` False for a sample whose small system is singular (its α is zero).
+    ``ok`` False for a sample whose small system is singular (its α is zero). No in-place writes,
+    so that it also runs inside a compiled graph.
     """
     pair = valid[:, :, None] & valid[:, None, :]
     gram = torch.where(pair, gram, 0.0)
-    diagonal = gram.diagonal(dim1=1, dim2=2)
-    scale = (diagonal.sum(1) / valid.sum(1).clamp_min(1)).clamp_min_(_TINY)
+    scale = (gram.diagonal(dim1=1, dim2=2).sum(1) / valid.sum(1).clamp_min(1)).clamp_min(_TINY)
     # Invalid slots get an identity row and a zero right-hand side, so their weight is exactly 0.
-    diagonal.add_(torch.where(valid, (reg * scale)[:, None], 1.0))
+    gram = gram + torch.diag_embed(torch.where(valid, (reg * scale)[:, None], 1.0))
     w, info = torch.linalg.solve_ex(gram, valid.to(gram.dtype)[:, :, None])
     w = w.squeeze(-1)
     wsum = w.sum(1)
     alpha = w / wsum[:, None]
     ok = (info == 0) & (wsum.abs() > _TINY) & torch.isfinite(alpha).all(1)
     return torch.where(ok[:, None], alpha, 0.0), ok
+
+
+class _MixMemory(NamedTuple):
+    """What the check-level mix keeps per sample, oldest run first (see :class:`_CheckAnderson`)."""
+    F: torch.Tensor        # (B, m, N): the end points of the last m runs
+    G: torch.Tensor        # (B, m, N) float64: their residuals F_j − x_j
+    P: torch.Tensor        # (B, groups, m, m) float64: P[g, i, j] = G_{i,g} · G_{j,g}
+    valid: torch.Tensor    # (B, m) bool: slots holding a run
+    best: torch.Tensor     # (B,) float64: the smallest residual at a check so far
+    best_z: torch.Tensor   # (B, N): the end point that had it
+
+    def subset(self, keep: torch.Tensor) -> "_MixMemory":
+        return _MixMemory(*(t[keep] for t in self))
+
+
+def _check_mix(memory: _MixMemory, start: torch.Tensor, end: torch.Tensor, res: torch.Tensor,
+               member: torch.Tensor, reg: float, restart: float) -> Tuple[torch.Tensor, _MixMemory]:
+    """One check-level Anderson mix: ``(next start, memory with this run)``.
+
+    The run ``start → end`` (flat ``(B, N)``) replaces the oldest stored one, so every tensor keeps
+    its shape and nothing is written in place: the same code runs eagerly and inside the compiled
+    graph of the steps. ``member`` (N, groups) float64 says which group each column is in.
+    """
+    res = res.double()
+    blown = res > restart * memory.best
+    improved = res < memory.best
+    best = torch.where(improved, res, memory.best)
+    best_z = torch.where(improved[:, None], end, memory.best_z)
+    g = (end - start).double()
+    F = torch.cat([memory.F[:, 1:], end[:, None]], 1)
+    G = torch.cat([memory.G[:, 1:], g[:, None]], 1)
+    valid = torch.cat([memory.valid[:, 1:], torch.ones_like(memory.valid[:, :1])], 1)
+    B, m, N = F.shape
+    # The new run against every stored one, per group: (B, groups, m), the last row and column of P.
+    row = ((G * g[:, None, :]).reshape(B * m, N) @ member).reshape(B, m, -1).transpose(1, 2)
+    P = torch.cat([torch.cat([memory.P[:, :, 1:, 1:], row[:, :, :-1, None]], 3), row[:, :, None, :]], 2)
+    weight = (end * end).double() @ member        # ‖s_g‖² per sample and group
+    gram = torch.einsum("bgij,bg->bij", P, weight.clamp_min(_TINY).reciprocal())
+    alpha, ok = _anderson_weights(gram, valid, reg)
+    mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), F).squeeze(1), end)
+    # A sample whose residual grew far above its best restarts there, with an empty memory.
+    valid = valid & ~blown[:, None]
+    return torch.where(blown[:, None], best_z, mixed), _MixMemory(F, G, P, valid, best, best_z)
 
 
 class _CheckAnderson:
@@ -502,50 +550,47 @@ class _CheckAnderson:
     The residuals ``G_j = F_j − x_j`` are kept in float64 with their inner products per group,
     ``P[g, i, j] = G_{i,g} · G_{j,g}``. A mix adds the new run's row of these and weighs the groups
     by the current ``1/‖s_g‖²``: a fixed, small number of operations whatever the memory and the
-    number of groups, which is what a mix costs on the few samples of a solve's tail.
+    number of groups, which is what a mix costs on the few samples of a solve's tail. The mix
+    itself is the function :func:`_check_mix`, so the compiled steps can run it in their graph.
     """
 
     def __init__(self, z: torch.Tensor, memory: int, widths, reg: float, restart: float):
         B, N = z.shape
-        self.F = z.new_zeros(B, memory, N)
-        self.G = torch.zeros(B, memory, N, dtype=torch.float64, device=z.device)
+        f64 = dict(dtype=torch.float64, device=z.device)
         # (N, groups): which group each column belongs to, so per-group sums are one product.
         group_of = _group_index(widths, z.device)
-        self.member = (torch.ones(N, 1, dtype=torch.float64, device=z.device) if group_of is None
+        self.member = (torch.ones(N, 1, **f64) if group_of is None
                        else torch.nn.functional.one_hot(group_of, len(widths)).to(torch.float64))
-        self.P = torch.zeros(B, self.member.shape[1], memory, memory, dtype=torch.float64, device=z.device)
-        self.valid = torch.zeros(B, memory, dtype=torch.bool, device=z.device)
-        self.best = torch.full((B,), math.inf, dtype=torch.float64, device=z.device)
-        self.best_z = z.clone()
-        self.reg, self.restart, self.count = reg, restart, 0
+        self.memory = _MixMemory(
+            F=z.new_zeros(B, memory, N), G=torch.zeros(B, memory, N, **f64),
+            P=torch.zeros(B, self.member.shape[1], memory, memory, **f64),
+            valid=torch.zeros(B, memory, dtype=torch.bool, device=z.device),
+            best=torch.full((B,), math.inf, **f64), best_z=z.clone())
+        self.reg, self.restart = reg, restart
 
     def subset(self, keep: torch.Tensor) -> None:
-        self.F, self.G, self.P, self.valid = self.F[keep], self.G[keep], self.P[keep], self.valid[keep]
-        self.best, self.best_z = self.best[keep], self.best_z[keep]
+        self.memory = self.memory.subset(keep)
 
     def mix(self, start: torch.Tensor, end: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
         """The next start: the mix of the stored runs, or (after a blow-up) the best end so far."""
-        res = res.double()
-        blown = res > self.restart * self.best
-        improved = res < self.best
-        self.best = torch.where(improved, res, self.best)
-        self.best_z = torch.where(improved[:, None], end, self.best_z)
-        B, m, N = self.F.shape
-        slot = self.count % m
-        self.count += 1
-        g = (end - start).double()
-        self.F[:, slot], self.G[:, slot], self.valid[:, slot] = end, g, True
-        # The new run against every stored one, per group: (B, m, groups), one row and column of P.
-        row = ((self.G * g[:, None, :]).view(B * m, N) @ self.member).view(B, m, -1).transpose(1, 2)
-        self.P[:, :, slot, :] = row
-        self.P[:, :, :, slot] = row
-        weight = (end * end).double() @ self.member        # ‖s_g‖² per sample and group
-        gram = torch.einsum("bgij,bg->bij", self.P, weight.clamp_min_(_TINY).reciprocal_())
-        alpha, ok = _anderson_weights(gram, self.valid, self.reg)
-        mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), self.F).squeeze(1), end)
-        # A sample whose residual grew far above its best restarts there, with an empty memory.
-        self.valid &= ~blown[:, None]
-        return torch.where(blown[:, None], self.best_z, mixed)
+        mixed, self.memory = _check_mix(self.memory, start, end, res, self.member, self.reg, self.restart)
+        return mixed
+
+
+def _euler_steps_mixed(field, s, ctx, dt: float, n: int, groups, names, memory: _MixMemory,
+                       member: torch.Tensor, reg: float, restart: float):
+    """:func:`_euler_steps`, then the check-level mix of the run: ``(s_n, residual, next start, memory)``.
+
+    ``names`` orders the populations of ``s`` in the flat buffer the mix works on. Compiled, the
+    mix joins the steps' graph, so a check pays one compiled call instead of one plus the mix's
+    few dozen small eager operations.
+    """
+    def flat(d):
+        return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in names], 1) if len(names) > 1 \
+            else d[names[0]].reshape(d[names[0]].shape[0], -1)
+    end, res = _euler_steps(field, s, ctx, dt, n, groups)
+    mixed, memory = _check_mix(memory, flat(s), flat(end), res, member, reg, restart)
+    return end, res, mixed, memory
 
 
 class Euler(Solver):
@@ -602,31 +647,37 @@ class Euler(Solver):
         frozen = self._freezer(s, self.freeze and context is not None)
         ctx = context
         trace: List[float] = []
-        steps = _run_compiled if self.compile else _euler_steps
         mixer = None
         step = 0
         while step < self.max_iter:
             # Run to the next convergence check (every check_every steps, and at max_iter).
             n = min(self.check_every - step % self.check_every, self.max_iter - step)
-            start = s
-            s, res = steps(g_field, s, ctx, self.dt, n, self.groups)
+            mixing = self.anderson_memory and self.anderson_after <= step + n < self.max_iter
+            if mixing:
+                if mixer is None:
+                    mixer = _CheckAnderson(layout.pack(s), self.anderson_memory, layout.flat_groups,
+                                           self.reg, self.restart)
+                args = (g_field, s, ctx, self.dt, n, self.groups, tuple(layout.names), mixer.memory,
+                        mixer.member, self.reg, self.restart)
+                end, res, mixed, mixer.memory = (_run_compiled(_euler_steps_mixed, *args) if self.compile
+                                                 else _euler_steps_mixed(*args))
+            else:
+                args = (g_field, s, ctx, self.dt, n, self.groups)
+                end, res = _run_compiled(_euler_steps, *args) if self.compile else _euler_steps(*args)
             step += n
-            r = self._check(layout, res, s, step)
+            r = self._check(layout, res, end, step)
             trace.append(r)
-            finished, keep = frozen.freeze(frozen.check(res, self.tol, step), s)
+            # A sample that stops keeps the end of its run; the others go on from the mix.
+            finished, keep = frozen.freeze(frozen.check(res, self.tol, step), end)
+            s = end
             if finished:
                 break
+            if mixing:
+                s = layout.unpack(mixed)
             if keep is not None:
                 s, ctx = _subset(s, keep), _subset(ctx, keep)
-                if self.anderson_memory:
-                    start, res = _subset(start, keep), res[keep]
-                    if mixer is not None:
-                        mixer.subset(keep)
-            if self.anderson_memory and step >= self.anderson_after and step < self.max_iter:
-                end = layout.pack(s)
-                if mixer is None:
-                    mixer = _CheckAnderson(end, self.anderson_memory, layout.flat_groups, self.reg, self.restart)
-                s = layout.unpack(mixer.mix(layout.pack(start), end, res))
+                if mixer is not None:
+                    mixer.subset(keep)
         return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace))
 
 
