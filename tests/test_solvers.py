@@ -390,16 +390,17 @@ def test_check_level_anderson_before_its_start_is_plain_euler_and_is_validated()
         Euler(restart=1.0)
 
 
-def test_check_level_anderson_on_a_dict_state_weighs_each_entry():
+@pytest.mark.parametrize("compile", [False, True])
+def test_check_level_anderson_on_a_dict_state_weighs_each_entry(compile):
     """The same circling field as a dict of two populations (groups='entries'): packed for the mixing,
-    unpacked for the field, each population to its own scale."""
+    unpacked for the field, each population to its own scale; compiled, packed inside the graph."""
     field, z0, s_star = circling_problem()
 
     def dict_field(s):
         g = field(torch.cat([s["big"], s["small"]], 1))
         return {"big": g[:, :3], "small": g[:, 3:]}
-    res = Euler(tol=1e-10, max_iter=1000, groups="entries", anderson_memory=4, anderson_after=50).solve(
-        dict_field, {"big": z0[:, :3].clone(), "small": z0[:, 3:].clone()})
+    res = Euler(tol=1e-10, max_iter=1000, groups="entries", anderson_memory=4, anderson_after=50,
+                compile=compile).solve(dict_field, {"big": z0[:, :3].clone(), "small": z0[:, 3:].clone()})
     assert res.stats.converged
     for key, ref in (("big", s_star[:, :3]), ("small", s_star[:, 3:])):
         assert float((res.state[key] - ref).norm() / ref.norm()) < 1e-8

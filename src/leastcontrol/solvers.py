@@ -609,8 +609,8 @@ class Euler(Solver):
 
     With ``anderson_memory=m > 0`` each convergence check from step ``anderson_after`` on also
     mixes the last ``m`` runs of ``check_every`` steps (:class:`_CheckAnderson`, Anderson
-    acceleration of the ``check_every``-step Euler map): the steps stay plain, compiled or not, and
-    the slow samples of a solve settle in fewer of them. The fixed point and the stopping rule are
+    acceleration of the ``check_every``-step Euler map): the steps stay plain, and the slow samples
+    of a solve settle in fewer of them. With ``compile=True`` the mix runs in the steps' graph. The fixed point and the stopping rule are
     Euler's; only the path to it changes. ``restart``: a sample whose residual at a check exceeds
     this multiple of its best returns to its best point with an empty memory; ``reg``: Tikhonov
     regularisation of the least squares, relative to their scale.
