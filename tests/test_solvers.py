@@ -359,7 +359,7 @@ def _reference_mixes(runs, widths, memory, reg, restart):
 def test_check_level_anderson_mix_matches_its_definition():
     """The mixer's next starts against a per-sample transcription of the method: groups weighed by
     their own norms, a ring of ``memory`` runs, and one sample whose residual jumps (restart)."""
-    from leastcontrol.solvers import _CheckAnderson
+    from leastcontrol.solvers import _check_mix, _group_members, _MixMemory
     g = torch.Generator().manual_seed(3)
     B, widths, memory, reg, restart = 3, (4, 3, 2), 2, 1e-8, 10.0
     runs = []
@@ -371,10 +371,12 @@ def test_check_level_anderson_mix_matches_its_definition():
             res[1] = 50.0  # far above its best: a restart
         runs.append((start, end, res))
     for groups in (widths, None):
-        mixer = _CheckAnderson(runs[0][0], memory, groups, reg, restart)
+        member = _group_members(groups, sum(widths), "cpu")
+        stored = _MixMemory.empty(runs[0][0], memory, member.shape[1])
         reference = _reference_mixes(runs, widths if groups else (sum(widths),), memory, reg, restart)
         for (start, end, res), expected in zip(runs, reference):
-            assert torch.allclose(mixer.mix(start, end, res), expected, rtol=1e-10, atol=1e-12)
+            mixed, stored = _check_mix(stored, start, end, res, member, reg, restart)
+            assert torch.allclose(mixed, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_check_level_anderson_before_its_start_is_plain_euler_and_is_validated():

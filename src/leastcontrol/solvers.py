@@ -82,6 +82,13 @@ class SolveResult:
     stats: SolverStats
 
 
+def _pack(d: Dict[str, torch.Tensor], names) -> torch.Tensor:
+    """The populations ``names`` of ``d`` side by side, ``(B, N)`` (one population: a view, not a copy)."""
+    if len(names) == 1:
+        return d[names[0]].reshape(d[names[0]].shape[0], -1)
+    return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in names], dim=1)
+
+
 class _Layout:
     """Converts between the user's state structure and a dict of ``(B, …)`` tensors."""
 
@@ -126,9 +133,7 @@ class _Layout:
         return lambda d, ctx=None: self.from_user(field(self.to_user(d)))
 
     def pack(self, d) -> torch.Tensor:
-        if len(self.names) == 1:   # one population: a view, not a copy
-            return d[self.names[0]].reshape(d[self.names[0]].shape[0], -1)
-        return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in self.names], dim=1)
+        return _pack(d, self.names)
 
     def unpack(self, z: torch.Tensor):
         if len(self.names) == 1:
@@ -494,7 +499,7 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
 
 
 class _MixMemory(NamedTuple):
-    """What the check-level mix keeps per sample, oldest run first (see :class:`_CheckAnderson`)."""
+    """What the check-level mix keeps per sample, oldest run first (see :func:`_check_mix`)."""
     F: torch.Tensor        # (B, m, N): the end points of the last m runs
     G: torch.Tensor        # (B, m, N) float64: their residuals F_j − x_j
     P: torch.Tensor        # (B, groups, m, m) float64: P[g, i, j] = G_{i,g} · G_{j,g}
@@ -502,17 +507,48 @@ class _MixMemory(NamedTuple):
     best: torch.Tensor     # (B,) float64: the smallest residual at a check so far
     best_z: torch.Tensor   # (B, N): the end point that had it
 
+    @staticmethod
+    def empty(z: torch.Tensor, memory: int, groups: int) -> "_MixMemory":
+        """No run stored yet, for the flat states ``z`` (B, N)."""
+        B, N = z.shape
+        f64 = dict(dtype=torch.float64, device=z.device)
+        return _MixMemory(F=z.new_zeros(B, memory, N), G=torch.zeros(B, memory, N, **f64),
+                          P=torch.zeros(B, groups, memory, memory, **f64),
+                          valid=torch.zeros(B, memory, dtype=torch.bool, device=z.device),
+                          best=torch.full((B,), math.inf, **f64), best_z=z.clone())
+
     def subset(self, keep: torch.Tensor) -> "_MixMemory":
         return _MixMemory(*(t[keep] for t in self))
 
 
+def _group_members(widths, n: int, device) -> torch.Tensor:
+    """``(n, groups)`` float64 one-hot: the group of each of the ``n`` columns (one group without
+    ``widths``), so that per-group sums are one product."""
+    group_of = _group_index(widths, device)
+    if group_of is None:
+        return torch.ones(n, 1, dtype=torch.float64, device=device)
+    return torch.nn.functional.one_hot(group_of, len(widths)).to(torch.float64)
+
+
 def _check_mix(memory: _MixMemory, start: torch.Tensor, end: torch.Tensor, res: torch.Tensor,
                member: torch.Tensor, reg: float, restart: float) -> Tuple[torch.Tensor, _MixMemory]:
-    """One check-level Anderson mix: ``(next start, memory with this run)``.
+    """Anderson mixing (type II) of the map "``check_every`` Euler steps", one mix per check.
 
-    The run ``start → end`` (flat ``(B, N)``) replaces the oldest stored one, so every tensor keeps
-    its shape and nothing is written in place: the same code runs eagerly and inside the compiled
-    graph of the steps. ``member`` (N, groups) float64 says which group each column is in.
+    ``memory`` holds, per sample, the last ``m`` pairs (start ``x_j``, end ``F_j``) of the runs of
+    steps between two checks; the run ``start → end`` (flat ``(B, N)``, residual ``res`` at the
+    check) joins it. Returns ``(Σ α_j F_j, memory with this run)``, α minimising
+    ``‖Σ α_j (F_j − x_j)‖`` with ``Σ α_j = 1``, each group (``member``, ``(N, groups)``) weighed by
+    ``1/‖s_g‖``, the norm the stopping rule reads. Over ten steps the slow modes of the Euler map, a
+    lightly damped rotation included, are few and well separated, so a small memory captures them;
+    the mixing costs a few small products per check, not per step. A sample whose residual grows
+    above ``restart`` times its best returns to its best end point with an empty memory.
+
+    The residuals ``G_j = F_j − x_j`` are kept in float64 with their inner products per group,
+    ``P[g, i, j] = G_{i,g} · G_{j,g}``. A mix adds the new run's row of these and weighs the groups
+    by the current ``1/‖s_g‖²``: a fixed, small number of operations whatever the memory and the
+    number of groups, which is what a mix costs on the few samples of a solve's tail. The new run
+    replaces the oldest, so every tensor keeps its shape and nothing is written in place: the same
+    code runs eagerly and inside the compiled graph of the steps.
     """
     res = res.double()
     blown = res > restart * memory.best
@@ -531,50 +567,8 @@ def _check_mix(memory: _MixMemory, start: torch.Tensor, end: torch.Tensor, res: 
     gram = torch.einsum("bgij,bg->bij", P, weight.clamp_min(_TINY).reciprocal())
     alpha, ok = _anderson_weights(gram, valid, reg)
     mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), F).squeeze(1), end)
-    # A sample whose residual grew far above its best restarts there, with an empty memory.
     valid = valid & ~blown[:, None]
     return torch.where(blown[:, None], best_z, mixed), _MixMemory(F, G, P, valid, best, best_z)
-
-
-class _CheckAnderson:
-    """Anderson mixing (type II) of the map "``check_every`` Euler steps", one mix per check.
-
-    Holds, per sample, the last ``memory`` pairs (start ``x_j``, end ``F_j``) of the runs of steps
-    between two checks and returns ``Σ α_j F_j`` with α minimising ``‖Σ α_j (F_j − x_j)‖``
-    (``Σ α_j = 1``; with ``widths``, each group weighed by ``1/‖s_g‖``, the norm the stopping rule
-    reads). Over ten steps the slow modes of the Euler map, a lightly damped rotation included,
-    are few and well separated, so a small memory captures them; the mixing costs a few small
-    products per check, not per step. A sample whose residual at a check grows above ``restart``
-    times its best returns to its best end point with an empty memory.
-
-    The residuals ``G_j = F_j − x_j`` are kept in float64 with their inner products per group,
-    ``P[g, i, j] = G_{i,g} · G_{j,g}``. A mix adds the new run's row of these and weighs the groups
-    by the current ``1/‖s_g‖²``: a fixed, small number of operations whatever the memory and the
-    number of groups, which is what a mix costs on the few samples of a solve's tail. The mix
-    itself is the function :func:`_check_mix`, so the compiled steps can run it in their graph.
-    """
-
-    def __init__(self, z: torch.Tensor, memory: int, widths, reg: float, restart: float):
-        B, N = z.shape
-        f64 = dict(dtype=torch.float64, device=z.device)
-        # (N, groups): which group each column belongs to, so per-group sums are one product.
-        group_of = _group_index(widths, z.device)
-        self.member = (torch.ones(N, 1, **f64) if group_of is None
-                       else torch.nn.functional.one_hot(group_of, len(widths)).to(torch.float64))
-        self.memory = _MixMemory(
-            F=z.new_zeros(B, memory, N), G=torch.zeros(B, memory, N, **f64),
-            P=torch.zeros(B, self.member.shape[1], memory, memory, **f64),
-            valid=torch.zeros(B, memory, dtype=torch.bool, device=z.device),
-            best=torch.full((B,), math.inf, **f64), best_z=z.clone())
-        self.reg, self.restart = reg, restart
-
-    def subset(self, keep: torch.Tensor) -> None:
-        self.memory = self.memory.subset(keep)
-
-    def mix(self, start: torch.Tensor, end: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
-        """The next start: the mix of the stored runs, or (after a blow-up) the best end so far."""
-        mixed, self.memory = _check_mix(self.memory, start, end, res, self.member, self.reg, self.restart)
-        return mixed
 
 
 def _euler_steps_mixed(field, s, ctx, dt: float, n: int, groups, names, memory: _MixMemory,
@@ -585,11 +579,8 @@ def _euler_steps_mixed(field, s, ctx, dt: float, n: int, groups, names, memory: 
     mix joins the steps' graph, so a check pays one compiled call instead of one plus the mix's
     few dozen small eager operations.
     """
-    def flat(d):
-        return torch.cat([d[k].reshape(d[k].shape[0], -1) for k in names], 1) if len(names) > 1 \
-            else d[names[0]].reshape(d[names[0]].shape[0], -1)
     end, res = _euler_steps(field, s, ctx, dt, n, groups)
-    mixed, memory = _check_mix(memory, flat(s), flat(end), res, member, reg, restart)
+    mixed, memory = _check_mix(memory, _pack(s, names), _pack(end, names), res, member, reg, restart)
     return end, res, mixed, memory
 
 
@@ -608,7 +599,7 @@ class Euler(Solver):
     operations on a small batch (the tail of a solve, after most samples froze).
 
     With ``anderson_memory=m > 0`` each convergence check from step ``anderson_after`` on also
-    mixes the last ``m`` runs of ``check_every`` steps (:class:`_CheckAnderson`, Anderson
+    mixes the last ``m`` runs of ``check_every`` steps (:func:`_check_mix`, Anderson
     acceleration of the ``check_every``-step Euler map): the steps stay plain, and the slow samples
     of a solve settle in fewer of them. With ``compile=True`` the mix runs in the steps' graph. The fixed point and the stopping rule are
     Euler's; only the path to it changes. ``restart``: a sample whose residual at a check exceeds
@@ -647,20 +638,21 @@ class Euler(Solver):
         frozen = self._freezer(s, self.freeze and context is not None)
         ctx = context
         trace: List[float] = []
-        mixer = None
+        memory = member = None   # of the check-level mix, from its first check on
         step = 0
         while step < self.max_iter:
             # Run to the next convergence check (every check_every steps, and at max_iter).
             n = min(self.check_every - step % self.check_every, self.max_iter - step)
             mixing = self.anderson_memory and self.anderson_after <= step + n < self.max_iter
             if mixing:
-                if mixer is None:
-                    mixer = _CheckAnderson(layout.pack(s), self.anderson_memory, layout.flat_groups,
-                                           self.reg, self.restart)
-                args = (g_field, s, ctx, self.dt, n, self.groups, tuple(layout.names), mixer.memory,
-                        mixer.member, self.reg, self.restart)
-                end, res, mixed, mixer.memory = (_run_compiled(_euler_steps_mixed, *args) if self.compile
-                                                 else _euler_steps_mixed(*args))
+                if memory is None:
+                    z = layout.pack(s)
+                    member = _group_members(layout.flat_groups, z.shape[1], z.device)
+                    memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1])
+                args = (g_field, s, ctx, self.dt, n, self.groups, tuple(layout.names), memory, member,
+                        self.reg, self.restart)
+                end, res, mixed, memory = (_run_compiled(_euler_steps_mixed, *args) if self.compile
+                                           else _euler_steps_mixed(*args))
             else:
                 args = (g_field, s, ctx, self.dt, n, self.groups)
                 end, res = _run_compiled(_euler_steps, *args) if self.compile else _euler_steps(*args)
@@ -676,8 +668,8 @@ class Euler(Solver):
                 s = layout.unpack(mixed)
             if keep is not None:
                 s, ctx = _subset(s, keep), _subset(ctx, keep)
-                if mixer is not None:
-                    mixer.subset(keep)
+                if memory is not None:
+                    memory = memory.subset(keep)
         return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace))
 
 
