@@ -601,10 +601,11 @@ class Euler(Solver):
     With ``anderson_memory=m > 0`` each convergence check from step ``anderson_after`` on also
     mixes the last ``m`` runs of ``check_every`` steps (:func:`_check_mix`, Anderson
     acceleration of the ``check_every``-step Euler map): the steps stay plain, and the slow samples
-    of a solve settle in fewer of them. With ``compile=True`` the mix runs in the steps' graph. The fixed point and the stopping rule are
-    Euler's; only the path to it changes. ``restart``: a sample whose residual at a check exceeds
-    this multiple of its best returns to its best point with an empty memory; ``reg``: Tikhonov
-    regularisation of the least squares, relative to their scale.
+    of a solve settle in fewer of them. With ``compile=True`` the mix runs in the steps' graph. The
+    fixed point and the stopping rule are Euler's; only the path to it changes. ``restart``: a
+    sample whose residual at a check exceeds this multiple of its best returns to its best point
+    with an empty memory; ``reg``: Tikhonov regularisation of the least squares, relative to their
+    scale.
 
     >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
     >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
@@ -630,6 +631,10 @@ class Euler(Solver):
         self.anderson_memory, self.anderson_after = anderson_memory, anderson_after
         self.restart, self.reg = float(restart), float(reg)
 
+    def _run(self, steps, *args):
+        """``steps(*args)``, through its compiled graph under ``compile``."""
+        return _run_compiled(steps, *args) if self.compile else steps(*args)
+
     def solve(self, field: Field, state0, context: Dict[str, torch.Tensor] | None = None,
               labels: Dict[str, list] | None = None) -> SolveResult:
         layout = self._layout(state0, labels)
@@ -651,11 +656,9 @@ class Euler(Solver):
                     memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1])
                 args = (g_field, s, ctx, self.dt, n, self.groups, tuple(layout.names), memory, member,
                         self.reg, self.restart)
-                end, res, mixed, memory = (_run_compiled(_euler_steps_mixed, *args) if self.compile
-                                           else _euler_steps_mixed(*args))
+                end, res, mixed, memory = self._run(_euler_steps_mixed, *args)
             else:
-                args = (g_field, s, ctx, self.dt, n, self.groups)
-                end, res = _run_compiled(_euler_steps, *args) if self.compile else _euler_steps(*args)
+                end, res = self._run(_euler_steps, g_field, s, ctx, self.dt, n, self.groups)
             step += n
             r = self._check(layout, res, end, step)
             trace.append(r)
