@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from leastcontrol.errors import ConfigError, LeastControlError, SolverDivergedError
-from leastcontrol.solvers import Anderson, Broyden, Euler, get_solver
+from leastcontrol.errors import ConfigError, LeastControlError, SolverDivergedError, UnstableEquilibriumWarning
+from leastcontrol.solvers import Anderson, Broyden, Euler, euler_map_radius, get_solver
 
 F64 = torch.float64
 
@@ -406,3 +406,96 @@ def test_check_level_anderson_on_a_dict_state_weighs_each_entry(compile):
     assert res.stats.converged
     for key, ref in (("big", s_star[:, :3]), ("small", s_star[:, 3:])):
         assert float((res.state[key] - ref).norm() / ref.norm()) < 1e-8
+
+
+def _matrix_with_eigenvalues(eigenvalues, seed=0):
+    """A non-normal real matrix ``V diag(λ) V⁻¹`` (V random), and a real 2×2 block per complex pair."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for lam in eigenvalues:
+        if isinstance(lam, complex):
+            blocks.append(torch.tensor([[lam.real, -lam.imag], [lam.imag, lam.real]], dtype=F64))
+        else:
+            blocks.append(torch.tensor([[lam]], dtype=F64))
+    D = torch.block_diag(*blocks)
+    V = torch.eye(D.shape[0], dtype=F64) + 0.3 * torch.randn(D.shape, generator=g, dtype=F64)
+    return V @ D @ torch.linalg.inv(V)
+
+
+@pytest.mark.parametrize("dt", [1.0, 0.5])
+def test_euler_map_radius_is_exact_when_the_krylov_space_is_the_whole_state(dt):
+    # g(s) = s Aᵀ: the Euler map's Jacobian is I + dt·A; the oracle is its eigendecomposition.
+    A = _matrix_with_eigenvalues([-3.6, -0.1, complex(-0.9, 0.4), 0.15, -1.5])
+    oracle = float(torch.linalg.eigvals(torch.eye(6, dtype=F64) + dt * A).abs().max())
+    radius = euler_map_radius(lambda s: s @ A.T, torch.randn(3, 6, dtype=F64), dt=dt)
+    assert radius.dtype == F64 and radius.shape == (3,)
+    assert torch.allclose(radius, torch.full((3,), oracle, dtype=F64), rtol=1e-9)
+
+
+def test_euler_map_radius_finds_an_unstable_rotation_in_a_large_state():
+    # The Euler map of a non-normal 100-dimensional linear field: a lightly growing rotation
+    # (modulus 1.05, an unstable spiral) among 98 real eigenvalues of modulus up to 0.9, seen
+    # through 30 Jacobian-vector products.
+    g = torch.Generator().manual_seed(3)
+    rest = (torch.rand(98, generator=g, dtype=F64) * 1.8 - 0.9).tolist()
+    J = _matrix_with_eigenvalues([complex(1.05 * 0.8, 1.05 * 0.6)] + rest)
+    A = J - torch.eye(100, dtype=F64)
+    oracle = float(torch.linalg.eigvals(J).abs().max())
+    assert oracle == pytest.approx(1.05, rel=1e-9)
+    radius = euler_map_radius(lambda s: s @ A.T, torch.randn(2, 100, dtype=F64))
+    assert torch.all((radius - oracle).abs() < 1e-3)
+
+
+def test_euler_map_radius_is_per_sample():
+    # Sample i's field is c_i·A: its Euler map I + c_i·A has its own radius max_j |1 + c_i λ_j|.
+    lam = torch.tensor([-0.5, -1.8, -0.05], dtype=F64)
+    A = torch.diag(lam)
+    c = torch.tensor([0.5, 1.0, 1.5], dtype=F64)
+    radius = euler_map_radius(lambda s, ctx: ctx["c"][:, None] * (s @ A.T), torch.randn(3, 3, dtype=F64),
+                              {"c": c})
+    expected = (1 + c[:, None] * lam[None, :]).abs().amax(1)
+    assert torch.allclose(radius, expected, rtol=1e-9)
+
+
+def test_stability_settings_are_validated():
+    with pytest.raises(ConfigError, match="krylov"):
+        euler_map_radius(lambda s: -s, torch.ones(1, 2), krylov=0)
+    with pytest.raises(ConfigError, match="check_stability"):
+        Euler(check_stability="yes")
+
+
+def test_check_stability_flags_the_unstable_root_that_anderson_finds():
+    # g(s) = (s − 2) − (s − 2)³: roots 2 (unstable, Euler map 1 + dt) and 1, 3 (stable, 1 − 2·dt).
+    # From 2.05 Anderson's secant steps land on the root at 2; Euler's plain steps leave it for 3.
+    field = lambda s: (s - 2) - (s - 2) ** 3
+    s0 = torch.tensor([[2.05], [2.8]], dtype=F64)
+    accelerated = Anderson(dt=0.5, tol=1e-12, max_iter=200, start_below=float("inf"), check_stability=True)
+    with pytest.warns(UnstableEquilibriumWarning, match="1 of 2 samples.*solver='euler'"):
+        res = accelerated.solve(field, s0)
+    assert torch.allclose(res.state[:, 0], torch.tensor([2.0, 3.0], dtype=F64), atol=1e-10)
+    assert res.stats.sample_radius[0] == pytest.approx(1.5, rel=1e-9)
+    assert res.stats.sample_radius[1] < 1e-6 and res.stats.unstable_fraction == 0.5
+    plain = Euler(dt=0.5, tol=1e-12, max_iter=200, check_stability=True).solve(field, s0)
+    assert torch.allclose(plain.state[:, 0], torch.tensor([3.0, 3.0], dtype=F64), atol=1e-10)
+    assert plain.stats.unstable_fraction == 0.0
+    assert Euler(dt=0.5, tol=1e-12).solve(field, s0).stats.sample_radius is None   # off by default
+
+
+def test_euler_map_radius_of_a_float32_adjoint_field():
+    # RBP's adjoint map of a float32 RNN: its output rows are zero, so the Krylov space is
+    # exhausted before the state's width and what is left is float32 rounding, which must not be
+    # taken for new directions (in a float32 basis: spurious Ritz values several times the radius).
+    from leastcontrol.systems import RecurrentEquilibrium
+    g = torch.Generator().manual_seed(0)
+    net = RecurrentEquilibrium(64, 16, 10, generator=g)
+    x = torch.rand(32, 64, generator=g)
+    op = net.flat_operator()
+    drive = op.drive(x)
+    s = Euler(tol=1e-6, max_iter=400).solve(lambda z, c: op.f(z, c["drive"]), torch.zeros(32, 26),
+                                            {"drive": drive}).state
+    oracle = torch.stack([
+        torch.linalg.eigvals(torch.eye(26, dtype=F64) + torch.func.jacfwd(
+            lambda z: op.f(z[None], drive[i:i + 1])[0])(s[i]).double()).abs().max() for i in range(32)])
+    slope = op.linearize(s, drive)
+    radius = euler_map_radius(lambda lam: op.vjp_at(slope, drive, lam), torch.zeros(32, 26))
+    assert radius.dtype == F64 and torch.all((radius - oracle).abs() < 1e-5)

@@ -4,17 +4,17 @@ Meulemans, Zucchet, Kobayashi, von Oswald, Sacramento, "The least-control
 principle for local learning at equilibrium", NeurIPS 2022.
 """
 from .errors import (CheckpointError, ConfigError, DataFormatError, DatasetNotFoundError,
-                     LeastControlError, SolverDivergedError)
+                     LeastControlError, SolverDivergedError, UnstableEquilibriumWarning)
 from .methods import (BP, BPTT, LCPDI, LCPEBD, LCPKP, LCPLF, RBP, Method, MethodOutput, get_method, local_update,
                       register_method)
-from .solvers import Anderson, Euler, SolveResult, SolverStats, get_solver
+from .solvers import Anderson, Euler, SolveResult, SolverStats, euler_map_radius, get_solver
 from .systems import EquilibriumSystem, FeedforwardEquilibrium, RecurrentEquilibrium, get_system
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataFormatError", "DatasetNotFoundError", "LeastControlError",
-    "SolverDivergedError", "BP", "BPTT", "RBP", "LCPDI", "LCPKP", "LCPLF", "LCPEBD", "Method", "MethodOutput",
+    "SolverDivergedError", "UnstableEquilibriumWarning", "BP", "BPTT", "RBP", "LCPDI", "LCPKP", "LCPLF", "LCPEBD", "Method", "MethodOutput",
     "get_method", "local_update", "register_method", "Anderson", "Euler", "SolveResult", "SolverStats",
-    "get_solver", "EquilibriumSystem", "FeedforwardEquilibrium", "RecurrentEquilibrium", "get_system",
+    "euler_map_radius", "get_solver", "EquilibriumSystem", "FeedforwardEquilibrium", "RecurrentEquilibrium", "get_system",
 ]

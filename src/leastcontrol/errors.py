@@ -44,3 +44,11 @@ class ConfigError(LeastControlError, ValueError):
 
 class CheckpointError(LeastControlError, ValueError):
     """A checkpoint file is missing, corrupt or belongs to another run."""
+
+
+class UnstableEquilibriumWarning(UserWarning):
+    """A solve settled samples at fixed points that the plain dynamics move away from.
+
+    The state is a root of the field, but not where the system, left to its own dynamics,
+    would settle; an Euler phase started there (an adjoint or a controlled phase) grows.
+    """

@@ -16,6 +16,7 @@ Not converging within ``max_iter`` is reported in the stats, not raised
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import warnings
 from dataclasses import dataclass, field as dc_field
@@ -23,7 +24,7 @@ from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
-from .errors import ConfigError, LeastControlError, SolverDivergedError
+from .errors import ConfigError, LeastControlError, SolverDivergedError, UnstableEquilibriumWarning
 from .registry import Registry
 
 Field = Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]
@@ -34,6 +35,9 @@ _STALL_RATIO = 0.9
 # How a controlled solve counts as settled: each population by its own relative residual
 # (``groups``), or one relative residual over the whole state.
 CONTROLLED_RESIDUALS = ("per-population", "joint")
+# A sample counts as unstable when its estimated Euler-map spectral radius exceeds 1 by more
+# than the Krylov estimate's resolution (see euler_map_radius).
+UNSTABLE_RADIUS = 1.01
 
 
 def check_controlled_residual(rule: str) -> str:
@@ -61,6 +65,10 @@ class SolverStats:
             solver does not track samples).
         sample_residuals: ``(B,)`` each sample's relative residual where it stopped; with
             ``sample_iterations`` it tells which samples settled slowly, stalled or hit ``max_iter``.
+        sample_radius: ``(B,)`` with ``check_stability``: each sample's estimated spectral radius
+            of the Euler map ``I + dt·∂_s g`` at the returned state (:func:`euler_map_radius`).
+        unstable_fraction: with ``check_stability``: fraction of samples whose radius exceeds
+            ``UNSTABLE_RADIUS``, fixed points the plain dynamics leave.
     """
 
     iterations: int
@@ -74,6 +82,8 @@ class SolverStats:
     stalled_fraction: float = 0.0
     sample_iterations: torch.Tensor | None = None
     sample_residuals: torch.Tensor | None = None
+    sample_radius: torch.Tensor | None = None
+    unstable_fraction: float | None = None
 
 
 @dataclass
@@ -192,6 +202,98 @@ def _relative_residual(g, s, groups: Sequence[int] | str | None = None) -> torch
     return torch.stack(ratios).amax(0).sqrt()
 
 
+def _euler_radius(g_field, d: Dict[str, torch.Tensor], context, dt: float, krylov: int, seed: int) -> torch.Tensor:
+    """:func:`euler_map_radius` on a dict state ``d`` with a field ``g_field(d, context)``."""
+    names = list(d)
+    B = d[names[0]].shape[0]
+    shapes = [d[k].shape[1:] for k in names]
+    sizes = [math.prod(sh) for sh in shapes]
+    N = sum(sizes)
+    k = min(krylov, N)
+
+    def as_state(q):
+        return {name: part.reshape(B, *sh) for name, part, sh in zip(names, q.split(sizes, 1), shapes)}
+
+    first = d[names[0]]
+    # The basis lives in float64 whatever the state's precision: only the products are in the
+    # field's dtype, whose rounding (relative eps) then bounds where the Krylov space stops.
+    f64 = dict(dtype=torch.float64, device=first.device)
+    floor = 100 * torch.finfo(first.dtype).eps
+
+    def euler_jvp(q):   # (I + dt·∂g) q, flat, float64
+        _, jg = torch.func.jvp(lambda s: g_field(s, context), (d,), (as_state(q.to(first.dtype)),))
+        return q + dt * torch.cat([jg[name].reshape(B, -1) for name in names], 1).double()
+
+    gen = torch.Generator(device=first.device).manual_seed(seed)
+    q = torch.randn(B, N, generator=gen, **f64)
+    Q = torch.zeros(B, k + 1, N, **f64)   # the orthonormal basis, one row per vector
+    Q[:, 0] = q / q.norm(dim=1, keepdim=True)
+    H = torch.zeros(B, k + 1, k, **f64)
+    with warnings.catch_warnings():
+        # torch.func.jvp's first call imports torch's decompositions, which warn (once) about
+        # their own use of the deprecated torch.jit.script.
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+        importlib.import_module("torch._decomp.decompositions_for_jvp")
+    with torch.no_grad():   # forward-mode only: no graph for a backward pass
+        for j in range(k):
+            w = euler_jvp(Q[:, j])
+            scale = w.norm(dim=1).clamp_min(1.0)
+            basis = Q[:, :j + 1]
+            h = torch.zeros(B, j + 1, **f64)
+            for _ in range(2):   # Gram-Schmidt twice: the basis stays orthogonal to rounding
+                c = torch.bmm(basis, w[:, :, None]).squeeze(-1)
+                w = w - torch.bmm(c[:, None, :], basis).squeeze(1)
+                h = h + c
+            norm = w.norm(dim=1)
+            H[:, :j + 1, j], H[:, j + 1, j] = h, norm
+            # What is left at the products' rounding is no new direction: the Krylov space is
+            # invariant, its Ritz values are exact, and the next vectors stay zero.
+            Q[:, j + 1] = torch.where((norm > floor * scale)[:, None], w / norm.clamp_min(_TINY)[:, None], 0.0)
+    return torch.linalg.eigvals(H[:, :k, :]).abs().amax(1)
+
+
+def euler_map_radius(field: Field, state, context: Dict[str, torch.Tensor] | None = None, *, dt: float = 1.0,
+                     krylov: int = 30, seed: int = 0) -> torch.Tensor:
+    """Each sample's spectral radius ``ρ(I + dt·∂_s g(s))`` of the Euler map's Jacobian at ``state``.
+
+    At a fixed point ``g(s*) = 0``, ``ρ < 1`` means the Euler dynamics settle there (linear
+    stability); ``ρ > 1`` means they move away from it: the state is a root of ``g``, as an
+    accelerated solver (Anderson, Broyden) may find it, but not where the system settles on its
+    own, and an Euler phase started there (an adjoint, a controlled phase) grows.
+
+    Arnoldi iteration with forward-mode Jacobian-vector products (``torch.func.jvp``; no Jacobian
+    is formed): ``krylov`` products per sample from a random start build an orthonormal basis of
+    the Krylov space and the small Hessenberg matrix ``H`` of ``J`` on it; the estimate is the
+    largest modulus of ``H``'s eigenvalues (the Ritz values). The outermost eigenvalues, a complex
+    pair included, converge first, geometrically in ``krylov``; with ``krylov`` at least the
+    state's width the result is exact. ``UNSTABLE_RADIUS`` (1.01) leaves a margin for the rest.
+
+    The field must act on each sample separately (true of the built-in systems and methods), so
+    the batched product gives every sample its own radius.
+
+    Args:
+        field: the vector field, ``field(state)`` or ``field(state, context)``.
+        state: where to linearise (tensor, tuple or dict of tensors, batch first).
+        context: batch-aligned tensors the field reads, as in :meth:`Solver.solve`.
+        dt: the Euler step. krylov: Jacobian-vector products per sample (the Krylov space's
+            dimension). seed: of the random start.
+    Returns:
+        ``(B,)`` float64 radii.
+    Raises:
+        ConfigError: ``krylov`` not a positive integer.
+
+    >>> r = euler_map_radius(lambda s: -0.5 * s, torch.ones(3, 4))
+    >>> [round(float(v), 6) for v in r]
+    [0.5, 0.5, 0.5]
+
+    Reference: the Euler dynamics of Meulemans et al., NeurIPS 2022 (dt = 1, τ = 1).
+    """
+    if not (isinstance(krylov, int) and not isinstance(krylov, bool) and krylov >= 1):
+        raise ConfigError(f"krylov must be a positive integer, got {krylov!r}")
+    layout = _Layout(state)
+    return _euler_radius(layout.wrap(field, context is not None), layout.as_dict, context, float(dt), krylov, seed)
+
+
 class Solver:
     """Common configuration and validation of the fixed-point solvers.
 
@@ -210,6 +312,11 @@ class Solver:
             that is one flat ``(B, N)`` buffer, the widths of its groups along dim 1 (summing to
             N); ``"entries"``: one group per entry of a dict or tuple state. ``None`` (default):
             one relative residual over the whole state.
+        check_stability: after the solve, estimate each sample's Euler-map spectral radius at the
+            returned state (:func:`euler_map_radius`, 30 Jacobian-vector products) into
+            ``stats.sample_radius`` and ``stats.unstable_fraction``, and warn
+            (:class:`~leastcontrol.errors.UnstableEquilibriumWarning`) when a sample settled at a
+            fixed point the plain dynamics leave. Off by default: it costs more than most solves.
     """
 
     name = "solver"
@@ -217,7 +324,10 @@ class Solver:
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *,
                  check_every: int = 1, require_convergence: bool = False,
                  patience: int | None = None, stall_tol: float | None = None,
-                 groups: Sequence[int] | str | None = None):
+                 groups: Sequence[int] | str | None = None, check_stability: bool = False):
+        if not isinstance(check_stability, bool):
+            raise ConfigError(f"check_stability must be True or False, got {check_stability!r}")
+        self.check_stability = check_stability
         if not (isinstance(dt, (int, float)) and math.isfinite(dt) and dt > 0):
             raise ConfigError(f"dt must be a positive number, got {dt!r}")
         if not (isinstance(tol, (int, float)) and tol >= 0):
@@ -273,13 +383,28 @@ class Solver:
         """
         raise NotImplementedError
 
-    def _finish(self, layout, d, stats: SolverStats) -> SolveResult:
+    def _finish(self, layout, d, stats: SolverStats, g_field, context) -> SolveResult:
         if self.require_convergence and not stats.converged:
             raise LeastControlError(
                 f"{self.name} did not converge: relative residual {stats.residual:.3g} > tol {self.tol:g} "
                 f"after {stats.iterations} steps; raise max_iter, loosen tol or use the anderson solver"
             )
+        if self.check_stability:
+            self._check_stability(g_field, d, context, stats)
         return SolveResult(layout.to_user(d), stats)
+
+    def _check_stability(self, g_field, d, context, stats: SolverStats) -> None:
+        """Fill ``stats.sample_radius`` and ``stats.unstable_fraction``; warn if a sample is unstable."""
+        radius = _euler_radius(g_field, d, context, self.dt, krylov=30, seed=0)
+        unstable = radius > UNSTABLE_RADIUS
+        stats.sample_radius, stats.unstable_fraction = radius, float(unstable.double().mean())
+        if bool(unstable.any()):
+            warnings.warn(
+                f"{self.name} settled {int(unstable.sum())} of {radius.numel()} samples at fixed points the plain "
+                f"dynamics move away from (Euler-map spectral radius up to {float(radius.max()):.3g} > 1): the "
+                "system would not settle there, and an Euler phase started there grows. Use solver='euler', or "
+                "accelerate only close to a fixed point (a smaller start_below)",
+                UnstableEquilibriumWarning, stacklevel=3)
 
     def _start(self, field, state0, context, labels):
         """Layout, packed field, flat start ``z`` ``(B, N)`` and freezer of the solvers that step one buffer."""
@@ -673,7 +798,7 @@ class Euler(Solver):
                 s, ctx = _subset(s, keep), _subset(ctx, keep)
                 if memory is not None:
                     memory = memory.subset(keep)
-        return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace))
+        return self._finish(layout, frozen.result(s), frozen.stats(step, self.tol, trace), g_field, context)
 
 
 class Anderson(Solver):
@@ -787,7 +912,7 @@ class Anderson(Solver):
             valid = valid & ~(blown | (res > self.start_below))[:, None]
         final = frozen.result({"z": best_z})["z"]
         stats = frozen.stats(step, self.tol, trace, int(fallbacks), int(restarts))
-        return self._finish(layout, layout.unpack(final), stats)
+        return self._finish(layout, layout.unpack(final), stats, g_field, context)
 
 
 class Broyden(Solver):
@@ -880,7 +1005,7 @@ class Broyden(Solver):
             z, gz = z_new, g_new
         final = frozen.result({"z": best_z})["z"]
         stats = frozen.stats(step, self.tol, trace, int(fallbacks), int(restarts))
-        return self._finish(layout, layout.unpack(final), stats)
+        return self._finish(layout, layout.unpack(final), stats, g_field, context)
 
 
 SOLVERS: Registry[Solver] = Registry("solver")
