@@ -488,3 +488,47 @@ def test_rbp_anderson_solves_the_adjoint_where_the_euler_dynamics_are_unstable()
     assert anderson.stats.converged
     got = op.pack(anderson.state)
     assert torch.allclose(got, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
+
+
+def _euler_map_radius_by_full_jacobian(net, x, state):
+    """Per sample, the largest |eigenvalue| of I + ∂f from the dense Jacobian (autograd)."""
+    drive, names = net.encode(x), list(state)
+    radii = []
+    for i in range(x.shape[0]):
+        widths = [state[k].shape[1] for k in names]
+
+        def f(z):
+            out = net.dynamics(dict(zip(names, z.split(widths, 1))), drive[i:i + 1])
+            return torch.cat([out[k] for k in names], 1)
+
+        z = torch.cat([state[k][i:i + 1] for k in names], 1)
+        J = torch.autograd.functional.jacobian(f, z)[0, :, 0, :]
+        radii.append(torch.linalg.eigvals(torch.eye(J.shape[0], dtype=F64) + J).abs().max())
+    return torch.stack(radii)
+
+
+def test_check_stability_reports_the_free_equilibria_that_anderson_settles_on_but_euler_leaves():
+    # Strong recurrence (W × 12): Anderson, accelerating from the first step, settles every sample
+    # on a fixed point whose Euler map expands; the solver's Krylov estimate matches the
+    # dense Jacobian's eigenvalues, and the method's stats carry the unstable fraction.
+    import warnings
+
+    from leastcontrol.errors import UnstableEquilibriumWarning
+    net, (x, y) = tiny_rnn(n_hidden=8, w_scale=12.0), batch(B=6)
+    options = {"check_stability": True, "start_below": math.inf}
+    method = RBP(solver="anderson", tol=1e-10, max_iter=400, solver_options=options)
+    with pytest.warns(UnstableEquilibriumWarning, match="6 of 6 samples"):
+        free = method.free_equilibrium(net, x)
+    oracle = _euler_map_radius_by_full_jacobian(net, x, free.state)
+    assert bool((oracle > 1.5).all())
+    assert torch.allclose(free.stats.sample_radius, oracle, rtol=1e-8)
+    with pytest.warns(UnstableEquilibriumWarning):
+        out = method.gradients(net, x, y)
+    assert out.stats["unstable_fraction_free"] == 1.0
+    # A contractive network: every free equilibrium is stable, nothing is flagged.
+    net = tiny_rnn(n_hidden=8, w_scale=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableEquilibriumWarning)
+        out = RBP(solver="anderson", tol=1e-10, max_iter=400, solver_options=options).gradients(net, x, y)
+    assert out.stats["unstable_fraction_free"] == 0.0 and out.stats["unstable_fraction_adjoint"] == 0.0
+    assert "unstable_fraction_free" not in RBP(tol=1e-10, max_iter=400).gradients(net, x, y).stats

@@ -296,3 +296,16 @@ def test_feedback_weights_are_clipped_on_their_own_in_train_and_bench():
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in feedback])).item() == pytest.approx(1.0)
     trainer = bench._Trainer(bench.Row("rnn", "lcp-kp"), RecurrentEquilibrium(6, 5, 3), bench.BenchConfig())
     assert [len(g) for g in trainer.clip_groups] == [len(forward), len(feedback)]
+
+
+def test_check_stability_reaches_the_epoch_records():
+    # The library's initial RNN is contractive, so every fixed point Anderson finds on it is one
+    # the Euler dynamics settle on: the check runs on every solve and flags none.
+    base = dict(model="rnn", method="rbp", solver="anderson", hidden=16, epochs=1, limit_train=128, limit_test=32,
+                progress=False)
+    checked = train(TrainConfig(**base, check_stability=True))
+    assert checked["config"]["check_stability"] is True
+    assert checked["history"][0]["unstable_fraction"] == 0.0
+    assert train(TrainConfig(**base))["history"][0]["unstable_fraction"] is None
+    with pytest.raises(ConfigError, match="check_stability"):
+        TrainConfig(**dict(base, check_stability="yes"))

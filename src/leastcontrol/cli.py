@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="euler: mix the last M runs of --check-every steps at each check (Anderson "
                         "acceleration of the k-step map; 0/off: plain Euler)")
     g.add_argument("--anderson-after", type=int, help="euler: first step of that mixing (50)")
+    g.add_argument("--check-stability", action=argparse.BooleanOptionalAction,
+                   help="after every solve, estimate each sample's Euler-map spectral radius (30 Jacobian-vector "
+                        "products) and warn when a solver (anderson, broyden) settled samples at fixed points the "
+                        "plain dynamics leave; the epoch records carry unstable_fraction (off: costs several free solves)")
     g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
     g.add_argument("--ebd-lr", type=float, help="lcp-ebd: its learning rate (0.01)")
     g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")

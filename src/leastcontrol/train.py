@@ -33,7 +33,7 @@ METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solv
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
 # Settings of the solver itself, passed to the method as its solver_options.
-SOLVER_OPTIONS = ("anderson_memory", "anderson_after")
+SOLVER_OPTIONS = ("anderson_memory", "anderson_after", "check_stability")
 
 
 @dataclass
@@ -76,6 +76,7 @@ class TrainConfig:
     compile: Optional[bool] = None
     anderson_memory: Optional[int] = None   # euler: Anderson mixing at each check (solver_options)
     anderson_after: Optional[int] = None
+    check_stability: Optional[bool] = None  # every solve: flag fixed points the Euler dynamics leave (solver_options)
     warm_start_tol: Optional[float] = None
     controlled_residual: Optional[str] = None
     patience: Optional[int] = None
@@ -416,7 +417,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         order, augment_rng = epoch_order(rng, n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
-                "skipped": 0}
+                "skipped": 0, "unstable": 0.0, "stability_checked": 0}
         seen = 0
         solver_log: List[tuple] = []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
@@ -451,6 +452,10 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             sums["sample_iterations"] += out.stats.get("sample_iterations", out.stats.get("iterations", 0))
             sums["converged"] += bool(out.stats.get("converged", True))
             solver_log.append(_batch_solver_stats(out.stats))
+            unstable = [v for k, v in out.stats.items() if k.startswith("unstable_fraction_")]
+            if unstable:   # --check-stability: the worst phase of the batch
+                sums["unstable"] += max(unstable)
+                sums["stability_checked"] += 1
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{sums['correct'] / seen:.3f}",
                             iters=f"{sums['iterations'] / (b + 1):.0f}")
         bar.close()
@@ -472,6 +477,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "mean_sample_iterations": sums["sample_iterations"] / done,
             "converged_fraction": sums["converged"] / done,
             "skipped_batches": sums["skipped"],
+            # --check-stability: mean over batches of the largest fraction of samples a phase settled
+            # at fixed points the Euler dynamics leave (None without the check).
+            "unstable_fraction": (sums["unstable"] / sums["stability_checked"]) if sums["stability_checked"] else None,
             # Per training batch: solver iterations, worst final residual, worst converged fraction,
             # largest fraction stopped by the stall rule (``patience``).
             "batch_solver_stats": [list(t) for t in solver_log],

@@ -75,6 +75,8 @@ def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[
         stats[f"residual_{name}"] = res.stats.residual
         stats[f"converged_fraction_{name}"] = res.stats.converged_fraction
         stats[f"stalled_fraction_{name}"] = res.stats.stalled_fraction
+        if res.stats.unstable_fraction is not None:   # solver_options={"check_stability": True}
+            stats[f"unstable_fraction_{name}"] = res.stats.unstable_fraction
     return stats
 
 
