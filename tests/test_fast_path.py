@@ -1,9 +1,11 @@
 """The fast path (flat fused steps, sample freezing, loose warm start) against the autograd reference."""
+import statistics
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from leastcontrol.bench import BenchConfig, Row, format_table, run_bench
+from leastcontrol.bench import BenchConfig, Row, format_table, ratio_interval, run_bench
 from leastcontrol.cli import main
 from leastcontrol.errors import ConfigError
 from leastcontrol.methods import get_method
@@ -206,6 +208,16 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     assert ratios["rnn_lcp_di_best_over_rbp_equal_tol_1e-6"] == pytest.approx(
         min(sec["rnn-lcp-di"], sec["rnn-lcp-di-stall"]) / sec["rnn-rbp-tol1e-6"])
     assert ratios["lcp_di_memory_800_over_100"] is None  # memory probes were skipped
+    # Intervals resample the same timed rounds for both rows of a ratio.
+    for r in result["rows"]:
+        assert sorted(r["seconds_per_batch"]) == list(range(config.warmup, config.warmup + config.batches))
+        assert statistics.median(r["seconds_per_batch"].values()) == r["seconds_per_batch_median"]
+    intervals = result["ratio_intervals_95"]
+    assert set(intervals) == {"rnn_lcp_di_autograd_over_fast", "rnn_lcp_di_best_over_rbp",
+                              "rnn_lcp_di_best_over_rbp_equal_tol", "rnn_lcp_di_best_over_rbp_equal_tol_1e-6",
+                              "ff_lcp_di_over_bp"}
+    for low, high in intervals.values():
+        assert 0 < low <= high
     # Same network, same batches: the fast path checks convergence every `check_every` steps per
     # phase (free, controlled), so it may run up to check_every - 1 more steps in each.
     agreement = result["iteration_agreement"]
@@ -215,6 +227,20 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
         assert ref <= fast <= ref + 2 * (check_every - 1)
     assert ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] == pytest.approx(
         sum(agreement["reference_iterations"]) / sum(agreement["iterations"]))
+
+
+def test_ratio_interval_pairs_the_rounds_and_brackets_the_ratio():
+    # Every round's numerator is exactly twice its denominator: each paired resample gives 2.
+    den = {r: 0.01 * (1 + r % 7) for r in range(3, 40)}
+    assert ratio_interval({r: 2 * t for r, t in den.items()}, den) == pytest.approx([2.0, 2.0])
+    # A ratio of 3 with ±1 % noise per round: the interval holds 3 and stays within the noise;
+    # a round only one row has is left out of the pairing.
+    g = torch.Generator().manual_seed(0)
+    noise = 1 + 0.01 * (2 * torch.rand(len(den), generator=g, dtype=torch.float64) - 1)
+    num = {r: 3 * t * float(e) for (r, t), e in zip(den.items(), noise)}
+    low, high = ratio_interval({**num, 99: 1.0}, den)
+    assert 2.97 <= low < 3.0 < high <= 3.03
+    assert ratio_interval({3: 1.0, 4: 1.0}, {4: 1.0, 5: 1.0}) is None   # one common round
 
 
 def test_bench_rows_with_random_draws_repeat_their_steps():

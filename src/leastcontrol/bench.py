@@ -198,6 +198,7 @@ class _Trainer:
         self.clip = GRAD_CLIP[row.model]
         self.clip_groups = gradient_clip_groups(net)   # after prepare(): KP's feedback is its own group
         self.seconds: List[float] = []
+        self.rounds: List[int] = []       # the bench round of each timed batch, for paired comparisons
         self.iterations: List[float] = []
         self.sample_iterations: List[float] = []
         self.diverged = 0   # timed batches whose solve diverged: no update, not in the times
@@ -221,6 +222,7 @@ class _Trainer:
         sync()
         if record:
             self.seconds.append(time.perf_counter() - t0)
+            self.rounds.append(self.steps_taken - 1)
             self.iterations.append(float(out.stats.get("iterations", 0)))
             self.sample_iterations.append(float(out.stats.get("sample_iterations", out.stats.get("iterations", 0))))
 
@@ -373,6 +375,8 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             "solver": _solver_label(t.method), "tol": getattr(t.method, "tol", None),
             "max_iter": getattr(t.method, "max_iter", None),
             "seconds_per_batch_median": med, "seconds_per_batch_min": min(t.seconds) if timed else None,
+            # Every timed batch, by bench round (a diverged batch has none): what the intervals resample.
+            "seconds_per_batch": dict(zip(t.rounds, t.seconds)),
             "mean_iterations": iters,
             "mean_sample_iterations": statistics.mean(t.sample_iterations) if timed else None,
             "seconds_per_iteration": med / iters if iters else None,
@@ -402,8 +406,34 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
                 r["peak_memory_mb"] = peak_memory_mb(Row(r["model"], r["method"], r["impl"], options), config)
     ratios = _ratios(by, memory)
     ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] = agreement.get("ratio")
+    intervals = {key: ratio_interval(by[a]["seconds_per_batch"], by[b]["seconds_per_batch"], seed=config.seed)
+                 for key, (a, b) in _ratio_rows(by).items()}
     return {"config": asdict(config), "rows": results, "memory_probes_mb": memory,
-            "iteration_agreement": agreement, "ratios": ratios}
+            "iteration_agreement": agreement, "ratios": ratios, "ratio_intervals_95": intervals}
+
+
+def ratio_interval(numerator: Dict[int, float], denominator: Dict[int, float], draws: int = 2000,
+                   level: float = 0.95, seed: int = 0) -> Optional[List[float]]:
+    """Paired bootstrap interval of ``median(numerator) / median(denominator)``.
+
+    Both map a bench round to the seconds of that round's batch; the rows ran interleaved, so a
+    round's two times share the machine's state. Each of ``draws`` resamples draws the common rounds
+    with replacement, the same rounds for both rows, and takes the ratio of the medians; the
+    interval is the central ``level`` of those ratios. It measures how much the ratio depends on
+    which batches were timed, not the drift between runs on a machine whose speed changes.
+
+    Returns:
+        ``[low, high]``, or None with fewer than two common rounds.
+    """
+    common = sorted(set(numerator) & set(denominator))
+    if len(common) < 2:
+        return None
+    num = torch.tensor([numerator[r] for r in common], dtype=torch.float64)
+    den = torch.tensor([denominator[r] for r in common], dtype=torch.float64)
+    pick = torch.randint(len(common), (draws, len(common)), generator=torch.Generator().manual_seed(seed))
+    ratios = num[pick].quantile(0.5, dim=1) / den[pick].quantile(0.5, dim=1)
+    tail = (1.0 - level) / 2
+    return [float(ratios.quantile(tail)), float(ratios.quantile(1.0 - tail))]
 
 
 def _solver_label(method: Method) -> str:
@@ -443,6 +473,26 @@ LCP_DI_OVER_RBP = {
 }
 
 
+def _fastest(by: Dict[str, Dict[str, Any]], method: str, tol: float, max_iter: int) -> Optional[str]:
+    """The label of the fastest RNN row of ``method`` at this tolerance and cap, any solver."""
+    timed = [r for r in by.values() if r["model"] == "rnn" and r["method"] == method and r["impl"] == "fast"
+             and r["tol"] == tol and r["max_iter"] == max_iter and r["seconds_per_batch_median"] is not None]
+    return min(timed, key=lambda r: r["seconds_per_batch_median"])["label"] if timed else None
+
+
+def _ratio_rows(by: Dict[str, Dict[str, Any]]) -> Dict[str, tuple]:
+    """The headline time ratios as (numerator row, denominator row), for their intervals."""
+    pairs = {
+        "rnn_lcp_di_autograd_over_fast": ("rnn-lcp-di-autograd", "rnn-lcp-di"),
+        "rnn_lcp_di_best_over_rbp": (_fastest(by, "lcp-di", 1e-6, 800), _fastest(by, "rbp", 1e-4, 200)),
+        "rnn_lcp_di_best_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800), _fastest(by, "rbp", 1e-4, 200)),
+        "rnn_lcp_di_best_over_rbp_equal_tol_1e-6": (_fastest(by, "lcp-di", 1e-6, 800), _fastest(by, "rbp", 1e-6, 800)),
+        "ff_lcp_di_over_bp": ("ff-lcp-di", "ff-bp"),
+        "ff_lcp_di_compile_over_bp": ("ff-lcp-di-compile", "ff-bp"),
+    }
+    return {key: (a, b) for key, (a, b) in pairs.items() if a in by and b in by}
+
+
 def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str, Any]:
     def sec(label):
         return by[label]["seconds_per_batch_median"] if label in by else None
@@ -451,11 +501,8 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
         return by[label]["mean_iterations"] if label in by else None
 
     def best(method, tol, max_iter):
-        """The fastest RNN row of ``method`` at this tolerance and cap, any solver."""
-        times = [r["seconds_per_batch_median"] for r in by.values()
-                 if r["model"] == "rnn" and r["method"] == method and r["impl"] == "fast"
-                 and r["tol"] == tol and r["max_iter"] == max_iter and r["seconds_per_batch_median"] is not None]
-        return min(times, default=None)
+        label = _fastest(by, method, tol, max_iter)
+        return None if label is None else by[label]["seconds_per_batch_median"]
 
     # RBP at its published 1e-4 / 200 serves the published comparison and the one at 1e-4.
     best_rbp = best("rbp", 1e-4, 200)
@@ -494,8 +541,14 @@ def format_table(result: Dict[str, Any]) -> str:
                      f"| {f(r['seconds_per_iteration'] and 1000 * r['seconds_per_iteration'], '.3f')} "
                      f"| {f(r['peak_memory_mb'], '.1f')} | {f(r['inference_seconds_per_batch'], '.4f')} "
                      f"| {f(r['update_cosine_vs_autograd'], '.6f')} | {r.get('diverged_batches', 0)} |")
-    lines += ["", "| ratio | value |", "|---|---|"]
-    lines += [f"| {k} | {'–' if v is None else format(v, '.3f')} |" for k, v in result["ratios"].items()]
+    intervals = result.get("ratio_intervals_95", {})
+
+    def interval(key):
+        lo_hi = intervals.get(key)
+        return "" if lo_hi is None else f"{lo_hi[0]:.3f}–{lo_hi[1]:.3f}"
+
+    lines += ["", "| ratio | value | 95 % interval over the timed batches |", "|---|---|---|"]
+    lines += [f"| {k} | {'–' if v is None else format(v, '.3f')} | {interval(k)} |" for k, v in result["ratios"].items()]
     if result.get("memory_probes_mb"):
         lines += ["", "| memory probe (tol 0: every iteration runs) | peak MB |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in result["memory_probes_mb"].items()]
