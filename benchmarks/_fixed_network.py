@@ -39,8 +39,8 @@ def rows_and_network(labels, config: bench.BenchConfig, refuse=None):
     message = refuse(rows) if refuse is not None else None
     if message:
         raise SystemExit(message)
-    batches = bench._batches(config, config.warmup + config.batches)
-    return rows, batches, bench._pretrained("rnn", config, batches)
+    batches, pretraining = bench.split_batches(config, config.warmup + config.batches)
+    return rows, batches, bench._pretrained("rnn", config, pretraining)
 
 
 def run_rows(description: str, profile, argv=None) -> None:

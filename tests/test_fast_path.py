@@ -291,3 +291,12 @@ def test_check_level_anderson_gives_the_converged_update_eager_and_compiled():
     assert rel_err(eager.grads, reference.grads) < 1e-7
     assert rel_err(compiled.grads, eager.grads) < 1e-9
     assert compiled.stats["iterations"] == eager.stats["iterations"]
+
+
+def test_bench_pretrains_on_batches_it_does_not_time():
+    from leastcontrol.bench import split_batches
+    config = BenchConfig(batch_size=8, batches=4, warmup=1, pretrain=6, memory=False, progress=False)
+    timed, pretraining = split_batches(config, config.warmup + config.batches)
+    assert len(timed) == 5 and len(pretraining) == 6
+    seen = {tuple(row.tolist()) for x, _ in pretraining for row in x}
+    assert not any(tuple(row.tolist()) in seen for x, _ in timed for row in x)

@@ -178,6 +178,13 @@ def _batches(config: BenchConfig, n: int):
     return [(x[i * B:(i + 1) * B].to(dev), y[i * B:(i + 1) * B].to(dev)) for i in range(n)]
 
 
+def split_batches(config: BenchConfig, n: int):
+    """``n`` batches to time and, drawn with them but disjoint from them, ``config.pretrain`` batches
+    to pretrain on (at least one), so that no timed batch is one the starting network has learned."""
+    drawn = _batches(config, n + max(config.pretrain, 1))
+    return drawn[:n], drawn[n:]
+
+
 def _network(model: str, config: BenchConfig):
     g = torch.Generator().manual_seed(config.seed)
     return get_system(model, 784, 10, hidden=config.hidden, generator=g).to(config.device)
@@ -357,8 +364,8 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
     """Time every row interleaved and return ``{"config", "rows", "ratios"}`` (see ``docs/performance.md``)."""
     rows = rows or default_rows()
     n = config.warmup + config.batches
-    batches = _batches(config, max(n, 8))
-    start = {m: _pretrained(m, config, batches) for m in sorted({r.model for r in rows})}
+    batches, pretraining = split_batches(config, max(n, 8))
+    start = {m: _pretrained(m, config, pretraining) for m in sorted({r.model for r in rows})}
     trainers = [_Trainer(r, copy.deepcopy(start[r.model]), config) for r in rows]
     for i in tqdm(range(n), desc="bench rounds", disable=not config.progress):
         x, y = batches[i % len(batches)]
