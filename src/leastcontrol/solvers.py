@@ -38,6 +38,8 @@ CONTROLLED_RESIDUALS = ("per-population", "joint")
 # A sample counts as unstable when its estimated Euler-map spectral radius exceeds 1 by more
 # than the Krylov estimate's resolution (see euler_map_radius).
 UNSTABLE_RADIUS = 1.01
+# Jacobian-vector products per sample of that estimate (the dimension of its Krylov space).
+KRYLOV = 30
 
 
 def check_controlled_residual(rule: str) -> str:
@@ -202,27 +204,20 @@ def _relative_residual(g, s, groups: Sequence[int] | str | None = None) -> torch
     return torch.stack(ratios).amax(0).sqrt()
 
 
-def _euler_radius(g_field, d: Dict[str, torch.Tensor], context, dt: float, krylov: int, seed: int) -> torch.Tensor:
-    """:func:`euler_map_radius` on a dict state ``d`` with a field ``g_field(d, context)``."""
-    names = list(d)
-    B = d[names[0]].shape[0]
-    shapes = [d[k].shape[1:] for k in names]
-    sizes = [math.prod(sh) for sh in shapes]
-    N = sum(sizes)
+def _euler_radius(layout: _Layout, g_field, d: Dict[str, torch.Tensor], context, dt: float, krylov: int,
+                  seed: int) -> torch.Tensor:
+    """:func:`euler_map_radius` on the dict state ``d`` of ``layout``, with a field ``g_field(d, context)``."""
+    first = d[layout.names[0]]
+    B, N = first.shape[0], sum(layout.sizes)
     k = min(krylov, N)
-
-    def as_state(q):
-        return {name: part.reshape(B, *sh) for name, part, sh in zip(names, q.split(sizes, 1), shapes)}
-
-    first = d[names[0]]
     # The basis lives in float64 whatever the state's precision: only the products are in the
     # field's dtype, whose rounding (relative eps) then bounds where the Krylov space stops.
     f64 = dict(dtype=torch.float64, device=first.device)
     floor = 100 * torch.finfo(first.dtype).eps
 
     def euler_jvp(q):   # (I + dt·∂g) q, flat, float64
-        _, jg = torch.func.jvp(lambda s: g_field(s, context), (d,), (as_state(q.to(first.dtype)),))
-        return q + dt * torch.cat([jg[name].reshape(B, -1) for name in names], 1).double()
+        _, jg = torch.func.jvp(lambda s: g_field(s, context), (d,), (layout.unpack(q.to(first.dtype)),))
+        return q + dt * layout.pack(jg).double()
 
     gen = torch.Generator(device=first.device).manual_seed(seed)
     q = torch.randn(B, N, generator=gen, **f64)
@@ -253,7 +248,7 @@ def _euler_radius(g_field, d: Dict[str, torch.Tensor], context, dt: float, krylo
 
 
 def euler_map_radius(field: Field, state, context: Dict[str, torch.Tensor] | None = None, *, dt: float = 1.0,
-                     krylov: int = 30, seed: int = 0) -> torch.Tensor:
+                     krylov: int = KRYLOV, seed: int = 0) -> torch.Tensor:
     """Each sample's spectral radius ``ρ(I + dt·∂_s g(s))`` of the Euler map's Jacobian at ``state``.
 
     At a fixed point ``g(s*) = 0``, ``ρ < 1`` means the Euler dynamics settle there (linear
@@ -291,7 +286,8 @@ def euler_map_radius(field: Field, state, context: Dict[str, torch.Tensor] | Non
     if not (isinstance(krylov, int) and not isinstance(krylov, bool) and krylov >= 1):
         raise ConfigError(f"krylov must be a positive integer, got {krylov!r}")
     layout = _Layout(state)
-    return _euler_radius(layout.wrap(field, context is not None), layout.as_dict, context, float(dt), krylov, seed)
+    return _euler_radius(layout, layout.wrap(field, context is not None), layout.as_dict, context, float(dt),
+                         krylov, seed)
 
 
 class Solver:
@@ -383,19 +379,19 @@ class Solver:
         """
         raise NotImplementedError
 
-    def _finish(self, layout, d, stats: SolverStats, g_field, context) -> SolveResult:
+    def _finish(self, layout: _Layout, d, stats: SolverStats, g_field, context) -> SolveResult:
         if self.require_convergence and not stats.converged:
             raise LeastControlError(
                 f"{self.name} did not converge: relative residual {stats.residual:.3g} > tol {self.tol:g} "
                 f"after {stats.iterations} steps; raise max_iter, loosen tol or use the anderson solver"
             )
         if self.check_stability:
-            self._check_stability(g_field, d, context, stats)
+            self._check_stability(layout, g_field, d, context, stats)
         return SolveResult(layout.to_user(d), stats)
 
-    def _check_stability(self, g_field, d, context, stats: SolverStats) -> None:
+    def _check_stability(self, layout: _Layout, g_field, d, context, stats: SolverStats) -> None:
         """Fill ``stats.sample_radius`` and ``stats.unstable_fraction``; warn if a sample is unstable."""
-        radius = _euler_radius(g_field, d, context, self.dt, krylov=30, seed=0)
+        radius = _euler_radius(layout, g_field, d, context, self.dt, krylov=KRYLOV, seed=0)
         unstable = radius > UNSTABLE_RADIUS
         stats.sample_radius, stats.unstable_fraction = radius, float(unstable.double().mean())
         if bool(unstable.any()):
