@@ -414,7 +414,7 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
     ratios = _ratios(by, memory)
     ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] = agreement.get("ratio")
     intervals = {key: ratio_interval(by[a]["seconds_per_batch"], by[b]["seconds_per_batch"], seed=config.seed)
-                 for key, (a, b) in _ratio_rows(by).items()}
+                 for key, (a, b) in _ratio_rows(by).items() if a in by and b in by}
     return {"config": asdict(config), "rows": results, "memory_probes_mb": memory,
             "iteration_agreement": agreement, "ratios": ratios, "ratio_intervals_95": intervals}
 
@@ -488,16 +488,19 @@ def _fastest(by: Dict[str, Dict[str, Any]], method: str, tol: float, max_iter: i
 
 
 def _ratio_rows(by: Dict[str, Dict[str, Any]]) -> Dict[str, tuple]:
-    """The headline time ratios as (numerator row, denominator row), for their intervals."""
-    pairs = {
+    """The headline time ratios as (numerator row, denominator row); a row the run lacks is None."""
+    # RBP at its published 1e-4 / 200 serves the published comparison and the one at 1e-4.
+    rbp = _fastest(by, "rbp", 1e-4, 200)
+    return {
         "rnn_lcp_di_autograd_over_fast": ("rnn-lcp-di-autograd", "rnn-lcp-di"),
-        "rnn_lcp_di_best_over_rbp": (_fastest(by, "lcp-di", 1e-6, 800), _fastest(by, "rbp", 1e-4, 200)),
-        "rnn_lcp_di_best_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800), _fastest(by, "rbp", 1e-4, 200)),
+        # The fastest LCP-DI setting at each tolerance (cap 800) over the fastest RBP setting.
+        "rnn_lcp_di_best_over_rbp": (_fastest(by, "lcp-di", 1e-6, 800), rbp),
+        "rnn_lcp_di_best_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800), rbp),
+        # Equal tolerance the other way: RBP brought to LCP-DI's 1e-6 and cap 800.
         "rnn_lcp_di_best_over_rbp_equal_tol_1e-6": (_fastest(by, "lcp-di", 1e-6, 800), _fastest(by, "rbp", 1e-6, 800)),
         "ff_lcp_di_over_bp": ("ff-lcp-di", "ff-bp"),
         "ff_lcp_di_compile_over_bp": ("ff-lcp-di-compile", "ff-bp"),
     }
-    return {key: (a, b) for key, (a, b) in pairs.items() if a in by and b in by}
 
 
 def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str, Any]:
@@ -507,27 +510,20 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
     def its(label):
         return by[label]["mean_iterations"] if label in by else None
 
-    def best(method, tol, max_iter):
-        label = _fastest(by, method, tol, max_iter)
-        return None if label is None else by[label]["seconds_per_batch_median"]
+    pairs = _ratio_rows(by)
 
-    # RBP at its published 1e-4 / 200 serves the published comparison and the one at 1e-4.
-    best_rbp = best("rbp", 1e-4, 200)
+    def over(key):
+        numerator, denominator = pairs[key]
+        return _ratio(sec(numerator), sec(denominator))
 
-    def best_lcp_di(tol):
-        return best("lcp-di", tol, 800)
-
+    best_rbp = sec(pairs["rnn_lcp_di_best_over_rbp"][1])
     return {
-        "rnn_lcp_di_autograd_over_fast": _ratio(sec("rnn-lcp-di-autograd"), sec("rnn-lcp-di")),
+        "rnn_lcp_di_autograd_over_fast": over("rnn_lcp_di_autograd_over_fast"),
         "rnn_lcp_di_iterations_autograd_over_fast": _ratio(its("rnn-lcp-di-autograd"), its("rnn-lcp-di")),
         **{key: _ratio(sec(label), best_rbp) for key, label in LCP_DI_OVER_RBP.items()},
-        # The fastest LCP-DI setting at each tolerance (cap 800) over the fastest RBP setting.
-        "rnn_lcp_di_best_over_rbp": _ratio(best_lcp_di(1e-6), best_rbp),
-        "rnn_lcp_di_best_over_rbp_equal_tol": _ratio(best_lcp_di(1e-4), best_rbp),
-        # Equal tolerance the other way: RBP brought to LCP-DI's 1e-6 and cap 800.
-        "rnn_lcp_di_best_over_rbp_equal_tol_1e-6": _ratio(best_lcp_di(1e-6), best("rbp", 1e-6, 800)),
-        "ff_lcp_di_over_bp": _ratio(sec("ff-lcp-di"), sec("ff-bp")),
-        "ff_lcp_di_compile_over_bp": _ratio(sec("ff-lcp-di-compile"), sec("ff-bp")),
+        **{key: over(key) for key in ("rnn_lcp_di_best_over_rbp", "rnn_lcp_di_best_over_rbp_equal_tol",
+                                      "rnn_lcp_di_best_over_rbp_equal_tol_1e-6", "ff_lcp_di_over_bp",
+                                      "ff_lcp_di_compile_over_bp")},
         "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
         "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),
     }
