@@ -5,8 +5,9 @@ copy of the same starting network on the same MNIST-sized batches. The rows
 are timed interleaved — batch ``i`` of every row before batch ``i + 1`` of
 any — so a slow spell of a noisy machine hits all rows alike and the ratios
 stay fair. Peak memory of one training batch is measured in a fresh
-subprocess per setting (CPU: peak resident set size; CUDA:
-``torch.cuda.max_memory_allocated``).
+subprocess per setting on the CPU (peak resident set size); on CUDA the
+allocator's own peak (``torch.cuda.max_memory_allocated``) is exact per step,
+so it is read in the bench's process, around each timed batch.
 """
 from __future__ import annotations
 
@@ -209,12 +210,16 @@ class _Trainer:
         self.iterations: List[float] = []
         self.sample_iterations: List[float] = []
         self.diverged = 0   # timed batches whose solve diverged: no update, not in the times
+        self.peak_mb: Optional[float] = None   # CUDA: the most a timed batch allocated beyond what was held
 
     def step(self, x, y, record: bool) -> None:
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
         torch.manual_seed(self.seed * 100_003 + self.steps_taken)   # LF's noise draws from the global generator
         self.steps_taken += 1
         sync()
+        if x.is_cuda:
+            torch.cuda.reset_peak_memory_stats(x.device)
+            held = torch.cuda.memory_allocated(x.device)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         try:
@@ -229,6 +234,9 @@ class _Trainer:
         sync()
         if record:
             self.seconds.append(time.perf_counter() - t0)
+            if x.is_cuda:
+                added = (torch.cuda.max_memory_allocated(x.device) - held) / 2**20
+                self.peak_mb = max(self.peak_mb or 0.0, added)
             self.rounds.append(self.steps_taken - 1)
             self.iterations.append(float(out.stats.get("iterations", 0)))
             self.sample_iterations.append(float(out.stats.get("sample_iterations", out.stats.get("iterations", 0))))
@@ -318,7 +326,10 @@ def _pretrained(model: str, config: BenchConfig, batches) -> Any:
 
 
 def peak_memory_mb(row: Row, config: BenchConfig) -> float:
-    """Peak memory of one training batch of ``row``, measured in a fresh process (MB)."""
+    """Peak memory of one training batch of ``row`` from a fresh network (MB): on the CPU in a fresh
+    process (its resident set's high-water mark), on CUDA in this one (the allocator's peak)."""
+    if config.device == "cuda":
+        return _one_batch_peak_mb(row, config)
     spec = json.dumps({"row": asdict(row), "config": asdict(config)})
     proc = subprocess.run([sys.executable, "-c", "import sys, leastcontrol.bench as b; b._memory_probe(sys.argv[1])", spec],
                           capture_output=True, text=True, timeout=1800)
@@ -335,21 +346,23 @@ def _rss_mb(field_name: str) -> float:
     return float("nan")
 
 
+def _one_batch_peak_mb(row: Row, config: BenchConfig) -> float:
+    """CUDA: what one training batch of ``row`` allocates beyond the memory held before it (MB)."""
+    config = BenchConfig(**{**asdict(config), "progress": False, "data_dir": None})
+    trainer = _Trainer(row, _network(row.model, config), config)
+    (x, y), = _batches(config, 1)
+    trainer.step(x, y, record=True)
+    return trainer.peak_mb
+
+
 def _memory_probe(spec: str) -> None:
-    """Subprocess entry: print the peak memory (MB) one training batch adds."""
+    """Subprocess entry (CPU): print the peak memory (MB) one training batch adds."""
     data = json.loads(spec)
     row, config = Row(**data["row"]), BenchConfig(**{**data["config"], "progress": False, "data_dir": None})
     torch.set_num_threads(1)
     net = _network(row.model, config)
     trainer = _Trainer(row, net, config)
     (x, y), = _batches(config, 1)
-    if config.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        trainer.step(x, y, record=False)
-        print((torch.cuda.max_memory_allocated() - base) / 2**20)
-        return
     try:  # reset the kernel's high-water mark so the peak is this batch's alone
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -393,6 +406,7 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             "update_cosine_vs_autograd": _unless_diverged(update_cosine, t.row, start[t.row.model], x, y),
         })
     by = {r["label"]: r for r in results}
+    by_trainer = {t.row.name: t for t in trainers}
     agreement = {}
     if {"rnn-lcp-di", "rnn-lcp-di-autograd"} <= set(by):
         agreement = paired_iterations(Row("rnn", "lcp-di"), Row("rnn", "lcp-di", impl="autograd"),
@@ -407,16 +421,28 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             memory[key] = peak_memory_mb(row, config)
         for r in tqdm(results, desc="memory per row", disable=not config.progress, leave=False):
             options = _row_options(rows, r["label"])
-            # A compiled row's first batch measures the compiler (hundreds of MB), a later one only
-            # the buffers left from the first; neither compares with the eager rows, so none is given.
-            if not options.get("compile"):
+            if config.device == "cuda":
+                # The allocator's peak over the row's own timed batches, compiled rows included
+                # (the compiler's memory is host memory, not the device's).
+                r["peak_memory_mb"] = by_trainer[r["label"]].peak_mb
+            # On the CPU a compiled row's first batch measures the compiler (hundreds of MB), a later
+            # one only the buffers left from the first; neither compares with the eager rows: none given.
+            elif not options.get("compile"):
                 r["peak_memory_mb"] = peak_memory_mb(Row(r["model"], r["method"], r["impl"], options), config)
     ratios = _ratios(by, memory)
     ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] = agreement.get("ratio")
     intervals = {key: ratio_interval(by[a]["seconds_per_batch"], by[b]["seconds_per_batch"], seed=config.seed)
                  for key, (a, b) in _ratio_rows(by).items() if a in by and b in by}
-    return {"config": asdict(config), "rows": results, "memory_probes_mb": memory,
+    return {"config": asdict(config), "environment": environment(config), "rows": results, "memory_probes_mb": memory,
             "iteration_agreement": agreement, "ratios": ratios, "ratio_intervals_95": intervals}
+
+
+def environment(config: BenchConfig) -> Dict[str, Any]:
+    """What the figures were measured on: PyTorch's version, the device's name, CPU threads."""
+    import platform
+    name = torch.cuda.get_device_name() if config.device == "cuda" else (platform.processor() or platform.machine())
+    return {"torch": torch.__version__, "device_name": name, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
 
 
 def ratio_interval(numerator: Dict[int, float], denominator: Dict[int, float], draws: int = 2000,
