@@ -187,6 +187,8 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     rows = [Row("ff", "bp"), Row("ff", "lcp-di"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),
             Row("rnn", "lcp-di", impl="autograd"), Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
             Row("rnn", "lcp-di", options={"patience": 100}, label="rnn-lcp-di-stall"),
+            # α alone is a path option of the bench's, but without k_i it changes β, so the update.
+            Row("rnn", "lcp-di", options={"alpha": 1.0}, label="rnn-lcp-di-beta1"),
             Row("rnn", "rbp", options={"tol": 1e-6, "max_iter": 800}, label="rnn-rbp-tol1e-6")]
     result = run_bench(config, rows)
     keys = {"model", "method", "impl", "max_iter", "seconds_per_batch_median", "seconds_per_batch_min",
@@ -197,16 +199,29 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
         assert 0 < r["seconds_per_batch_min"] <= r["seconds_per_batch_median"]
     by = {r["label"]: r for r in result["rows"]}
     assert 0.9999 < by["rnn-lcp-di"]["update_cosine_vs_autograd"] <= 1.0 + 1e-12   # a cosine, computed in float64
+    # Agreement is measured on every timed batch; the smallest cosine is the row's figure.
+    for label in ("rnn-lcp-di", "rnn-lcp-di-beta1", "rnn-rbp"):
+        r = by[label]
+        assert len(r["update_cosines"]) == config.batches == r["agreement_batches"]
+        assert r["update_cosine_vs_autograd"] == min(r["update_cosines"])
+    assert by["rnn-lcp-di"]["agrees"] and by["rnn-lcp-di-stall"]["agrees"]
+    assert by["rnn-lcp-di-beta1"]["agrees"] is False and by["rnn-lcp-di-beta1"]["update_cosine_vs_autograd"] < 0.99
+    assert by["ff-bp"]["agrees"] is None and by["rnn-lcp-di-autograd"]["agrees"] is None   # nothing to compare
     ratios = result["ratios"]
     for key in ("rnn_lcp_di_autograd_over_fast", "rnn_lcp_di_over_rbp", "rnn_lcp_di_over_rbp_equal_tol",
                 "rnn_lcp_di_stall_over_rbp", "ff_lcp_di_over_bp"):
         assert ratios[key] > 0
     sec = {k: r["seconds_per_batch_median"] for k, r in by.items()}
-    # Each method's fastest row at the tolerance and cap compared; the 1e-6 RBP row is not RBP's best.
+    # Each method's fastest row at the tolerance and cap compared, among the rows that give the
+    # method's update; the 1e-6 RBP row is not RBP's best. The "fastest" ratios let every row compete.
     assert ratios["rnn_lcp_di_best_over_rbp"] == pytest.approx(
         min(sec["rnn-lcp-di"], sec["rnn-lcp-di-stall"]) / sec["rnn-rbp"])
+    assert ratios["rnn_lcp_di_fastest_over_rbp"] == pytest.approx(
+        min(sec["rnn-lcp-di"], sec["rnn-lcp-di-stall"], sec["rnn-lcp-di-beta1"]) / sec["rnn-rbp"])
     assert ratios["rnn_lcp_di_best_over_rbp_equal_tol_1e-6"] == pytest.approx(
         min(sec["rnn-lcp-di"], sec["rnn-lcp-di-stall"]) / sec["rnn-rbp-tol1e-6"])
+    assert result["ratio_rows"]["rnn_lcp_di_best_over_rbp"][1] == "rnn-rbp"
+    assert "rnn-lcp-di-beta1 " in format_table(result) and "(2) * |" in format_table(result)
     assert ratios["lcp_di_memory_800_over_100"] is None  # memory probes were skipped
     # Intervals resample the same timed rounds for both rows of a ratio.
     for r in result["rows"]:
@@ -215,7 +230,8 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     intervals = result["ratio_intervals_95"]
     assert set(intervals) == {"rnn_lcp_di_autograd_over_fast", "rnn_lcp_di_best_over_rbp",
                               "rnn_lcp_di_best_over_rbp_equal_tol", "rnn_lcp_di_best_over_rbp_equal_tol_1e-6",
-                              "ff_lcp_di_over_bp"}
+                              "rnn_lcp_di_fastest_over_rbp", "rnn_lcp_di_fastest_over_rbp_equal_tol",
+                              "rnn_lcp_di_fastest_over_rbp_equal_tol_1e-6", "ff_lcp_di_over_bp"}
     for low, high in intervals.values():
         assert 0 < low <= high
     # Same network, same batches: the fast path checks convergence every `check_every` steps per
@@ -300,3 +316,17 @@ def test_bench_pretrains_on_batches_it_does_not_time():
     assert len(timed) == 5 and len(pretraining) == 6
     seen = {tuple(row.tolist()) for x, _ in pretraining for row in x}
     assert not any(tuple(row.tolist()) in seen for x, _ in timed for row in x)
+
+
+def test_agreement_skips_batches_where_the_reference_does_not_settle():
+    """A reference stopped at max_iter is one snapshot of an orbit, not an update to agree with: such a
+    batch gets no cosine, and a row with no batch to compare on is not counted as agreeing."""
+    from leastcontrol.bench import References, update_agreement
+    net = tiny_rnn()
+    batches = [batch(B=4, seed=s) for s in (2, 3)]
+    refs = References({"rnn": net}, batches)
+    settled = update_agreement(Row("rnn", "lcp-di", options={"tol": 1e-9, "max_iter": 3000}), refs)
+    assert settled["agreement_batches"] == 2 and settled["agrees"]
+    cut = update_agreement(Row("rnn", "lcp-di", options={"tol": 1e-9, "max_iter": 5}), refs)
+    assert cut["update_cosines"] == [None, None] and cut["update_cosine_vs_autograd"] is None
+    assert cut["agrees"] is False

@@ -41,6 +41,7 @@ PUBLISHED = {
 }
 GRAD_CLIP = {"rnn": 10.0, "ff": 0.0}
 STALL_PATIENCE = 100
+LONG_PATIENCE = 300
 # The same β = k_i/α = 10 as the published α 0.1, k_i 1, so the same controlled equilibrium and
 # update; the leak no longer caps the controller's rate at 1 − α = 0.9 per step.
 FAST_GAINS = {"alpha": 1.0, "k_i": 10.0}
@@ -107,6 +108,13 @@ def default_rows() -> List[Row]:
             label="rnn-lcp-di-gains-stall-compile"),
         Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE, **COMPILE},
             label="rnn-lcp-di-gains-tol1e-4-stall-compile"),
+        # The fast gains and warm start alone, then with a patience that lets slow samples settle:
+        # at 100 the stall rule also stops samples that would settle, and the update moves.
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **COMPILE}, label="rnn-lcp-di-gains-compile"),
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": LONG_PATIENCE, **COMPILE},
+            label="rnn-lcp-di-gains-stall300-compile"),
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": LONG_PATIENCE, **COMPILE},
+            label="rnn-lcp-di-gains-tol1e-4-stall300-compile"),
     ]
     # RBP at LCP-DI's tolerance and cap (1e-6, 800): the other reading of "equal tolerance".
     rbp_tight = {"tol": 1e-6, "max_iter": 800}
@@ -120,6 +128,9 @@ def default_rows() -> List[Row]:
     for suffix, extra in (("", {}), ("-compile", COMPILE)):
         rows += [
             Row("rnn", "rbp", options={**ACCEL_RBP, **extra}, label=f"rnn-rbp-accel{suffix}"),
+            # Without the stall rule: every sample runs until it settles or reaches max_iter.
+            Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **ACCEL_LCP, **extra},
+                label=f"rnn-lcp-di-gains-accel{suffix}"),
             Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": STALL_PATIENCE, **ACCEL_LCP,
                                           **extra}, label=f"rnn-lcp-di-gains-stall-accel{suffix}"),
             Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE, **ACCEL_LCP, **extra},
@@ -271,25 +282,90 @@ def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
     return flat_update(out.grads)
 
 
-def update_cosine(row: Row, net, x, y) -> Optional[float]:
-    """Cosine between the row's parameter update and the autograd reference path's, on one batch.
+# A row gives its method's update when its cosine with the reference path's update is above this
+# on every timed batch where the reference settles; only such rows compete for the headline ratios.
+AGREEMENT = 0.9999
 
-    The reference runs the research-code way: Euler, every step to ``tol`` or ``max_iter``, no stall rule,
-    at the published controller gains and warm start (``PATH_OPTIONS`` dropped: they change the path to
-    the controlled equilibrium, not the equilibrium).
+
+def reference_row(row: Row) -> Optional[Row]:
+    """The research-code path a row's update is compared with (None: nothing to compare).
+
+    Euler, every step to ``tol`` or ``max_iter``, no stall rule, at the published controller gains and
+    warm start (``PATH_OPTIONS`` dropped: they change the path to the controlled equilibrium, not the
+    equilibrium), one ``torch.autograd.grad`` per step.
     """
-    if row.impl != "fast":
+    if row.impl != "fast" or row.method == "bptt" or not isinstance(row.build(), EquilibriumMethod):
         return None
-    method = row.build()
-    if not isinstance(method, EquilibriumMethod) or row.method == "bptt":
-        return None
-    reference = Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k not in PATH_OPTIONS}).build()
-    torch.manual_seed(0)
-    a = _flat_grads(method, net, x, y)
-    torch.manual_seed(0)
-    b = _flat_grads(reference, net, x, y)
-    # In float64: float32 sums over the ~270k entries of an RNN update round a cosine of 1 to 1 ± 1e-5.
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+    return Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k not in PATH_OPTIONS})
+
+
+class References:
+    """The reference paths' updates on fixed weights and batches, each reference computed once.
+
+    A batch where the reference's solve does not settle (some sample at ``max_iter``) or diverges
+    has no update to agree with: the reference there is one snapshot of a sample's orbit, and any
+    other path or step count gives another. It is ``None`` in :meth:`updates`.
+    """
+
+    def __init__(self, nets: Dict[str, Any], batches):
+        self.nets, self.batches = nets, batches
+        self._cache: Dict[str, List[Optional[torch.Tensor]]] = {}
+
+    def updates(self, reference: Row) -> List[Optional[torch.Tensor]]:
+        key = json.dumps([reference.model, reference.method, reference.options], sort_keys=True, default=str)
+        if key not in self._cache:
+            method, net = reference.build(), self.nets[reference.model]
+            updates = []
+            for x, y in self.batches:
+                torch.manual_seed(0)
+                try:
+                    out = method.gradients(copy.deepcopy(net), *method._inputs(net, x, y))
+                except SolverDivergedError:
+                    updates.append(None)
+                    continue
+                updates.append(flat_update(out.grads).double() if _settled(method, out.stats) else None)
+            self._cache[key] = updates
+        return self._cache[key]
+
+
+def _settled(method: Method, stats: Dict[str, Any]) -> bool:
+    """Whether a reference's solves settled. LCP-EBD's second phase is a fixed budget of optimizer
+    steps, whose end is its answer whatever the residual there: only its free phase is a solve."""
+    if method.name == "lcp-ebd":
+        return stats.get("converged_free", True)
+    return stats.get("converged", True)
+
+
+def update_agreement(row: Row, references: References) -> Dict[str, Any]:
+    """The row's update against its reference path's on each of the references' batches (fixed weights).
+
+    Returns:
+        ``{"update_cosines": [...], "update_cosine_vs_autograd": smallest of them, "agreement_batches": n,
+        "agrees": bool}``: one cosine per batch (float64), ``None`` where the reference did not settle or
+        the row diverged; the smallest over the ``n`` batches that have one (``None`` when none has, or
+        the row has no reference); whether that smallest one exceeds ``AGREEMENT`` (``None``: no reference).
+    """
+    reference = reference_row(row)
+    if reference is None:
+        return {"update_cosines": [], "update_cosine_vs_autograd": None, "agreement_batches": 0, "agrees": None}
+    method, net = row.build(), references.nets[row.model]
+    cosines: List[Optional[float]] = []
+    for (x, y), ref in zip(references.batches, references.updates(reference)):
+        if ref is None:
+            cosines.append(None)
+            continue
+        torch.manual_seed(0)
+        try:
+            update = _flat_grads(method, net, x, y).double()
+        except SolverDivergedError:
+            cosines.append(None)
+            continue
+        # In float64: float32 sums over the ~270k entries of an RNN update round a cosine of 1 to 1 ± 1e-5.
+        cosines.append(float(torch.nn.functional.cosine_similarity(update, ref, dim=0)))
+    compared = [c for c in cosines if c is not None]
+    smallest = min(compared) if compared else None
+    return {"update_cosines": cosines, "update_cosine_vs_autograd": smallest, "agreement_batches": len(compared),
+            "agrees": smallest is not None and smallest > AGREEMENT}
 
 
 def paired_iterations(row: Row, reference: Row, net, batches) -> Dict[str, Any]:
@@ -385,11 +461,12 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
         for t in trainers:
             t.step(x, y, record=i >= config.warmup)
     results = []
-    for t in tqdm(trainers, desc="inference, cosines", disable=not config.progress, leave=False):
+    # Agreement at the starting weights on every timed batch (the trained copies have drifted apart).
+    references = References(start, batches[config.warmup:n])
+    for t in tqdm(trainers, desc="inference, agreement", disable=not config.progress, leave=False):
         timed = bool(t.seconds)
         med = statistics.median(t.seconds) if timed else None
         iters = statistics.mean(t.iterations) if timed else None
-        x, y = batches[0]
         results.append({
             "model": t.row.model, "method": t.row.method, "impl": t.row.impl, "label": t.row.name,
             "solver": _solver_label(t.method), "tol": getattr(t.method, "tol", None),
@@ -403,7 +480,7 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             "diverged_batches": t.diverged,
             "peak_memory_mb": None,
             "inference_seconds_per_batch": _unless_diverged(t.inference_seconds, batches),
-            "update_cosine_vs_autograd": _unless_diverged(update_cosine, t.row, start[t.row.model], x, y),
+            **update_agreement(t.row, references),
         })
     by = {r["label"]: r for r in results}
     by_trainer = {t.row.name: t for t in trainers}
@@ -434,6 +511,7 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
     intervals = {key: ratio_interval(by[a]["seconds_per_batch"], by[b]["seconds_per_batch"], seed=config.seed)
                  for key, (a, b) in _ratio_rows(by).items() if a in by and b in by}
     return {"config": asdict(config), "environment": environment(config), "rows": results, "memory_probes_mb": memory,
+            "ratio_rows": {key: list(pair) for key, pair in _ratio_rows(by).items()},
             "iteration_agreement": agreement, "ratios": ratios, "ratio_intervals_95": intervals}
 
 
@@ -503,13 +581,21 @@ LCP_DI_OVER_RBP = {
     "rnn_lcp_di_gains_stall_accel_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall-accel",
     "rnn_lcp_di_gains_stall_accel_compile_over_rbp": "rnn-lcp-di-gains-stall-accel-compile",
     "rnn_lcp_di_gains_stall_accel_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall-accel-compile",
+    "rnn_lcp_di_gains_compile_over_rbp": "rnn-lcp-di-gains-compile",
+    "rnn_lcp_di_gains_stall300_compile_over_rbp": "rnn-lcp-di-gains-stall300-compile",
+    "rnn_lcp_di_gains_stall300_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-compile",
+    "rnn_lcp_di_gains_accel_over_rbp": "rnn-lcp-di-gains-accel",
+    "rnn_lcp_di_gains_accel_compile_over_rbp": "rnn-lcp-di-gains-accel-compile",
 }
 
 
-def _fastest(by: Dict[str, Dict[str, Any]], method: str, tol: float, max_iter: int) -> Optional[str]:
-    """The label of the fastest RNN row of ``method`` at this tolerance and cap, any solver."""
+def _fastest(by: Dict[str, Dict[str, Any]], method: str, tol: float, max_iter: int,
+             agreeing: bool = True) -> Optional[str]:
+    """The label of the fastest RNN row of ``method`` at this tolerance and cap, any solver; with
+    ``agreeing``, among the rows that give the method's update (``agrees`` not False)."""
     timed = [r for r in by.values() if r["model"] == "rnn" and r["method"] == method and r["impl"] == "fast"
-             and r["tol"] == tol and r["max_iter"] == max_iter and r["seconds_per_batch_median"] is not None]
+             and r["tol"] == tol and r["max_iter"] == max_iter and r["seconds_per_batch_median"] is not None
+             and not (agreeing and r.get("agrees") is False)]
     return min(timed, key=lambda r: r["seconds_per_batch_median"])["label"] if timed else None
 
 
@@ -524,6 +610,12 @@ def _ratio_rows(by: Dict[str, Dict[str, Any]]) -> Dict[str, tuple]:
         "rnn_lcp_di_best_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800), rbp),
         # Equal tolerance the other way: RBP brought to LCP-DI's 1e-6 and cap 800.
         "rnn_lcp_di_best_over_rbp_equal_tol_1e-6": (_fastest(by, "lcp-di", 1e-6, 800), _fastest(by, "rbp", 1e-6, 800)),
+        # The same three with every row competing, also those whose update differs from the method's.
+        "rnn_lcp_di_fastest_over_rbp": (_fastest(by, "lcp-di", 1e-6, 800, False), _fastest(by, "rbp", 1e-4, 200, False)),
+        "rnn_lcp_di_fastest_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800, False),
+                                                  _fastest(by, "rbp", 1e-4, 200, False)),
+        "rnn_lcp_di_fastest_over_rbp_equal_tol_1e-6": (_fastest(by, "lcp-di", 1e-6, 800, False),
+                                                       _fastest(by, "rbp", 1e-6, 800, False)),
         "ff_lcp_di_over_bp": ("ff-lcp-di", "ff-bp"),
         "ff_lcp_di_compile_over_bp": ("ff-lcp-di-compile", "ff-bp"),
     }
@@ -547,18 +639,25 @@ def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str
         "rnn_lcp_di_autograd_over_fast": over("rnn_lcp_di_autograd_over_fast"),
         "rnn_lcp_di_iterations_autograd_over_fast": _ratio(its("rnn-lcp-di-autograd"), its("rnn-lcp-di")),
         **{key: _ratio(sec(label), best_rbp) for key, label in LCP_DI_OVER_RBP.items()},
-        **{key: over(key) for key in ("rnn_lcp_di_best_over_rbp", "rnn_lcp_di_best_over_rbp_equal_tol",
-                                      "rnn_lcp_di_best_over_rbp_equal_tol_1e-6", "ff_lcp_di_over_bp",
-                                      "ff_lcp_di_compile_over_bp")},
+        **{key: over(key) for key in pairs if key != "rnn_lcp_di_autograd_over_fast"},
         "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
         "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),
     }
 
 
+def _agreement_cell(r: Dict[str, Any]) -> str:
+    """``0.999999 (12)``: the smallest cosine and the batches compared; ``*`` marks a row whose update
+    differs from its method's (below ``AGREEMENT``), which the headline ratios leave out."""
+    cos = r.get("update_cosine_vs_autograd")
+    if cos is None:
+        return "–"
+    return f"{cos:.6f} ({r.get('agreement_batches', 1)}){'' if r.get('agrees', True) else ' *'}"
+
+
 def format_table(result: Dict[str, Any]) -> str:
     """The rows and ratios as a Markdown table (also printed on the terminal)."""
     lines = ["| row | solver | tol | s/batch median | s/batch min | iterations | iters/sample | ms/iteration "
-             "| peak MB | inference s/batch | cos vs autograd | diverged batches |", "|" + "---|" * 12]
+             "| peak MB | inference s/batch | cos vs autograd (min, batches) | diverged batches |", "|" + "---|" * 12]
 
     def f(v, spec):
         return "–" if v is None else format(v, spec)
@@ -569,7 +668,7 @@ def format_table(result: Dict[str, Any]) -> str:
                      f"| {f(r['mean_sample_iterations'], '.1f')} "
                      f"| {f(r['seconds_per_iteration'] and 1000 * r['seconds_per_iteration'], '.3f')} "
                      f"| {f(r['peak_memory_mb'], '.1f')} | {f(r['inference_seconds_per_batch'], '.4f')} "
-                     f"| {f(r['update_cosine_vs_autograd'], '.6f')} | {r.get('diverged_batches', 0)} |")
+                     f"| {_agreement_cell(r)} | {r.get('diverged_batches', 0)} |")
     intervals = result.get("ratio_intervals_95", {})
 
     def interval(key):
