@@ -126,6 +126,9 @@ def test_bench_on_cuda_reads_the_allocators_peak_for_every_row():
     result = run_bench(config, rows)
     for r in result["rows"]:
         assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 0, r["label"]
-    # Constant memory in the number of iterations for LCP, linear growth for unrolled BPTT.
-    assert result["ratios"]["lcp_di_memory_800_over_100"] == pytest.approx(1.0, abs=0.1)
-    assert result["ratios"]["bptt_memory_800_over_100"] > 4.0
+    # Constant memory in the number of iterations for LCP; unrolled BPTT saves one float32 B × hidden
+    # tensor per step for its backward pass (1.37 MB over 700 steps here, counted on the CPU with
+    # saved-tensor hooks). The allocator's peak on an H200 grew by 1.08 MB: the bound takes half.
+    probes = result["memory_probes_mb"]
+    assert probes["lcp_di_800"] == pytest.approx(probes["lcp_di_100"], rel=0.1)
+    assert probes["bptt_800"] - probes["bptt_100"] >= 0.5 * 700 * config.batch_size * config.hidden * 4 / 2**20
