@@ -24,9 +24,10 @@ def parse(description: str, argv=None, add_arguments=None):
     return args, bench.BenchConfig(data_dir=args.data_dir, batches=args.batches, progress=False, memory=False)
 
 
-def rows_and_network(labels, config: bench.BenchConfig, refuse=None):
+def rows_and_network(labels, config: bench.BenchConfig, refuse=None, weights=None):
     """The bench rows named by ``labels``, the batches (``config.warmup`` untimed, then
-    ``config.batches`` timed) and the bench's starting RNN.
+    ``config.batches`` timed) and the bench's starting RNN (or, with ``weights``, the RNN with the
+    state_dict saved in that file: a starting network pretrained elsewhere, on the same batches).
 
     Exits before the pretraining (minutes) on an unknown label, listing the valid ones, and when
     ``refuse(rows)`` returns a message: a script that cannot measure some rows says so at once.
@@ -40,7 +41,11 @@ def rows_and_network(labels, config: bench.BenchConfig, refuse=None):
     if message:
         raise SystemExit(message)
     batches, pretraining = bench.split_batches(config, config.warmup + config.batches)
-    return rows, batches, bench._pretrained("rnn", config, pretraining)
+    if weights is None:
+        return rows, batches, bench._pretrained("rnn", config, pretraining)
+    net = bench._network("rnn", config)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return rows, batches, net
 
 
 def run_rows(description: str, profile, argv=None) -> None:
