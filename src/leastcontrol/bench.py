@@ -228,7 +228,7 @@ class _Trainer:
         torch.manual_seed(self.seed * 100_003 + self.steps_taken)   # LF's noise draws from the global generator
         self.steps_taken += 1
         sync()
-        if x.is_cuda:
+        if record and x.is_cuda:
             torch.cuda.reset_peak_memory_stats(x.device)
             held = torch.cuda.memory_allocated(x.device)
         t0 = time.perf_counter()
@@ -478,12 +478,13 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             "mean_sample_iterations": statistics.mean(t.sample_iterations) if timed else None,
             "seconds_per_iteration": med / iters if iters else None,
             "diverged_batches": t.diverged,
-            "peak_memory_mb": None,
+            # CUDA: the allocator's peak over the row's own timed batches, compiled rows included (the
+            # compiler's memory is host memory, not the device's). CPU: a fresh process's, below.
+            "peak_memory_mb": t.peak_mb,
             "inference_seconds_per_batch": _unless_diverged(t.inference_seconds, batches),
             **update_agreement(t.row, references),
         })
     by = {r["label"]: r for r in results}
-    by_trainer = {t.row.name: t for t in trainers}
     agreement = {}
     if {"rnn-lcp-di", "rnn-lcp-di-autograd"} <= set(by):
         agreement = paired_iterations(Row("rnn", "lcp-di"), Row("rnn", "lcp-di", impl="autograd"),
@@ -496,22 +497,21 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
                   "bptt_800": Row("rnn", "bptt", options={"max_iter": 800})}
         for key, row in tqdm(probes.items(), desc="memory", disable=not config.progress, leave=False):
             memory[key] = peak_memory_mb(row, config)
-        for r in tqdm(results, desc="memory per row", disable=not config.progress, leave=False):
+        # On CUDA every row already has its peak from its timed batches.
+        cpu_rows = results if config.device == "cpu" else []
+        for r in tqdm(cpu_rows, desc="memory per row", disable=not config.progress, leave=False):
             options = _row_options(rows, r["label"])
-            if config.device == "cuda":
-                # The allocator's peak over the row's own timed batches, compiled rows included
-                # (the compiler's memory is host memory, not the device's).
-                r["peak_memory_mb"] = by_trainer[r["label"]].peak_mb
             # On the CPU a compiled row's first batch measures the compiler (hundreds of MB), a later
             # one only the buffers left from the first; neither compares with the eager rows: none given.
-            elif not options.get("compile"):
+            if not options.get("compile"):
                 r["peak_memory_mb"] = peak_memory_mb(Row(r["model"], r["method"], r["impl"], options), config)
-    ratios = _ratios(by, memory)
+    pairs = _ratio_rows(by)
+    ratios = _ratios(by, pairs, memory)
     ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] = agreement.get("ratio")
     intervals = {key: ratio_interval(by[a]["seconds_per_batch"], by[b]["seconds_per_batch"], seed=config.seed)
-                 for key, (a, b) in _ratio_rows(by).items() if a in by and b in by}
+                 for key, (a, b) in pairs.items() if a in by and b in by}
     return {"config": asdict(config), "environment": environment(config), "rows": results, "memory_probes_mb": memory,
-            "ratio_rows": {key: list(pair) for key, pair in _ratio_rows(by).items()},
+            "ratio_rows": {key: list(pair) for key, pair in pairs.items()},
             "iteration_agreement": agreement, "ratios": ratios, "ratio_intervals_95": intervals}
 
 
@@ -621,14 +621,12 @@ def _ratio_rows(by: Dict[str, Dict[str, Any]]) -> Dict[str, tuple]:
     }
 
 
-def _ratios(by: Dict[str, Dict[str, Any]], memory: Dict[str, float]) -> Dict[str, Any]:
+def _ratios(by: Dict[str, Dict[str, Any]], pairs: Dict[str, tuple], memory: Dict[str, float]) -> Dict[str, Any]:
     def sec(label):
         return by[label]["seconds_per_batch_median"] if label in by else None
 
     def its(label):
         return by[label]["mean_iterations"] if label in by else None
-
-    pairs = _ratio_rows(by)
 
     def over(key):
         numerator, denominator = pairs[key]
