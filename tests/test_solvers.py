@@ -1,4 +1,6 @@
 """Fixed-point solvers: fixed points against closed forms, stats, failure modes."""
+import math
+
 import pytest
 import torch
 
@@ -322,24 +324,34 @@ def test_check_level_anderson_settles_what_plain_euler_circles_and_shortens_slow
     assert torch.allclose(mixed.state["s"], s_star, atol=1e-8)
 
 
-def _reference_mixes(runs, widths, memory, reg, restart):
+def _reference_mixes(runs, widths, memory, reg, restart, restarts):
     """Check-level Anderson, one sample at a time, straight from its definition: the stored runs
     (start x_j, end F_j) since the last restart, the newest ``memory``; α minimises
     ``‖Σ α_j W (F_j − x_j)‖² + reg·scale·‖α‖²`` with ``Σ α_j = 1``, ``W`` weighing each group by
-    ``1/‖end_g‖`` and ``scale`` the mean of the stored ``‖W G_j‖²``; the next start is ``Σ α_j F_j``,
-    or the best end so far when the residual rose above ``restart`` times the best."""
+    ``1/‖end_g‖`` and ``scale`` the mean of the stored ``‖W G_j‖²``; the next start is ``Σ α_j F_j``.
+    When the residual rises above ``restart`` times the best so far, the next start is the best end
+    and the store empties, ``restarts`` times (``None``: always); after that, the next such rise
+    makes every later start the plain end."""
     outs = []
     B = runs[0][0].shape[0]
     stored = [dict() for _ in range(B)]
     best = [float("inf")] * B
     best_end = [None] * B
+    left = [math.inf if restarts is None else restarts] * B
     for count, (start, end, res) in enumerate(runs):
         out = torch.empty_like(end)
         for b in range(B):
             r = float(res[b])
-            blown, best_before = r > restart * best[b], best[b]
-            if r < best_before:
+            blown = left[b] >= 0 and r > restart * best[b]
+            if r < best[b]:
                 best[b], best_end[b] = r, end[b].clone()
+            if blown:
+                left[b] -= 1
+                out[b], stored[b] = (best_end[b] if left[b] >= 0 else end[b]), {}
+                continue
+            if left[b] < 0:
+                out[b] = end[b]
+                continue
             stored[b][count % memory] = (end[b] - start[b], end[b].clone())
             parts = end[b].split(widths)
             w = torch.cat([torch.full((len(p),), 1.0 / float(p.norm()), dtype=F64) for p in parts])
@@ -350,33 +362,41 @@ def _reference_mixes(runs, widths, memory, reg, restart):
             a = torch.linalg.solve(gram, torch.ones(len(slots), dtype=F64))
             a = a / a.sum()
             out[b] = sum(a_j * stored[b][j][1] for a_j, j in zip(a, slots))
-            if blown:
-                out[b], stored[b] = best_end[b], {}
         outs.append(out)
     return outs
 
 
-def test_check_level_anderson_mix_matches_its_definition():
+@pytest.mark.parametrize("restarts", [None, 0, 1])
+def test_check_level_anderson_mix_matches_its_definition(restarts):
     """The mixer's next starts against a per-sample transcription of the method: groups weighed by
-    their own norms, a ring of ``memory`` runs, and one sample whose residual jumps (restart)."""
+    their own norms, a ring of ``memory`` runs, and one sample whose residual jumps twice: back to
+    its best point while it has returns left, plain Euler for good after that."""
     from leastcontrol.solvers import _check_mix, _group_members, _MixMemory
     g = torch.Generator().manual_seed(3)
     B, widths, memory, reg, restart = 3, (4, 3, 2), 2, 1e-8, 10.0
     runs = []
-    for step in range(5):
+    for step in range(8):
         start = torch.randn(B, sum(widths), generator=g, dtype=F64)
         end = start + 0.1 * torch.randn(B, sum(widths), generator=g, dtype=F64)
         res = torch.rand(B, generator=g, dtype=F64) * 0.1
-        if step == 3:
-            res[1] = 50.0  # far above its best: a restart
+        res[1] = {3: 50.0, 5: 5e3}.get(step, float(res[1]))   # far above its best, twice
         runs.append((start, end, res))
     for groups in (widths, None):
         member = _group_members(groups, sum(widths), "cpu")
-        stored = _MixMemory.empty(runs[0][0], memory, member.shape[1])
-        reference = _reference_mixes(runs, widths if groups else (sum(widths),), memory, reg, restart)
-        for (start, end, res), expected in zip(runs, reference):
+        stored = _MixMemory.empty(runs[0][0], memory, member.shape[1], restarts)
+        reference = _reference_mixes(runs, widths if groups else (sum(widths),), memory, reg, restart, restarts)
+        for step, ((start, end, res), expected) in enumerate(zip(runs, reference)):
             mixed, stored = _check_mix(stored, start, end, res, member, reg, restart)
             assert torch.allclose(mixed, expected, rtol=1e-10, atol=1e-12)
+            if step >= 1:   # two runs stored: the other samples are mixed
+                assert not torch.allclose(mixed[[0, 2]], end[[0, 2]])
+            # Sample 1 stops mixing at its first jump with no returns, at its second with one;
+            # with no limit it mixes again once two runs are stored after its last return.
+            stop = {0: 3, 1: 5}.get(restarts)
+            if stop is not None and step >= stop:
+                assert torch.equal(mixed[1], end[1])
+            if restarts is None and step == 7:
+                assert not torch.allclose(mixed[1], end[1])
 
 
 def test_check_level_anderson_before_its_start_is_plain_euler_and_is_validated():
@@ -390,6 +410,8 @@ def test_check_level_anderson_before_its_start_is_plain_euler_and_is_validated()
         Euler(anderson_memory=2, anderson_after=1.5)
     with pytest.raises(ConfigError, match="restart"):
         Euler(restart=1.0)
+    with pytest.raises(ConfigError, match="anderson_restarts"):
+        Euler(anderson_memory=2, anderson_restarts=-1)
 
 
 @pytest.mark.parametrize("compile", [False, True])

@@ -197,11 +197,14 @@ def test_skip_diverged_counts_the_batches_it_skips(monkeypatch):
 
 def test_anderson_settings_reach_the_euler_solver_and_bad_ones_fail_at_construction():
     from leastcontrol.cli import build_parser
-    args = build_parser().parse_args(["train", "--anderson-memory", "3", "--anderson-after", "40"])
-    assert (args.anderson_memory, args.anderson_after) == (3, 40)
-    method = TrainConfig(method="lcp-di", anderson_memory=3, anderson_after=40).build_method()
-    assert method.solver_options == {"anderson_memory": 3, "anderson_after": 40}
-    assert method._solver.anderson_memory == 3 and method._solver.anderson_after == 40
+    args = build_parser().parse_args(["train", "--anderson-memory", "3", "--anderson-after", "40",
+                                      "--anderson-restarts", "0"])
+    assert (args.anderson_memory, args.anderson_after, args.anderson_restarts) == (3, 40, 0)
+    method = TrainConfig(method="lcp-di", anderson_memory=3, anderson_after=40, anderson_restarts=0).build_method()
+    assert method.solver_options == {"anderson_memory": 3, "anderson_after": 40, "anderson_restarts": 0}
+    assert (method._solver.anderson_memory, method._solver.anderson_after, method._solver.anderson_restarts) == (3, 40, 0)
+    with pytest.raises(ConfigError, match="anderson_restarts"):
+        TrainConfig(method="lcp-di", anderson_memory=3, anderson_restarts=-1)
     with pytest.raises(ConfigError, match="anderson_memory"):
         TrainConfig(method="lcp-di", anderson_memory=-2)
     with pytest.raises(ConfigError, match="'bp' has none"):

@@ -47,8 +47,10 @@ LONG_PATIENCE = 300
 FAST_GAINS = {"alpha": 1.0, "k_i": 10.0}
 COMPILE = {"compile": True}
 # Euler with Anderson mixing at each convergence check (the map of check_every steps), from
-# step 60 for LCP-DI (past the bulk of its controlled phase) and 30 for RBP.
-ACCEL_LCP = {"solver_options": {"anderson_memory": 3, "anderson_after": 60}}
+# step 60 for LCP-DI (past the bulk of its controlled phase) and 30 for RBP. For LCP-DI a sample
+# whose residual jumps stops mixing at once (anderson_restarts 0): some trajectories pass a saddle,
+# where returning to the best point and mixing again traps them (solvers._check_mix).
+ACCEL_LCP = {"solver_options": {"anderson_memory": 3, "anderson_after": 60, "anderson_restarts": 0}}
 ACCEL_RBP = {"solver_options": {"anderson_memory": 3, "anderson_after": 30}}
 # Options that change the path to the controlled equilibrium, not the equilibrium: the update
 # cosine of a row compares with the research-code path at the published settings without them.
@@ -135,6 +137,10 @@ def default_rows() -> List[Row]:
                                           **extra}, label=f"rnn-lcp-di-gains-stall-accel{suffix}"),
             Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE, **ACCEL_LCP, **extra},
                 label=f"rnn-lcp-di-gains-tol1e-4-stall-accel{suffix}"),
+            Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": LONG_PATIENCE, **ACCEL_LCP,
+                                          **extra}, label=f"rnn-lcp-di-gains-stall300-accel{suffix}"),
+            Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": LONG_PATIENCE, **ACCEL_LCP, **extra},
+                label=f"rnn-lcp-di-gains-tol1e-4-stall300-accel{suffix}"),
         ]
     return rows
 
@@ -586,6 +592,8 @@ LCP_DI_OVER_RBP = {
     "rnn_lcp_di_gains_stall300_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-compile",
     "rnn_lcp_di_gains_accel_over_rbp": "rnn-lcp-di-gains-accel",
     "rnn_lcp_di_gains_accel_compile_over_rbp": "rnn-lcp-di-gains-accel-compile",
+    "rnn_lcp_di_gains_stall300_accel_compile_over_rbp": "rnn-lcp-di-gains-stall300-accel-compile",
+    "rnn_lcp_di_gains_stall300_accel_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-accel-compile",
 }
 
 

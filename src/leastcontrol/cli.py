@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="euler: mix the last M runs of --check-every steps at each check (Anderson "
                         "acceleration of the k-step map; 0/off: plain Euler)")
     g.add_argument("--anderson-after", type=int, help="euler: first step of that mixing (50)")
+    g.add_argument("--anderson-restarts", type=int,
+                   help="euler: times a sample whose residual jumps past 10x its best goes back to its best point "
+                        "and mixes again (no limit); after that it stops mixing (0: at the first jump)")
     g.add_argument("--check-stability", action=argparse.BooleanOptionalAction,
                    help="after every solve, estimate each sample's Euler-map spectral radius (30 Jacobian-vector "
                         "products) and warn when a solver (anderson, broyden) settled samples at fixed points the "

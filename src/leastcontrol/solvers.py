@@ -619,6 +619,9 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
     return torch.where(ok[:, None], alpha, 0.0), ok
 
 
+_UNLIMITED = 2 ** 62   # returns to the best point: more than any solve has checks
+
+
 class _MixMemory(NamedTuple):
     """What the check-level mix keeps per sample, oldest run first (see :func:`_check_mix`)."""
     F: torch.Tensor        # (B, m, N): the end points of the last m runs
@@ -627,16 +630,20 @@ class _MixMemory(NamedTuple):
     valid: torch.Tensor    # (B, m) bool: slots holding a run
     best: torch.Tensor     # (B,) float64: the smallest residual at a check so far
     best_z: torch.Tensor   # (B, N): the end point that had it
+    left: torch.Tensor     # (B,) int64: returns to the best point left; −1: mixing stopped for good
 
     @staticmethod
-    def empty(z: torch.Tensor, memory: int, groups: int) -> "_MixMemory":
-        """No run stored yet, for the flat states ``z`` (B, N)."""
+    def empty(z: torch.Tensor, memory: int, groups: int, restarts: int | None = None) -> "_MixMemory":
+        """No run stored yet, for the flat states ``z`` (B, N), each sample with ``restarts`` returns
+        (``None``: no limit)."""
         B, N = z.shape
         f64 = dict(dtype=torch.float64, device=z.device)
         return _MixMemory(F=z.new_zeros(B, memory, N), G=torch.zeros(B, memory, N, **f64),
                           P=torch.zeros(B, groups, memory, memory, **f64),
                           valid=torch.zeros(B, memory, dtype=torch.bool, device=z.device),
-                          best=torch.full((B,), math.inf, **f64), best_z=z.clone())
+                          best=torch.full((B,), math.inf, **f64), best_z=z.clone(),
+                          left=torch.full((B,), _UNLIMITED if restarts is None else restarts,
+                                          dtype=torch.int64, device=z.device))
 
     def subset(self, keep: torch.Tensor) -> "_MixMemory":
         return _MixMemory(*(t[keep] for t in self))
@@ -661,8 +668,17 @@ def _check_mix(memory: _MixMemory, start: torch.Tensor, end: torch.Tensor, res: 
     ``‖Σ α_j (F_j − x_j)‖`` with ``Σ α_j = 1``, each group (``member``, ``(N, groups)``) weighed by
     ``1/‖s_g‖``, the norm the stopping rule reads. Over ten steps the slow modes of the Euler map, a
     lightly damped rotation included, are few and well separated, so a small memory captures them;
-    the mixing costs a few small products per check, not per step. A sample whose residual grows
-    above ``restart`` times its best returns to its best end point with an empty memory.
+    the mixing costs a few small products per check, not per step.
+
+    A sample whose residual at a check rises above ``restart`` times its best returns to its best
+    end point with an empty memory, as long as it has returns left (``memory.left``, unlimited by
+    default); once they are spent, the next such rise stops its mixing for the rest of the solve
+    and it goes on with plain Euler steps from where it is. Returning is what settles a sample that
+    Euler circles (the mix overshoots while its memory is short, then converges). It is also what
+    traps a sample whose trajectory passes a saddle on its way to a stable root: the mix steers to
+    the saddle, a root Euler leaves, and returning to the best point, next to the saddle, repeats
+    the excursion every few checks without end. With no returns, Euler alone takes such a sample
+    on to its stable root.
 
     The residuals ``G_j = F_j − x_j`` are kept in float64 with their inner products per group,
     ``P[g, i, j] = G_{i,g} · G_{j,g}``. A mix adds the new run's row of these and weighs the groups
@@ -672,7 +688,9 @@ def _check_mix(memory: _MixMemory, start: torch.Tensor, end: torch.Tensor, res: 
     code runs eagerly and inside the compiled graph of the steps.
     """
     res = res.double()
-    blown = res > restart * memory.best
+    blown = (res > restart * memory.best) & (memory.left >= 0)
+    back = blown & (memory.left > 0)
+    left = torch.where(blown, memory.left - 1, memory.left)
     improved = res < memory.best
     best = torch.where(improved, res, memory.best)
     best_z = torch.where(improved[:, None], end, memory.best_z)
@@ -687,9 +705,9 @@ def _check_mix(memory: _MixMemory, start: torch.Tensor, end: torch.Tensor, res: 
     weight = (end * end).double() @ member        # ‖s_g‖² per sample and group
     gram = torch.einsum("bgij,bg->bij", P, weight.clamp_min(_TINY).reciprocal())
     alpha, ok = _anderson_weights(gram, valid, reg)
-    mixed = torch.where(ok[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), F).squeeze(1), end)
-    valid = valid & ~blown[:, None]
-    return torch.where(blown[:, None], best_z, mixed), _MixMemory(F, G, P, valid, best, best_z)
+    mixed = torch.where((ok & (left >= 0))[:, None], torch.bmm(alpha[:, None, :].to(end.dtype), F).squeeze(1), end)
+    valid = valid & ~blown[:, None] & (left >= 0)[:, None]
+    return torch.where(back[:, None], best_z, mixed), _MixMemory(F, G, P, valid, best, best_z, left)
 
 
 def _euler_steps_mixed(field, s, ctx, dt: float, n: int, groups, names, memory: _MixMemory,
@@ -725,8 +743,11 @@ class Euler(Solver):
     of a solve settle in fewer of them. With ``compile=True`` the mix runs in the steps' graph. The
     fixed point and the stopping rule are Euler's; only the path to it changes. ``restart``: a
     sample whose residual at a check exceeds this multiple of its best returns to its best point
-    with an empty memory; ``reg``: Tikhonov regularisation of the least squares, relative to their
-    scale.
+    with an empty memory; ``anderson_restarts``: how many times it may (``None``, default: no
+    limit); the next such rise stops its mixing and it goes on with plain Euler steps (0: the
+    first rise does). No limit settles samples that Euler circles; 0 keeps samples that pass a
+    saddle from being trapped there (:func:`_check_mix`). ``reg``: Tikhonov regularisation of the
+    least squares, relative to their scale.
 
     >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
     >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
@@ -737,7 +758,7 @@ class Euler(Solver):
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *, freeze: bool = True,
                  compile: bool = False, anderson_memory: int = 0, anderson_after: int = 50,
-                 restart: float = 10.0, reg: float = 1e-8, **kwargs):
+                 restart: float = 10.0, anderson_restarts: int | None = None, reg: float = 1e-8, **kwargs):
         super().__init__(dt, tol, max_iter, **kwargs)
         self.freeze = bool(freeze)
         if not isinstance(compile, bool):
@@ -750,7 +771,9 @@ class Euler(Solver):
         if not restart > 1:
             raise ConfigError(f"restart must be > 1, got {restart!r}")
         self.anderson_memory, self.anderson_after = anderson_memory, anderson_after
-        self.restart, self.reg = float(restart), float(reg)
+        if not (anderson_restarts is None or (isinstance(anderson_restarts, int) and anderson_restarts >= 0)):
+            raise ConfigError(f"anderson_restarts must be an integer >= 0 or None (no limit), got {anderson_restarts!r}")
+        self.restart, self.anderson_restarts, self.reg = float(restart), anderson_restarts, float(reg)
 
     def _run(self, steps, *args):
         """``steps(*args)``, through its compiled graph under ``compile``."""
@@ -774,7 +797,7 @@ class Euler(Solver):
                 if memory is None:
                     z = layout.pack(s)
                     member = _group_members(layout.flat_groups, z.shape[1], z.device)
-                    memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1])
+                    memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1], self.anderson_restarts)
                 args = (g_field, s, ctx, self.dt, n, self.groups, tuple(layout.names), memory, member,
                         self.reg, self.restart)
                 end, res, mixed, memory = self._run(_euler_steps_mixed, *args)

@@ -33,7 +33,7 @@ METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solv
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
 # Settings of the solver itself, passed to the method as its solver_options.
-SOLVER_OPTIONS = ("anderson_memory", "anderson_after", "check_stability")
+SOLVER_OPTIONS = ("anderson_memory", "anderson_after", "anderson_restarts", "check_stability")
 
 
 @dataclass
@@ -76,6 +76,7 @@ class TrainConfig:
     compile: Optional[bool] = None
     anderson_memory: Optional[int] = None   # euler: Anderson mixing at each check (solver_options)
     anderson_after: Optional[int] = None
+    anderson_restarts: Optional[int] = None   # euler: returns to the best point after a jump (None: no limit)
     check_stability: Optional[bool] = None  # every solve: flag fixed points the Euler dynamics leave (solver_options)
     warm_start_tol: Optional[float] = None
     controlled_residual: Optional[str] = None
