@@ -1,4 +1,5 @@
 """The fast path (flat fused steps, sample freezing, loose warm start) against the autograd reference."""
+import json
 import statistics
 
 import pytest
@@ -282,6 +283,19 @@ def test_bench_reports_a_row_whose_solves_diverge_and_times_the_others():
     assert bad["diverged_batches"] == config.batches and bad["seconds_per_batch_median"] is None
     assert bad["inference_seconds_per_batch"] is None
     assert good["diverged_batches"] == 0 and good["seconds_per_batch_median"] > 0
+
+
+def test_bench_runs_the_rows_asked_for_and_names_the_valid_ones(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--rows", "rnn-rbp", "rnn-lcp-di", "--batch-size", "8", "--hidden", "8", "--batches", "2",
+                 "--warmup", "1", "--pretrain", "1", "--no-memory", "--quiet", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["rows"]] == ["rnn-rbp", "rnn-lcp-di"]
+    ratios = result["ratios"]
+    assert ratios["rnn_lcp_di_over_rbp"] > 0 and ratios["ff_lcp_di_over_bp"] is None
+    assert main(["bench", "--rows", "rnn-rbp", "rnn-lcp-dj", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown bench row(s) rnn-lcp-dj" in err and "rnn-lcp-di-gains-stall300-accel-compile" in err
 
 
 def test_bench_cli_rejects_a_missing_gpu(capsys):

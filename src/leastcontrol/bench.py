@@ -160,8 +160,14 @@ class BenchConfig:
     seed: int = 0
     json_out: Optional[str] = None
     progress: bool = True
+    rows: Optional[List[str]] = None   # labels of the rows to run (None: every default row)
 
     def __post_init__(self):
+        if self.rows is not None:
+            known = [r.name for r in default_rows()]
+            unknown = [label for label in self.rows if label not in known]
+            if unknown or not self.rows:
+                raise ConfigError(f"unknown bench row(s) {', '.join(unknown) or '(none given)'}; rows: {', '.join(known)}")
         for key in ("batch_size", "hidden", "batches"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -690,8 +696,10 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def main_bench(config: BenchConfig) -> Dict[str, Any]:
-    """Run the benchmark, print the table, write ``json_out`` atomically."""
-    result = run_bench(config)
+    """Run the benchmark (the rows ``config.rows`` names, else all), print the table, write
+    ``json_out`` atomically. Ratios whose rows did not run are None."""
+    rows = None if config.rows is None else [r for r in default_rows() if r.name in config.rows]
+    result = run_bench(config, rows)
     print(format_table(result))
     if config.json_out:
         write_json(Path(config.json_out), result)

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hidden", type=_positive_int, default=256)
     b.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     b.add_argument("--json-out", default=None, help="write every figure and the ratios to this JSON file")
+    b.add_argument("--rows", nargs="+", default=None, metavar="LABEL",
+                   help="run only these rows (labels as in the table, e.g. rnn-rbp-compile rnn-lcp-di); "
+                        "ratios whose rows did not run are left empty")
     b.add_argument("--quiet", action="store_true")
 
     m = sub.add_parser("meta", help="meta-learning: the inner problem as an equilibrium, LCP against iMAML")
@@ -249,7 +252,8 @@ def _bench(args) -> int:
 
     config = BenchConfig(batch_size=args.batch_size, hidden=args.hidden, batches=args.batches, warmup=args.warmup,
                          pretrain=args.pretrain, data_dir=args.data_dir, device=args.device,
-                         memory=not args.no_memory, json_out=args.json_out, progress=not args.quiet)
+                         memory=not args.no_memory, json_out=args.json_out, progress=not args.quiet,
+                         rows=args.rows)
     main_bench(config)
     return 0
 
