@@ -7,6 +7,7 @@ import torch
 
 from leastcontrol import bench
 from leastcontrol.atomic import write_json
+from leastcontrol.errors import ConfigError
 
 
 def parse(description: str, argv=None, add_arguments=None):
@@ -32,11 +33,10 @@ def rows_and_network(labels, config: bench.BenchConfig, refuse=None, weights=Non
     Exits before the pretraining (minutes) on an unknown label, listing the valid ones, and when
     ``refuse(rows)`` returns a message: a script that cannot measure some rows says so at once.
     """
-    known = {r.name: r for r in bench.default_rows()}
-    unknown = [label for label in labels if label not in known]
-    if unknown:
-        raise SystemExit(f"unknown bench row(s) {', '.join(unknown)}; rows: {', '.join(known)}")
-    rows = [known[label] for label in labels]
+    try:
+        rows = bench.rows_named(labels)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
     message = refuse(rows) if refuse is not None else None
     if message:
         raise SystemExit(message)

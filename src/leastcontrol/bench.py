@@ -145,6 +145,19 @@ def default_rows() -> List[Row]:
     return rows
 
 
+def rows_named(labels: List[str]) -> List[Row]:
+    """The default rows with these labels, in the order given.
+
+    Raises:
+        ConfigError: a label that is no default row's (or none given), listing the valid ones.
+    """
+    known = {r.name: r for r in default_rows()}
+    unknown = [label for label in labels if label not in known]
+    if unknown or not labels:
+        raise ConfigError(f"unknown bench row(s) {', '.join(unknown) or '(none given)'}; rows: {', '.join(known)}")
+    return [known[label] for label in labels]
+
+
 @dataclass
 class BenchConfig:
     """Settings of a benchmark run; validated at construction."""
@@ -164,10 +177,7 @@ class BenchConfig:
 
     def __post_init__(self):
         if self.rows is not None:
-            known = [r.name for r in default_rows()]
-            unknown = [label for label in self.rows if label not in known]
-            if unknown or not self.rows:
-                raise ConfigError(f"unknown bench row(s) {', '.join(unknown) or '(none given)'}; rows: {', '.join(known)}")
+            rows_named(self.rows)
         for key in ("batch_size", "hidden", "batches"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -698,8 +708,7 @@ def format_table(result: Dict[str, Any]) -> str:
 def main_bench(config: BenchConfig) -> Dict[str, Any]:
     """Run the benchmark (the rows ``config.rows`` names, else all), print the table, write
     ``json_out`` atomically. Ratios whose rows did not run are None."""
-    rows = None if config.rows is None else [r for r in default_rows() if r.name in config.rows]
-    result = run_bench(config, rows)
+    result = run_bench(config, None if config.rows is None else rows_named(config.rows))
     print(format_table(result))
     if config.json_out:
         write_json(Path(config.json_out), result)
