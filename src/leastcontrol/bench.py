@@ -52,9 +52,11 @@ COMPILE = {"compile": True}
 # where returning to the best point and mixing again traps them (solvers._check_mix).
 ACCEL_LCP = {"solver_options": {"anderson_memory": 3, "anderson_after": 60, "anderson_restarts": 0}}
 ACCEL_RBP = {"solver_options": {"anderson_memory": 3, "anderson_after": 30}}
+# The controlled steps of the last few active samples in C (leastcontrol.native), with the bulk compiled.
+NATIVE = {"native": True, **COMPILE}
 # Options that change the path to the controlled equilibrium, not the equilibrium: the update
 # cosine of a row compares with the research-code path at the published settings without them.
-PATH_OPTIONS = ("solver", "solver_options", "patience", "alpha", "k_i", "warm_start_tol", "compile")
+PATH_OPTIONS = ("solver", "solver_options", "patience", "alpha", "k_i", "warm_start_tol", "compile", "native")
 
 
 @dataclass
@@ -142,6 +144,17 @@ def default_rows() -> List[Row]:
             Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": LONG_PATIENCE, **ACCEL_LCP, **extra},
                 label=f"rnn-lcp-di-gains-tol1e-4-stall300-accel{suffix}"),
         ]
+    # The tail of the controlled phase in C: the settings of the fastest compiled rows above.
+    stall300 = {**FAST_GAINS, "patience": LONG_PATIENCE}
+    rows += [
+        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-native"),
+        Row("rnn", "lcp-di", options={**stall300, "warm_start_tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-stall300-native"),
+        Row("rnn", "lcp-di", options={**stall300, "tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-tol1e-4-stall300-native"),
+        Row("rnn", "lcp-di", options={**stall300, "warm_start_tol": 1e-4, **ACCEL_LCP, **NATIVE},
+            label="rnn-lcp-di-gains-stall300-accel-native"),
+        Row("rnn", "lcp-di", options={**stall300, "tol": 1e-4, **ACCEL_LCP, **NATIVE},
+            label="rnn-lcp-di-gains-tol1e-4-stall300-accel-native"),
+    ]
     return rows
 
 
@@ -570,10 +583,12 @@ def ratio_interval(numerator: Dict[int, float], denominator: Dict[int, float], d
 
 
 def _solver_label(method: Method) -> str:
-    """The solver a row runs, with Euler's check-level Anderson memory when it mixes."""
+    """The solver a row runs, with Euler's check-level Anderson memory when it mixes and ``+native``
+    when the tail of the controlled phase runs in C."""
     name = getattr(method, "solver", "-")
     memory = (getattr(method, "solver_options", None) or {}).get("anderson_memory")
-    return f"{name}+anderson{memory}" if memory else name
+    name = f"{name}+anderson{memory}" if memory else name
+    return name + "+native" if getattr(method, "native", False) else name
 
 
 def _row_options(rows: List[Row], label: str) -> Dict[str, Any]:
@@ -610,6 +625,11 @@ LCP_DI_OVER_RBP = {
     "rnn_lcp_di_gains_accel_compile_over_rbp": "rnn-lcp-di-gains-accel-compile",
     "rnn_lcp_di_gains_stall300_accel_compile_over_rbp": "rnn-lcp-di-gains-stall300-accel-compile",
     "rnn_lcp_di_gains_stall300_accel_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-accel-compile",
+    "rnn_lcp_di_gains_native_over_rbp": "rnn-lcp-di-gains-native",
+    "rnn_lcp_di_gains_stall300_native_over_rbp": "rnn-lcp-di-gains-stall300-native",
+    "rnn_lcp_di_gains_stall300_native_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-native",
+    "rnn_lcp_di_gains_stall300_accel_native_over_rbp": "rnn-lcp-di-gains-stall300-accel-native",
+    "rnn_lcp_di_gains_stall300_accel_native_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-accel-native",
 }
 
 

@@ -619,6 +619,10 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, reg: float):
     return torch.where(ok[:, None], alpha, 0.0), ok
 
 
+# Active samples up to which a field's native steps run (Euler's native_batch): up to about 16 the C
+# loop of the recurrent network's controlled field beats the compiled PyTorch steps (docs/performance.md).
+NATIVE_BATCH = 16
+
 _UNLIMITED = 2 ** 62   # returns to the best point: more than any solve has checks
 
 
@@ -749,6 +753,12 @@ class Euler(Solver):
     saddle from being trapped there (:func:`_check_mix`). ``reg``: Tikhonov regularisation of the
     least squares, relative to their scale.
 
+    A field may carry its own steps in C, ``field.native_steps`` (the methods attach it with
+    ``native=True``; :mod:`leastcontrol.native`): a callable ``(z, context, dt, n, groups) ->
+    (z_n, residual)`` on the one flat buffer, with ``supports(groups)``. Once at most
+    ``native_batch`` samples are active, the runs between checks go through it instead of the
+    PyTorch steps: the last few samples of a solve, where a step costs its operations' dispatch.
+
     >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
     >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
     (True, 1.0)
@@ -758,8 +768,12 @@ class Euler(Solver):
 
     def __init__(self, dt: float = 1.0, tol: float = 1e-6, max_iter: int = 800, *, freeze: bool = True,
                  compile: bool = False, anderson_memory: int = 0, anderson_after: int = 50,
-                 restart: float = 10.0, anderson_restarts: int | None = None, reg: float = 1e-8, **kwargs):
+                 restart: float = 10.0, anderson_restarts: int | None = None, reg: float = 1e-8,
+                 native_batch: int = NATIVE_BATCH, **kwargs):
         super().__init__(dt, tol, max_iter, **kwargs)
+        if not (isinstance(native_batch, int) and native_batch >= 0):
+            raise ConfigError(f"native_batch must be an integer >= 0 (0: never native steps), got {native_batch!r}")
+        self.native_batch = native_batch
         self.freeze = bool(freeze)
         if not isinstance(compile, bool):
             raise ConfigError(f"compile must be True or False, got {compile!r}")
@@ -788,6 +802,11 @@ class Euler(Solver):
         ctx = context
         trace: List[float] = []
         memory = member = None   # of the check-level mix, from its first check on
+        # The field's steps in C, on its one flat buffer, where they compute the residual this solver reads.
+        native = getattr(field, "native_steps", None)
+        if native is not None and not (ctx is not None and len(layout.names) == 1 and native.supports(self.groups)):
+            native = None
+        key = layout.names[0]
         step = 0
         while step < self.max_iter:
             # Run to the next convergence check (every check_every steps, and at max_iter).
@@ -798,6 +817,12 @@ class Euler(Solver):
                     z = layout.pack(s)
                     member = _group_members(layout.flat_groups, z.shape[1], z.device)
                     memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1], self.anderson_restarts)
+            if native is not None and s[key].shape[0] <= self.native_batch:
+                end_z, res = native(s[key], ctx, self.dt, n, self.groups)
+                if mixing:
+                    mixed, memory = _check_mix(memory, s[key], end_z, res, member, self.reg, self.restart)
+                end = {key: end_z}
+            elif mixing:
                 args = (g_field, s, ctx, self.dt, n, self.groups, tuple(layout.names), memory, member,
                         self.reg, self.restart)
                 end, res, mixed, memory = self._run(_euler_steps_mixed, *args)

@@ -28,7 +28,7 @@ from .systems import SYSTEMS, EquilibriumSystem, get_system
 # Published settings (docs/LCP.md §4 and the research code's commands): gradient clipping 10
 # for the recurrent systems (RNN, DEQ).
 DEFAULT_GRAD_CLIP = {"rnn": 10.0, "deq": 10.0}
-METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "compile", "warm_start_tol",
+METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "compile", "native", "warm_start_tol",
                   "controlled_residual", "patience", "stall_tol",
                   "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
                   "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
@@ -74,6 +74,7 @@ class TrainConfig:
     check_every: Optional[int] = None
     impl: Optional[str] = None
     compile: Optional[bool] = None
+    native: Optional[bool] = None   # lcp-di/kp on the RNN: the controlled phase's last few samples in C
     anderson_memory: Optional[int] = None   # euler: Anderson mixing at each check (solver_options)
     anderson_after: Optional[int] = None
     anderson_restarts: Optional[int] = None   # euler: returns to the best point after a jump (None: no limit)

@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError, DataFormatError, DatasetNotFoundError
 from .base import Dataset
 from ..atomic import atomic_target
+from ..paths import user_cache_dir
 from .idx import is_gzip_bytes, read_idx
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ def resolve_data_dir(data_dir: PathArg = None, dataset_name: str = "mnist") -> P
         root = Path(env).expanduser()
         sub = root / dataset_name
         return sub if sub.is_dir() else root
-    cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
-    return base / "leastcontrol" / dataset_name
+    return user_cache_dir(dataset_name)
 
 
 def _offline() -> bool:

@@ -242,13 +242,19 @@ class EquilibriumMethod(Method):
         return solver.solve(lambda s: field(s, context), state0, None, labels)
 
     def _solve_flat(self, field, z0: torch.Tensor, context: Dict[str, Any], solver=None,
-                    populations: Dict[str, int] | None = None) -> SolveResult:
+                    populations: Dict[str, int] | None = None, native_steps=None) -> SolveResult:
         """:meth:`_solve` on one flat ``(B, N)`` buffer; ``field(z, context)`` returns ``ż``.
 
         ``populations`` (name -> width, in buffer order) names the culprit if the solve diverges.
+        ``native_steps``: the same field's steps in C (:mod:`leastcontrol.native`), which the Euler
+        solver runs on the last few active samples.
         """
         labels = {"z": list(populations.items())} if populations else None
-        res = self._solve(lambda d, c: {"z": field(d["z"], c)}, {"z": z0}, context, solver, labels)
+
+        def flat_field(d, c):
+            return {"z": field(d["z"], c)}
+        flat_field.native_steps = native_steps
+        res = self._solve(flat_field, {"z": z0}, context, solver, labels)
         return SolveResult(res.state["z"], res.stats)
 
     @torch.no_grad()

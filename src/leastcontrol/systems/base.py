@@ -257,6 +257,11 @@ class FlatOperator:
         self.shapes = {n: tuple(shapes[n]) for n in self.sizes}
         self.n_state = sum(self.sizes.values())
 
+    def native_controlled_steps(self, loss: str, alpha: float, k_i: float, k_p: float, inv_B: float):
+        """A native stepper of LCP's controlled field on this system
+        (:class:`~leastcontrol.native.RecurrentControlledSteps`), or ``None`` where there is none."""
+        return None
+
     def drive(self, x: torch.Tensor):
         """The input drive the other methods read (here: whatever ``encode`` returns)."""
         return self.system.encode(x)

@@ -162,6 +162,10 @@ class _RecurrentFlat(FlatOperator):
         vjp[:, :self.H] += (a @ self.back).mul_(slope)
         return vjp
 
+    def native_controlled_steps(self, loss, alpha, k_i, k_p, inv_B):
+        from ..native import RecurrentControlledSteps
+        return RecurrentControlledSteps(self, loss, alpha, k_i, k_p, inv_B)
+
 
 class FeedforwardEquilibrium(EquilibriumSystem):
     """A layered tanh network written as an equilibrium system.
