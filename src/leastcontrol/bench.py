@@ -52,7 +52,7 @@ COMPILE = {"compile": True}
 # where returning to the best point and mixing again traps them (solvers._check_mix).
 ACCEL_LCP = {"solver_options": {"anderson_memory": 3, "anderson_after": 60, "anderson_restarts": 0}}
 ACCEL_RBP = {"solver_options": {"anderson_memory": 3, "anderson_after": 30}}
-# The controlled steps of the last few active samples in C (leastcontrol.native), with the bulk compiled.
+# The steps of the last few active samples of each solve in C (leastcontrol.native), the bulk compiled.
 NATIVE = {"native": True, **COMPILE}
 # Options that change the path to the controlled equilibrium, not the equilibrium: the update
 # cosine of a row compares with the research-code path at the published settings without them.
@@ -144,9 +144,13 @@ def default_rows() -> List[Row]:
             Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": LONG_PATIENCE, **ACCEL_LCP, **extra},
                 label=f"rnn-lcp-di-gains-tol1e-4-stall300-accel{suffix}"),
         ]
-    # The tail of the controlled phase in C: the settings of the fastest compiled rows above.
+    # The tail of every solve in C (free phase, RBP's adjoint, LCP's controlled phase), the bulk
+    # compiled: RBP as published and at LCP's tolerance, LCP-DI with the settings of the fastest
+    # compiled rows above.
     stall300 = {**FAST_GAINS, "patience": LONG_PATIENCE}
     rows += [
+        Row("rnn", "rbp", options=dict(NATIVE), label="rnn-rbp-native"),
+        Row("rnn", "rbp", options={**rbp_tight, **NATIVE}, label="rnn-rbp-tol1e-6-native"),
         Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-native"),
         Row("rnn", "lcp-di", options={**stall300, "warm_start_tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-stall300-native"),
         Row("rnn", "lcp-di", options={**stall300, "tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-tol1e-4-stall300-native"),

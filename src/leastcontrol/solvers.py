@@ -516,6 +516,24 @@ class _Freezer:
             self.active_mark_res, self.active_mark_step = self.active_mark_res[keep], self.active_mark_step[keep]
         return False, keep
 
+    def absorb(self, final: Dict[str, torch.Tensor], res: torch.Tensor, stop_step: torch.Tensor,
+               stopped: torch.Tensor, mark_res: torch.Tensor, mark_step: torch.Tensor, step: int) -> torch.Tensor:
+        """Record a run that checked and stopped the active rows itself (Euler's native tail, :meth:`check`'s
+        rule applied at each of its checks): per active row its state ``final`` (at its stop, or now), its
+        last residual, the step of that check, whether it stopped, and the stall marks. Returns the
+        indices of the rows that go on."""
+        rows = self.active
+        for k, v in final.items():
+            self.out[k][rows] = v
+        self.final_res[rows], self.sample_steps[rows] = res, stop_step
+        if self.patience:
+            self.mark_step[rows] = mark_step
+        keep = (~stopped).nonzero().squeeze(1)
+        self.active, self.last_res, self.last_step = rows[keep], res[keep], step
+        if self.patience:
+            self.active_mark_res, self.active_mark_step = mark_res[keep], mark_step[keep]
+        return keep
+
     def result(self, final: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if not self.enabled:
             return final
@@ -817,6 +835,19 @@ class Euler(Solver):
                     z = layout.pack(s)
                     member = _group_members(layout.flat_groups, z.shape[1], z.device)
                     memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1], self.anderson_restarts)
+            if native is not None and s[key].shape[0] <= self.native_batch and frozen.enabled and not self.anderson_memory:
+                # The rest of the solve in one call: its checks and stopping rule run in C too.
+                run = native.run(s[key], ctx, self.dt, self.groups, step=step, check_every=self.check_every,
+                                 max_iter=self.max_iter, tol=self.tol, patience=self.patience,
+                                 stall_tol=self.stall_tol, stall_ratio=_STALL_RATIO,
+                                 mark_res=frozen.active_mark_res, mark_step=frozen.active_mark_step)
+                trace += run.trace
+                if run.diverged:
+                    raise SolverDivergedError(layout.first_nonfinite(layout.unpack(run.z)), run.step, self.name)
+                keep = frozen.absorb({key: run.z}, run.residual, run.stop_step, run.stopped, run.mark_res,
+                                     run.mark_step, run.step)
+                s, step = {key: run.z[keep]}, run.step
+                break
             if native is not None and s[key].shape[0] <= self.native_batch:
                 end_z, res = native(s[key], ctx, self.dt, n, self.groups)
                 if mixing:

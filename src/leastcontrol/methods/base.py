@@ -166,6 +166,13 @@ class EquilibriumMethod(Method):
         compile: run the ``check_every`` Euler steps between two convergence checks as one
             ``torch.compile`` graph (``euler`` solver, ``impl='fast'``; off by default). The first
             solve of each phase compiles, for seconds; see ``docs/performance.md`` for when it pays.
+        native: run the Euler steps of the last few active samples of a solve (at most the solver's
+            ``native_batch``, default 16), convergence checks included, as one C loop instead of
+            PyTorch operations (:mod:`leastcontrol.native`): the free phase, RBP's adjoint and the
+            controlled phase of LCP-DI/KP, on the recurrent network, on the CPU. Same field, same
+            stopping rule, iterates equal up to floating-point order. At a few samples each PyTorch
+            operation costs more in dispatch than in arithmetic, and the tail of a solve is many such
+            steps. Off by default; needs a C compiler (built once into the user cache).
         solver_options: further keyword settings of the solver, for every solve (e.g.
             ``{"warmup": 100, "memory": 10}`` for ``anderson``); checked at construction.
     """
@@ -180,6 +187,7 @@ class EquilibriumMethod(Method):
     stall_tol: float | None = None
     solver_options: Dict[str, Any] | None = None
     compile: bool = False
+    native: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -206,6 +214,11 @@ class EquilibriumMethod(Method):
         if self.compile and (self.solver != "euler" or self.impl != "fast"):
             raise ConfigError(f"compile runs the euler solver's steps on the fast path; got solver "
                               f"'{self.solver}', impl '{self.impl}' (use solver 'euler', impl 'fast', or drop compile)")
+        if not isinstance(self.native, bool):
+            raise ConfigError(f"native must be True or False, got {self.native!r}")
+        if self.native and (self.solver != "euler" or self.impl != "fast"):
+            raise ConfigError(f"native runs the euler solver's steps on the fast path; got solver '{self.solver}', "
+                              f"impl '{self.impl}' (use solver 'euler', impl 'fast', or drop native)")
         self._solver = self._make_solver(self.tol)
 
     def _make_solver(self, tol: float, groups=None, **defaults):
@@ -228,6 +241,20 @@ class EquilibriumMethod(Method):
         if self.impl == "autograd":
             return AutogradFlatOperator(system, feedback)
         return system.flat_operator(feedback)
+
+    def _native_steps(self, system: EquilibriumSystem, op: FlatOperator, phase: str, **settings):
+        """With ``native``, the C steps of this phase's field (:meth:`FlatOperator.native_steps`), else None.
+
+        Raises:
+            ConfigError: ``native`` on a system that has no C steps.
+        """
+        if not self.native:
+            return None
+        steps = op.native_steps(phase, **settings)
+        if steps is None:
+            raise ConfigError(f"native=True covers the recurrent network ('rnn'); {type(system).__name__} has no "
+                              "native steps; run without native")
+        return steps
 
     def _solve(self, field, state0, context: Dict[str, Any], solver=None, labels=None):
         """Run the solver on ``field(s, context)``; the context is batch-aligned data.
@@ -263,7 +290,8 @@ class EquilibriumMethod(Method):
         x = system.prepare_input(x)
         op = self._flat_operator(system)
         s0 = x.new_zeros(x.shape[0], op.n_state)
-        res = self._solve_flat(lambda s, c: op.f(s, c["drive"]), s0, {"drive": op.drive(x)}, solver, op.sizes)
+        res = self._solve_flat(lambda s, c: op.f(s, c["drive"]), s0, {"drive": op.drive(x)}, solver, op.sizes,
+                               native_steps=self._native_steps(system, op, "free"))
         state = op.unpack(res.state)
         if system.training:
             system.observe_equilibrium(state)

@@ -129,7 +129,8 @@ class RBP(EquilibriumMethod):
         # The state is fixed during the adjoint dynamics: its slopes are computed once, not per step.
         res = self._solve_flat(lambda lam, c: op.vjp_at(c["lin"], c["drive"], lam).add_(c["dL"]),
                                torch.zeros_like(s), {"drive": drive, "dL": dL_flat, "lin": op.linearize(s, drive)},
-                               self._adjoint_solver, populations=op.sizes)
+                               self._adjoint_solver, populations=op.sizes,
+                               native_steps=self._native_steps(system, op, "adjoint"))
         return SolveResult(op.unpack(res.state), res.stats)
 
     def gradients(self, system, x, y):

@@ -86,12 +86,6 @@ class LCPDI(EquilibriumMethod):
             ``u_int`` start at zero beside a large settled ``s``, that one can pass ``tol`` before
             the control has grown (a trained DEQ at tol 1e-4: after 10 steps, with an update at
             cosine 0.74 with the settled one).
-        native: run the controlled steps of the last few active samples (at most the Euler solver's
-            ``native_batch``, default 16) as one C loop per convergence check instead of PyTorch
-            operations (:mod:`leastcontrol.native`; the recurrent network, on the CPU). Same field,
-            same stopping rule, same fixed point to ``tol``; iterates equal up to floating-point order.
-            At that size each PyTorch operation costs more in dispatch than in arithmetic, so this is
-            where the tail of a solve spends its time. Off by default; needs a C compiler (built once).
         dt, tol, max_iter, solver: settings of the free and the controlled solves.
 
     >>> from leastcontrol.systems import RecurrentEquilibrium
@@ -107,15 +101,9 @@ class LCPDI(EquilibriumMethod):
     k_p: float = 0.0
     warm_start_tol: float | None = None
     controlled_residual: str = "per-population"
-    native: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.native, bool):
-            raise ConfigError(f"native must be True or False, got {self.native!r}")
-        if self.native and (self.solver != "euler" or self.impl != "fast"):
-            raise ConfigError(f"native runs the euler solver's steps on the fast path; got solver '{self.solver}', "
-                              f"impl '{self.impl}' (use solver 'euler', impl 'fast', or drop native)")
         _check_number("alpha", self.alpha)
         if self.warm_start_tol is not None:
             _check_number("warm_start_tol", self.warm_start_tol, allow_zero=True)
@@ -178,12 +166,8 @@ class LCPDI(EquilibriumMethod):
         context = {"drive": op.drive(x), "target": self._loss.dense_target(y, s0[:, n_e:])}
         populations = {**op.sizes, **{"e_" + k: w for k, w in op.sizes.items() if k != system.output_population},
                        "u_int": n_out}
-        native = None
-        if self.native:
-            native = op.native_controlled_steps(self._loss.name, self.alpha, self.k_i, self.k_p, inv_B)
-            if native is None:
-                raise ConfigError(f"native=True covers the recurrent network ('rnn'); {type(system).__name__} has "
-                                  "no native controlled steps; run without native")
+        native = self._native_steps(system, op, "controlled", loss=self._loss.name, alpha=self.alpha, k_i=self.k_i,
+                                    k_p=self.k_p, inv_B=inv_B)
         res = self._solve_flat(field, z0, context, self._controlled_solver((N, n_e, n_out)), populations=populations,
                                native_steps=native)
         z = res.state

@@ -59,8 +59,8 @@ class LCPLF(LCPDI):
     def __post_init__(self):
         super().__post_init__()
         if self.native:
-            raise ConfigError("native=True covers LCP-DI and LCP-KP; LCP-LF's controlled field (feedback "
-                              "through Q) has no native steps; run without native")
+            raise ConfigError("native=True covers the free phase, RBP and LCP-DI/KP; LCP-LF's controlled field "
+                              "(feedback through Q) has no native steps; run without native")
         for key in ("sigma", "tau_noise", "tau_q", "timescale"):
             _check_number(key, getattr(self, key))
         _check_number("wd_q", self.wd_q, allow_zero=True)

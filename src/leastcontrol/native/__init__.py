@@ -25,7 +25,7 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import NamedTuple, Sequence, Tuple
 
 import torch
 
@@ -33,7 +33,7 @@ from ..atomic import atomic_target
 from ..errors import ConfigError
 from ..paths import user_cache_dir
 
-SOURCE = Path(__file__).with_name("rnn_lcp.c")
+SOURCE = Path(__file__).with_name("rnn.c")
 # Optimise for the machine it runs on; keep IEEE semantics (no -ffast-math: sums are not reordered).
 _FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 _LOSSES = {"cross_entropy": 0, "mse": 1}
@@ -77,16 +77,21 @@ def library() -> ctypes.CDLL:
     cc = _compiler()
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), platform.platform().encode()])).hexdigest()[:16]
-    target = user_cache_dir("native", f"rnn_lcp-{key}.so")
+    target = user_cache_dir("native", f"rnn-{key}.so")
     if not target.exists():
         _build(cc, target)
     lib = ctypes.CDLL(str(target))
-    lib.lc_work_size.restype = ctypes.c_long
-    lib.lc_work_size.argtypes = [ctypes.c_int] * 3
+    lib.lc_pad.restype, lib.lc_pad.argtypes = ctypes.c_int, [ctypes.c_int]
+    lib.lc_steps_work.restype, lib.lc_steps_work.argtypes = ctypes.c_long, [ctypes.c_int] * 3
+    lib.lc_run_work.restype, lib.lc_run_work.argtypes = ctypes.c_long, [ctypes.c_int] * 4
+    ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     for suffix, real in _DTYPES.values():
-        fn = getattr(lib, "lc_rnn_lcp_steps" + suffix)
-        fn.restype = None
-        fn.argtypes = [ctypes.c_int] * 4 + [real] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 7
+        steps = getattr(lib, "lc_rnn_steps" + suffix)
+        steps.restype = None
+        steps.argtypes = [i32] * 5 + [real] * 5 + [i32] * 2 + [ptr] * 7
+        run = getattr(lib, "lc_rnn_run" + suffix)
+        run.restype = i32
+        run.argtypes = [i32] * 4 + [real] * 5 + [i32] * 2 + [ptr, i32, i32, f64, i32, f64, f64] + [ptr] * 11 + [i32, ptr, ptr]
     return lib
 
 
@@ -96,25 +101,36 @@ def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-class RecurrentControlledSteps:
-    """``n`` Euler steps of LCP's controlled field on the recurrent network, in C, in place.
+class TailRun(NamedTuple):
+    """The outcome of :meth:`RecurrentSteps.run`, per sample of the rows it was given."""
+    z: torch.Tensor           # a stopped sample's state at its stop, the others' at the end
+    residual: torch.Tensor    # (B,) float64: at each sample's last check
+    stop_step: torch.Tensor   # (B,) float64: the step of that check
+    stopped: torch.Tensor     # (B,) bool: stopped by the rule (else it reached max_iter)
+    mark_res: torch.Tensor    # (B,) float64: the stall rule's marks, updated
+    mark_step: torch.Tensor
+    trace: list               # the largest residual over the running samples at each check
+    step: int                 # where the run ended
+    diverged: bool            # a residual was not finite at the last check
 
-    The field on ``z = [v | o | e | u_int]`` (``(B, 2N)``, ``N = H + K``):
 
-        ż = [f(s) + ψ,  φ'(v) ⊙ (ψ M)_hidden − e,  −(∇_o L/B + α u_int)],   ψ = [e | k_i u_int − k_p ∇_o L/B]
+class RecurrentSteps:
+    """Euler steps of one of the recurrent network's fields, in C, on a flat ``(B, width)`` state.
 
-    with ``f(s) = φ(v) [W; D]ᵀ + drive − s`` and ``M`` the way back (``[W; D]``, or KP's feedback
-    weights). Built from the flat operator of
-    :class:`~leastcontrol.systems.networks.RecurrentEquilibrium` (its ``forward_t`` and ``back``).
+    Built from the flat operator of :class:`~leastcontrol.systems.networks.RecurrentEquilibrium` (its
+    ``forward_t = [W; D]ᵀ`` and ``back``: ``[W; D]`` or KP's feedback weights). The subclasses name the
+    field: :class:`FreeSteps` ``ṡ = f(s)``, :class:`AdjointSteps` (RBP) and :class:`ControlledSteps`
+    (LCP-DI/KP); ``f(s) = φ(v) [W; D]ᵀ + drive − s``.
 
-    Args:
-        op: the network's flat operator. loss: ``cross_entropy`` or ``mse``.
-        alpha, k_i, k_p: the controller. inv_B: ``1/B`` of the full batch (the batch-mean loss).
     Raises:
-        ConfigError: the tensors are not on the CPU in float32 or float64, or no C compiler.
+        ConfigError: the weights are not on the CPU in float32 or float64, or no C compiler.
     """
 
-    def __init__(self, op, loss: str, alpha: float, k_i: float, k_p: float, inv_B: float):
+    kind = -1
+    groups: Tuple[int, ...] | None = None   # the per-population residual it computes besides the joint one
+
+    def __init__(self, op, alpha: float = 0.0, k_i: float = 0.0, k_p: float = 0.0, inv_B: float = 0.0,
+                 loss: str = "cross_entropy"):
         dtype = op.forward_t.dtype
         if op.forward_t.device.type != "cpu" or dtype not in _DTYPES:
             raise ConfigError(f"native=True runs on the CPU in float32 or float64; got {op.forward_t.device.type} "
@@ -123,7 +139,8 @@ class RecurrentControlledSteps:
             raise ConfigError(f"native=True covers the losses {', '.join(_LOSSES)}; got '{loss}'; run without native")
         self.lib = library()
         suffix, self.real = _DTYPES[dtype]
-        self.fn = getattr(self.lib, "lc_rnn_lcp_steps" + suffix)
+        self.steps_fn = getattr(self.lib, "lc_rnn_steps" + suffix)
+        self.run_fn = getattr(self.lib, "lc_rnn_run" + suffix)
         self.H = op.H
         self.N = op.forward_t.shape[1]
         self.K = self.N - self.H
@@ -132,24 +149,101 @@ class RecurrentControlledSteps:
         self.Bk = _pad_columns(op.back, pad(self.H))               # (N, Hp)
         self.constants = tuple(self.real(v) for v in (alpha, k_i, k_p, inv_B))
         self.loss = _LOSSES[loss]
-        self.groups = (self.N, self.H, self.K)
-        self.work = None   # scratch, sized by the first (largest) batch of a solve
+        self.work = None   # scratch of __call__, sized by the first (largest) batch of a solve
+
+    def context(self, context) -> Tuple[torch.Tensor, torch.Tensor | None]:
+        """The two context rows the C field reads, contiguous."""
+        raise NotImplementedError
 
     def supports(self, groups: Sequence[int] | None) -> bool:
-        """Whether the residual the solver reads (``groups``: per population, or one over ``z``) is one this computes."""
-        return groups is None or tuple(groups) == self.groups
+        """Whether the residual the solver reads (``groups``: per population, or one over the row) is one this computes."""
+        return groups is None or (self.groups is not None and tuple(groups) == self.groups)
+
+    def _args(self, dt):
+        return (self.real(dt), *self.constants, self.loss)
 
     def __call__(self, z: torch.Tensor, context, dt: float, n: int,
                  groups: Sequence[int] | None) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(z_n, residual)``: ``n`` steps from ``z`` (not modified) and each sample's relative residual of
-        the last step, ``dt·‖g‖/‖z_{n−1}‖`` over ``groups`` (largest over the three populations, or one over ``z``)."""
+        the last step, ``dt·‖g‖/‖z_{n−1}‖`` over ``groups`` (the largest over the populations, or one over the row)."""
         z = z.contiguous().clone()
-        drive, target = context["drive"].contiguous(), context["target"].contiguous()
+        c1, c2 = self.context(context)
         B = z.shape[0]
-        if self.work is None or self.work.numel() < self.lib.lc_work_size(B, self.H, self.K):
-            self.work = z.new_empty(int(self.lib.lc_work_size(B, self.H, self.K)))
+        size = int(self.lib.lc_steps_work(B, self.H, self.K))
+        if self.work is None or self.work.numel() < size:
+            self.work = z.new_empty(size)
         res = z.new_empty(B)
-        self.fn(B, self.H, self.K, n, self.real(dt), *self.constants, self.loss, groups is None,
-                z.data_ptr(), drive.data_ptr(), target.data_ptr(), self.Ft.data_ptr(), self.Bk.data_ptr(),
-                res.data_ptr(), self.work.data_ptr())
+        self.steps_fn(self.kind, B, self.H, self.K, n, *self._args(dt), groups is None, z.data_ptr(), c1.data_ptr(),
+                      0 if c2 is None else c2.data_ptr(), self.Ft.data_ptr(), self.Bk.data_ptr(), res.data_ptr(),
+                      self.work.data_ptr())
         return z, res
+
+    def run(self, z: torch.Tensor, context, dt: float, groups: Sequence[int] | None, *, step: int,
+            check_every: int, max_iter: int, tol: float, patience: int | None, stall_tol: float,
+            stall_ratio: float, mark_res: torch.Tensor, mark_step: torch.Tensor) -> TailRun:
+        """Euler's loop on these samples to the end of the solve, its convergence checks and stopping
+        rule included (:class:`~leastcontrol.solvers.Solver`'s ``tol``, ``patience``, ``stall_tol``),
+        in one call: what the solver would do check by check, without a return to Python per check."""
+        B = z.shape[0]
+        z = z.contiguous().clone()
+        c1, c2 = self.context(context)
+        f64 = dict(dtype=torch.float64)
+        res, stop_step = torch.empty(B, **f64), torch.empty(B, **f64)
+        mark_res, mark_step = mark_res.double().clone(), mark_step.double().clone()
+        stopped = torch.empty(B, dtype=torch.int32)
+        trace = torch.empty((max_iter - step) // check_every + 2, **f64)
+        work = z.new_empty(int(self.lib.lc_run_work(self.kind, B, self.H, self.K)))
+        step_c, n_trace = ctypes.c_int(step), ctypes.c_int(0)
+        status = self.run_fn(self.kind, B, self.H, self.K, *self._args(dt), groups is None, ctypes.byref(step_c),
+                             check_every, max_iter, tol, patience or 0, min(stall_tol, 1e308), stall_ratio,
+                             z.data_ptr(), c1.data_ptr(), 0 if c2 is None else c2.data_ptr(), self.Ft.data_ptr(),
+                             self.Bk.data_ptr(), res.data_ptr(), mark_res.data_ptr(), mark_step.data_ptr(),
+                             stop_step.data_ptr(), stopped.data_ptr(), trace.data_ptr(), trace.numel(),
+                             ctypes.byref(n_trace), work.data_ptr())
+        return TailRun(z, res, stop_step, stopped.bool(), mark_res, mark_step, trace[:n_trace.value].tolist(),
+                       step_c.value, status != 0)
+
+
+class FreeSteps(RecurrentSteps):
+    """The free dynamics ``ṡ = f(s)`` on ``s = [v | o]``; context ``drive``."""
+
+    kind = 1
+
+    def context(self, context):
+        return context["drive"].contiguous(), None
+
+
+class AdjointSteps(RecurrentSteps):
+    """RBP's adjoint dynamics at the free state, ``λ̇ = −λ + [φ'(v°) ⊙ (λ [W; D]) | 0] + ∇_s L``;
+    context ``lin`` (``φ'(v°)``, ``(B, H)``) and ``dL``."""
+
+    kind = 2
+
+    def context(self, context):
+        return context["lin"].contiguous(), context["dL"].contiguous()
+
+
+class ControlledSteps(RecurrentSteps):
+    """LCP's controlled dynamics on ``z = [v | o | e | u_int]`` (``(B, 2N)``, ``N = H + K``):
+
+        ż = [f(s) + ψ,  φ'(v) ⊙ (ψ M)_hidden − e,  −(∇_o L/B + α u_int)],   ψ = [e | k_i u_int − k_p ∇_o L/B]
+
+    ``M`` the way back (``[W; D]``, or KP's feedback weights); context ``drive`` and ``target`` (dense).
+
+    Args:
+        op: the network's flat operator. loss: ``cross_entropy`` or ``mse``.
+        alpha, k_i, k_p: the controller. inv_B: ``1/B`` of the full batch (the batch-mean loss).
+    """
+
+    kind = 0
+
+    def __init__(self, op, loss: str, alpha: float, k_i: float, k_p: float, inv_B: float):
+        super().__init__(op, alpha, k_i, k_p, inv_B, loss)
+        self.groups = (self.N, self.H, self.K)
+
+    def context(self, context):
+        return context["drive"].contiguous(), context["target"].contiguous()
+
+
+# The fields a system's flat operator can hand out (FlatOperator.native_steps), by phase.
+PHASES = {"free": FreeSteps, "adjoint": AdjointSteps, "controlled": ControlledSteps}

@@ -257,9 +257,9 @@ class FlatOperator:
         self.shapes = {n: tuple(shapes[n]) for n in self.sizes}
         self.n_state = sum(self.sizes.values())
 
-    def native_controlled_steps(self, loss: str, alpha: float, k_i: float, k_p: float, inv_B: float):
-        """A native stepper of LCP's controlled field on this system
-        (:class:`~leastcontrol.native.RecurrentControlledSteps`), or ``None`` where there is none."""
+    def native_steps(self, phase: str, **settings):
+        """The Euler steps in C of one of this system's fields (``phase``: ``free``, ``adjoint`` or
+        ``controlled``; :mod:`leastcontrol.native`), or ``None`` where there are none."""
         return None
 
     def drive(self, x: torch.Tensor):

@@ -162,9 +162,9 @@ class _RecurrentFlat(FlatOperator):
         vjp[:, :self.H] += (a @ self.back).mul_(slope)
         return vjp
 
-    def native_controlled_steps(self, loss, alpha, k_i, k_p, inv_B):
-        from ..native import RecurrentControlledSteps
-        return RecurrentControlledSteps(self, loss, alpha, k_i, k_p, inv_B)
+    def native_steps(self, phase, **settings):
+        from ..native import PHASES
+        return PHASES[phase](self, **settings)
 
 
 class FeedforwardEquilibrium(EquilibriumSystem):
