@@ -152,6 +152,26 @@ def test_native_gives_the_pytorch_update(kind):
         assert plain.stats["stalled_fraction_controlled"] == 1.0 and plain.stats["iterations_controlled"] < 600
 
 
+@pytest.mark.parametrize("mix, native_batch", [
+    ({"anderson_memory": 3, "anderson_after": 20}, 3),   # mixing starts in PyTorch, the memory goes to C
+    ({"anderson_memory": 4, "anderson_after": 30, "restart": 1.001, "anderson_restarts": 2}, 64),   # returns
+    ({"anderson_memory": 4, "anderson_after": 30, "restart": 1.001, "anderson_restarts": 0}, 5),    # mixing stops
+])
+def test_native_check_level_mix_gives_the_pytorch_update(mix, native_batch):
+    """Euler's check-level Anderson mix run inside the C loop gives the PyTorch mix's update and counts,
+    on a slow controller where the mix halves the steps and samples jump past the restart factor."""
+    net = tiny_rnn(w_scale=1.6)
+    x, y = batch(B=6)
+    settings = {"alpha": 0.05, "k_i": 0.2, "tol": 1e-9, "max_iter": 800}
+    plain_euler = get_method("lcp-di", **settings).gradients(net, x, y)
+    outs = [get_method("lcp-di", native=n, solver_options={**mix, "native_batch": native_batch}, **settings)
+            .gradients(net, x, y) for n in (False, True)]
+    assert outs[0].stats["iterations"] < plain_euler.stats["iterations"]   # the mix is doing something
+    assert rel_err(outs[1].grads, outs[0].grads) < 1e-8
+    for key in ("iterations", "sample_iterations", "iterations_controlled", "converged_fraction_controlled"):
+        assert outs[1].stats[key] == outs[0].stats[key], key
+
+
 def test_native_float32_agrees_with_pytorch_to_rounding():
     net = tiny_rnn().float()
     x, y = batch(B=4)

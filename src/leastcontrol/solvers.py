@@ -825,22 +825,29 @@ class Euler(Solver):
         if native is not None and not (ctx is not None and len(layout.names) == 1 and native.supports(self.groups)):
             native = None
         key = layout.names[0]
+
+        def empty_memory():
+            z = layout.pack(s)
+            member = _group_members(layout.flat_groups, z.shape[1], z.device)
+            return member, _MixMemory.empty(z, self.anderson_memory, member.shape[1], self.anderson_restarts)
         step = 0
         while step < self.max_iter:
             # Run to the next convergence check (every check_every steps, and at max_iter).
             n = min(self.check_every - step % self.check_every, self.max_iter - step)
             mixing = self.anderson_memory and self.anderson_after <= step + n < self.max_iter
-            if mixing:
-                if memory is None:
-                    z = layout.pack(s)
-                    member = _group_members(layout.flat_groups, z.shape[1], z.device)
-                    memory = _MixMemory.empty(z, self.anderson_memory, member.shape[1], self.anderson_restarts)
-            if native is not None and s[key].shape[0] <= self.native_batch and frozen.enabled and not self.anderson_memory:
-                # The rest of the solve in one call: its checks and stopping rule run in C too.
+            if mixing and memory is None:
+                member, memory = empty_memory()
+            if native is not None and s[key].shape[0] <= self.native_batch and frozen.enabled:
+                # The rest of the solve in one call: its checks, stopping rule and mix run in C too.
+                mix = None
+                if self.anderson_memory:
+                    if memory is None:   # not mixing yet: the empty memory of the first mixing check
+                        member, memory = empty_memory()
+                    mix = (memory, self.anderson_after, self.reg, self.restart)
                 run = native.run(s[key], ctx, self.dt, self.groups, step=step, check_every=self.check_every,
                                  max_iter=self.max_iter, tol=self.tol, patience=self.patience,
                                  stall_tol=self.stall_tol, stall_ratio=_STALL_RATIO,
-                                 mark_res=frozen.active_mark_res, mark_step=frozen.active_mark_step)
+                                 mark_res=frozen.active_mark_res, mark_step=frozen.active_mark_step, mix=mix)
                 trace += run.trace
                 if run.diverged:
                     raise SolverDivergedError(layout.first_nonfinite(layout.unpack(run.z)), run.step, self.name)

@@ -91,7 +91,8 @@ def library() -> ctypes.CDLL:
         steps.argtypes = [i32] * 5 + [real] * 5 + [i32] * 2 + [ptr] * 7
         run = getattr(lib, "lc_rnn_run" + suffix)
         run.restype = i32
-        run.argtypes = [i32] * 4 + [real] * 5 + [i32] * 2 + [ptr, i32, i32, f64, i32, f64, f64] + [ptr] * 11 + [i32, ptr, ptr]
+        run.argtypes = ([i32] * 4 + [real] * 5 + [i32] * 2 + [ptr, i32, i32, f64, i32, f64, f64] + [ptr] * 11
+                        + [i32, ptr, ptr] + [i32, i32, f64, f64] + [ptr] * 8)
     return lib
 
 
@@ -180,10 +181,14 @@ class RecurrentSteps:
 
     def run(self, z: torch.Tensor, context, dt: float, groups: Sequence[int] | None, *, step: int,
             check_every: int, max_iter: int, tol: float, patience: int | None, stall_tol: float,
-            stall_ratio: float, mark_res: torch.Tensor, mark_step: torch.Tensor) -> TailRun:
+            stall_ratio: float, mark_res: torch.Tensor, mark_step: torch.Tensor, mix=None) -> TailRun:
         """Euler's loop on these samples to the end of the solve, its convergence checks and stopping
         rule included (:class:`~leastcontrol.solvers.Solver`'s ``tol``, ``patience``, ``stall_tol``),
-        in one call: what the solver would do check by check, without a return to Python per check."""
+        in one call: what the solver would do check by check, without a return to Python per check.
+
+        ``mix``: ``(memory, after, reg, restart)`` for Euler's check-level Anderson mix
+        (:func:`~leastcontrol.solvers._check_mix`, memory a ``_MixMemory`` of these rows), or None.
+        """
         B = z.shape[0]
         z = z.contiguous().clone()
         c1, c2 = self.context(context)
@@ -194,12 +199,22 @@ class RecurrentSteps:
         trace = torch.empty((max_iter - step) // check_every + 2, **f64)
         work = z.new_empty(int(self.lib.lc_run_work(self.kind, B, self.H, self.K)))
         step_c, n_trace = ctypes.c_int(step), ctypes.c_int(0)
+        if mix is None:
+            mix_args = (0, 0, 0.0, 0.0) + (None,) * 8
+        else:
+            memory, after, reg, restart = mix
+            m = memory.F.shape[1]
+            mem = [memory.F.contiguous().clone(), memory.G.contiguous().clone(), memory.P.contiguous().clone(),
+                   memory.valid.to(torch.int32), memory.best.clone(), memory.best_z.contiguous().clone(),
+                   memory.left.clone()]
+            scratch = torch.empty(z.shape[1] + m * (m + 4) + B * z.shape[1], **f64)
+            mix_args = (m, after, reg, restart) + tuple(t.data_ptr() for t in mem) + (scratch.data_ptr(),)
         status = self.run_fn(self.kind, B, self.H, self.K, *self._args(dt), groups is None, ctypes.byref(step_c),
                              check_every, max_iter, tol, patience or 0, min(stall_tol, 1e308), stall_ratio,
                              z.data_ptr(), c1.data_ptr(), 0 if c2 is None else c2.data_ptr(), self.Ft.data_ptr(),
                              self.Bk.data_ptr(), res.data_ptr(), mark_res.data_ptr(), mark_step.data_ptr(),
                              stop_step.data_ptr(), stopped.data_ptr(), trace.data_ptr(), trace.numel(),
-                             ctypes.byref(n_trace), work.data_ptr())
+                             ctypes.byref(n_trace), work.data_ptr(), *mix_args)
         return TailRun(z, res, stop_step, stopped.bool(), mark_res, mark_step, trace[:n_trace.value].tolist(),
                        step_c.value, status != 0)
 

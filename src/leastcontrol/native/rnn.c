@@ -248,6 +248,100 @@ void LC_FN(lc_rnn_steps)(int kind, int B, int H, int K, int n, LC_REAL dt, LC_RE
     }
 }
 
+/* Solve the m x m system A w = rhs in place by Gaussian elimination with partial pivoting; returns
+ * 0, or 1 where a pivot is exactly zero (LAPACK's info > 0). */
+static int LC_FN(solve_small)(int m, double *A, double *rhs)
+{
+    for (int c = 0; c < m; ++c) {
+        int p = c;
+        for (int r = c + 1; r < m; ++r) if (fabs(A[r * m + c]) > fabs(A[p * m + c])) p = r;
+        if (A[p * m + c] == 0) return 1;
+        if (p != c) {
+            for (int k = 0; k < m; ++k) { double t = A[c * m + k]; A[c * m + k] = A[p * m + k]; A[p * m + k] = t; }
+            double t = rhs[c]; rhs[c] = rhs[p]; rhs[p] = t;
+        }
+        for (int r = c + 1; r < m; ++r) {
+            const double f = A[r * m + c] / A[c * m + c];
+            for (int k = c; k < m; ++k) A[r * m + k] -= f * A[c * m + k];
+            rhs[r] -= f * rhs[c];
+        }
+    }
+    for (int c = m - 1; c >= 0; --c) {
+        double v = rhs[c];
+        for (int k = c + 1; k < m; ++k) v -= A[c * m + k] * rhs[k];
+        rhs[c] = v / A[c * m + c];
+    }
+    return 0;
+}
+
+/* The check-level Anderson mix of one sample, as leastcontrol.solvers._check_mix computes it: the
+ * run start -> end (row of W, residual res at the check) joins the sample's memory (F: the ends of
+ * its last m runs; G, float64: their residuals end - start; P: their inner products per group;
+ * valid; best and best_z; left: returns to the best point left, -1: mixing stopped), and the row
+ * end is replaced by where the sample goes on from: the mix of the stored ends whose weights
+ * minimise the norm of the mixed residual (each group weighed by 1/||end_g||^2), or its best
+ * point after a jump past restart times its best residual. scratch: W + m (m + groups + 1) doubles. */
+static void LC_FN(mix)(int W, int m, int groups, const int *widths, double reg, double restart,
+                       const LC_REAL *start, LC_REAL *end, double res, LC_REAL *F, double *G, double *P,
+                       int *valid, double *best, LC_REAL *best_z, long long *left, double *scratch)
+{
+    const double tiny = 1e-30;
+    double *g = scratch, *gram = g + W, *w = gram + m * m, *row = w + m;
+    const int blown = res > restart * *best && *left >= 0;
+    const int back = blown && *left > 0;
+    if (blown) *left -= 1;
+    if (res < *best) { *best = res; memcpy(best_z, end, sizeof(LC_REAL) * W); }
+    for (int j = 0; j < W; ++j) g[j] = (double)(LC_REAL)(end[j] - start[j]);
+    /* the new run replaces the oldest: shift the slots down, the run goes last */
+    memmove(F, F + W, sizeof(LC_REAL) * (size_t)(m - 1) * W);
+    memcpy(F + (long)(m - 1) * W, end, sizeof(LC_REAL) * W);
+    memmove(G, G + W, sizeof(double) * (size_t)(m - 1) * W);
+    memcpy(G + (long)(m - 1) * W, g, sizeof(double) * W);
+    memmove(valid, valid + 1, sizeof(int) * (m - 1));
+    valid[m - 1] = 1;
+    for (int q = 0, c0 = 0; q < groups; c0 += widths[q], ++q) {
+        for (int j = 0; j < m; ++j) {
+            double d = 0;
+            for (int c = c0; c < c0 + widths[q]; ++c) d += G[(long)j * W + c] * g[c];
+            row[q * m + j] = d;
+        }
+        double *Pq = P + (long)q * m * m;
+        for (int i = 0; i < m - 1; ++i)
+            for (int j = 0; j < m - 1; ++j) Pq[i * m + j] = Pq[(i + 1) * m + j + 1];
+        for (int j = 0; j < m; ++j) Pq[(m - 1) * m + j] = Pq[j * m + m - 1] = row[q * m + j];
+    }
+    for (int k = 0; k < m * m; ++k) gram[k] = 0;
+    for (int q = 0, c0 = 0; q < groups; c0 += widths[q], ++q) {
+        double e2 = 0;
+        for (int c = c0; c < c0 + widths[q]; ++c) e2 += (double)(LC_REAL)(end[c] * end[c]);
+        const double inv = 1.0 / (e2 > tiny ? e2 : tiny);
+        for (int k = 0; k < m * m; ++k) gram[k] += P[(long)q * m * m + k] * inv;
+    }
+    /* mixing weights: min ||sum a_j G_j|| with sum a_j = 1 over the valid slots, Tikhonov reg */
+    int count = 0;
+    double diag = 0;
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) if (!(valid[i] && valid[j])) gram[i * m + j] = 0;
+    for (int i = 0; i < m; ++i) { count += valid[i]; diag += gram[i * m + i]; }
+    double scale = diag / (count > 1 ? count : 1);
+    scale = scale > tiny ? scale : tiny;
+    for (int i = 0; i < m; ++i) { gram[i * m + i] += valid[i] ? reg * scale : 1.0; w[i] = valid[i]; }
+    int ok = LC_FN(solve_small)(m, gram, w) == 0;
+    double wsum = 0;
+    for (int i = 0; i < m; ++i) wsum += w[i];
+    ok = ok && fabs(wsum) > tiny;
+    for (int i = 0; i < m && ok; ++i) { w[i] /= wsum; ok = isfinite(w[i]); }
+    if (ok && *left >= 0) {   /* the mixed point, summed in the state's precision */
+        for (int c = 0; c < W; ++c) {
+            LC_REAL v = 0;
+            for (int j = 0; j < m; ++j) v += (LC_REAL)w[j] * F[(long)j * W + c];
+            end[c] = v;
+        }
+    }
+    for (int i = 0; i < m; ++i) valid[i] = valid[i] && !blown && *left >= 0;
+    if (back) memcpy(end, best_z, sizeof(LC_REAL) * W);
+}
+
 /* Euler's loop over the samples of a solve's tail, convergence checks included, so that the tail
  * costs one call: runs of steps to each check (every check_every steps, and at max_iter) and, at
  * each check, the stopping rule of leastcontrol.solvers._Freezer.check: a sample stops when its
@@ -269,7 +363,9 @@ int LC_FN(lc_rnn_run)(int kind, int B, int H, int K, LC_REAL dt, LC_REAL alpha, 
                       const LC_REAL *restrict Ft, const LC_REAL *restrict Bk, double *restrict res,
                       double *restrict mark_res, double *restrict mark_step, double *restrict stop_step,
                       int *restrict stopped, double *restrict trace, int trace_cap, int *n_trace,
-                      LC_REAL *restrict work)
+                      LC_REAL *restrict work, int m, int mix_after, double reg, double restart,
+                      LC_REAL *mF, double *mG, double *mP, int *mvalid, double *mbest, LC_REAL *mbest_z,
+                      long long *mleft, double *mix_scratch)
 {
     int W, w1, w2;
     lc_widths(kind, H, K, &W, &w1, &w2);
@@ -277,6 +373,10 @@ int LC_FN(lc_rnn_run)(int kind, int B, int H, int K, LC_REAL dt, LC_REAL alpha, 
     LC_REAL *zw = work, *aw = zw + (long)B * W, *bw = aw + (long)B * w1, *rw = bw + (long)B * w2;
     LC_REAL *steps_work = rw + B;
     int *from = (int *)(steps_work + lc_steps_work(B, H, K));
+    /* With the mix: each run's start, and the groups the mix weighs (as the residual's). */
+    LC_REAL *zs = mix_scratch ? (LC_REAL *)(mix_scratch + W + m * (m + 4)) : 0;
+    const int groups = kind == 0 && !joint ? 3 : 1;
+    const int widths[3] = {groups == 3 ? H + K : W, H, K};
     memcpy(zw, z, sizeof(LC_REAL) * (size_t)B * W);
     memcpy(aw, c1, sizeof(LC_REAL) * (size_t)B * w1);
     if (w2) memcpy(bw, c2, sizeof(LC_REAL) * (size_t)B * w2);
@@ -286,6 +386,8 @@ int LC_FN(lc_rnn_run)(int kind, int B, int H, int K, LC_REAL dt, LC_REAL alpha, 
     while (*step < max_iter && running > 0) {
         const int to_check = check_every - *step % check_every, to_end = max_iter - *step;
         const int n = to_check < to_end ? to_check : to_end;
+        const int mixing = m > 0 && mix_after <= *step + n && *step + n < max_iter;
+        if (mixing) memcpy(zs, zw, sizeof(LC_REAL) * (size_t)running * W);
         LC_FN(lc_rnn_steps)(kind, running, H, K, n, dt, alpha, k_i, k_p, inv_B, loss, joint, zw, aw, bw, Ft, Bk,
                             rw, steps_work);
         *step += n;
@@ -312,6 +414,10 @@ int LC_FN(lc_rnn_run)(int kind, int B, int H, int K, LC_REAL dt, LC_REAL alpha, 
                 stopped[b] = done && !status;
                 continue;
             }
+            if (mixing)   /* where the sample goes on from */
+                LC_FN(mix)(W, m, groups, widths, reg, restart, zs + (long)a * W, zw + (long)a * W, r,
+                           mF + (long)b * m * W, mG + (long)b * m * W, mP + (long)b * groups * m * m,
+                           mvalid + (long)b * m, mbest + b, mbest_z + (long)b * W, mleft + b, mix_scratch);
             if (kept != a) {   /* pack the samples that go on in front */
                 memmove(zw + (long)kept * W, zw + (long)a * W, sizeof(LC_REAL) * W);
                 memmove(aw + (long)kept * w1, aw + (long)a * w1, sizeof(LC_REAL) * w1);
