@@ -4,7 +4,9 @@ On the bench's starting RNN (``leastcontrol bench``'s pretraining, MNIST batches
 weights held fixed, each bench row named on the command line computes its update on the same
 batches; the wall time of the free solve and of the second solve are taken around the method's
 own calls (``free_equilibrium``, ``adjoint`` / ``controlled_equilibrium``). Printed and written:
-medians over the timed batches of the seconds per phase and of the iterations per phase.
+medians over the timed batches of the seconds per phase and of the iterations per phase (the
+batch's, which its slowest sample sets, and the mean over its samples, which sets the arithmetic:
+a free or adjoint step is one matrix product per sample, a controlled step two).
 
     python benchmarks/phase_profile.py --data-dir ../shared/data/mnist --json-out FILE \\
         rnn-rbp-compile rnn-lcp-di-gains-tol1e-4-stall-accel-compile
@@ -57,7 +59,7 @@ def profile(labels, config: bench.BenchConfig):
             result = method.gradients(copy_, *method._inputs(copy_, x, y))
             total = time.perf_counter() - t0
             if i >= config.warmup:
-                its = {k: float(v) for k, v in result.stats.items() if k.startswith("iterations")}
+                its = {k: float(v) for k, v in result.stats.items() if k.startswith(("iterations", "sample_iterations"))}
                 records.append({"seconds_total": total, **{f"seconds_{k}": v for k, v in seconds.items()}, **its})
         out[label] = {k: statistics.median(r[k] for r in records) for k in records[0]}
         print(label, "  ".join(f"{k} {v:.4g}" for k, v in out[label].items()), flush=True)

@@ -249,3 +249,16 @@ def test_native_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp   # loaded, not rebuilt
     finally:
         native.library.cache_clear()
+
+
+def test_bench_times_native_rows_on_the_cpu_and_leaves_them_out_elsewhere():
+    from leastcontrol.bench import BenchConfig, Row, default_rows, rows_for_device, run_bench
+    rows = default_rows()
+    native_rows = [r for r in rows if r.options.get("native")]
+    assert native_rows and rows_for_device(rows, "cpu") == rows
+    assert rows_for_device(rows, "cuda") == [r for r in rows if r not in native_rows]
+    config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
+    result = run_bench(config, [Row("rnn", "rbp", options={"native": True}, label="rbp-native"),
+                                Row("rnn", "lcp-di", options={"native": True}, label="lcp-di-native")])
+    assert [r["solver"] for r in result["rows"]] == ["euler+native"] * 2
+    assert all(r["seconds_per_batch_median"] > 0 for r in result["rows"])

@@ -162,6 +162,11 @@ def default_rows() -> List[Row]:
     return rows
 
 
+def rows_for_device(rows: List[Row], device: str) -> List[Row]:
+    """The rows that run on ``device``: the C steps (``native``) are the CPU's."""
+    return rows if device == "cpu" else [r for r in rows if not r.options.get("native")]
+
+
 def rows_named(labels: List[str]) -> List[Row]:
     """The default rows with these labels, in the order given.
 
@@ -207,6 +212,11 @@ class BenchConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+        if self.rows is not None and self.device != "cpu":
+            cpu_only = [r.name for r in rows_named(self.rows) if r not in rows_for_device([r], self.device)]
+            if cpu_only:
+                raise ConfigError(f"bench rows {', '.join(cpu_only)} run their tails in C, on the CPU only; "
+                                  "drop them or use --device cpu")
 
 
 def _batches(config: BenchConfig, n: int):
@@ -490,7 +500,7 @@ def _memory_probe(spec: str) -> None:
 
 def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str, Any]:
     """Time every row interleaved and return ``{"config", "rows", "ratios"}`` (see ``docs/performance.md``)."""
-    rows = rows or default_rows()
+    rows = rows or rows_for_device(default_rows(), config.device)
     n = config.warmup + config.batches
     batches, pretraining = split_batches(config, max(n, 8))
     start = {m: _pretrained(m, config, pretraining) for m in sorted({r.model for r in rows})}

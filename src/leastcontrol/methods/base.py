@@ -71,6 +71,7 @@ def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[
     }
     for name, res in (("free", free), (phase, second)):
         stats[f"iterations_{name}"] = res.stats.iterations
+        stats[f"sample_iterations_{name}"] = res.stats.mean_sample_iterations or res.stats.iterations
         stats[f"converged_{name}"] = res.stats.converged
         stats[f"residual_{name}"] = res.stats.residual
         stats[f"converged_fraction_{name}"] = res.stats.converged_fraction
