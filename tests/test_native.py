@@ -172,6 +172,16 @@ def test_native_check_level_mix_gives_the_pytorch_update(mix, native_batch):
         assert outs[1].stats[key] == outs[0].stats[key], key
 
 
+def test_native_steps_without_freezing_give_the_pytorch_update():
+    """Euler(freeze=False): the C steps run check by check on the whole batch (no per-sample stops)."""
+    net = tiny_rnn()
+    x, y = batch(B=5)
+    outs = [get_method("lcp-di", native=n, tol=1e-8, solver_options={"freeze": False, "native_batch": 64})
+            .gradients(net, x, y) for n in (False, True)]
+    assert rel_err(outs[1].grads, outs[0].grads) < 1e-10
+    assert outs[1].stats["iterations_controlled"] == outs[0].stats["iterations_controlled"]
+
+
 def test_native_float32_agrees_with_pytorch_to_rounding():
     net = tiny_rnn().float()
     x, y = batch(B=4)

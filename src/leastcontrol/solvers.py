@@ -771,11 +771,12 @@ class Euler(Solver):
     saddle from being trapped there (:func:`_check_mix`). ``reg``: Tikhonov regularisation of the
     least squares, relative to their scale.
 
-    A field may carry its own steps in C, ``field.native_steps`` (the methods attach it with
-    ``native=True``; :mod:`leastcontrol.native`): a callable ``(z, context, dt, n, groups) ->
-    (z_n, residual)`` on the one flat buffer, with ``supports(groups)``. Once at most
-    ``native_batch`` samples are active, the runs between checks go through it instead of the
-    PyTorch steps: the last few samples of a solve, where a step costs its operations' dispatch.
+    A field may carry its own steps in C, ``field.native_steps`` (the methods attach them with
+    ``native=True``; :class:`leastcontrol.native.RecurrentSteps`): ``n`` steps on the one flat
+    buffer, and ``run``, the rest of a solve with its checks, stopping rule and mix, where it
+    ``supports`` the residual this solver reads. Once at most ``native_batch`` samples are active,
+    the rest of the solve is one ``run`` (without freezing: the runs between checks go through the
+    C steps): the last few samples of a solve, where a PyTorch step costs its operations' dispatch.
 
     >>> res = Euler(dt=0.5, tol=1e-10, max_iter=200).solve(lambda s: {"x": 1 - s["x"]}, {"x": torch.zeros(2, 1)})
     >>> bool(res.stats.converged), round(float(res.state["x"][0]), 6)
@@ -850,7 +851,7 @@ class Euler(Solver):
                                  mark_res=frozen.active_mark_res, mark_step=frozen.active_mark_step, mix=mix)
                 trace += run.trace
                 if run.diverged:
-                    raise SolverDivergedError(layout.first_nonfinite(layout.unpack(run.z)), run.step, self.name)
+                    raise SolverDivergedError(layout.first_nonfinite({key: run.z}), run.step, self.name)
                 keep = frozen.absorb({key: run.z}, run.residual, run.stop_step, run.stopped, run.mark_res,
                                      run.mark_step, run.step)
                 s, step = {key: run.z[keep]}, run.step
