@@ -1,12 +1,12 @@
 """Native Euler steps for the tail of a solve: the few samples left after most have settled.
 
-At a handful of active samples a step of the controlled dynamics is two small matrix products and
-a few elementwise passes, microseconds of arithmetic; in PyTorch each of its dozen operations costs
-a fixed few microseconds of dispatch, and that fixed cost, paid hundreds of times per batch, is
-where the controlled phase of LCP-DI spends half its time (``docs/performance.md``). Here the steps
-between two convergence checks run as one C loop (``rnn_lcp.c``) on the recurrent network's
-controlled field, the same field :class:`~leastcontrol.methods.lcp.LCPDI` builds from PyTorch
-operations: same iterates up to floating-point order, same stopping rule.
+At a handful of active samples a step is one or two small matrix products and a few elementwise
+passes, microseconds of arithmetic; in PyTorch each of its dozen operations costs a fixed few
+microseconds of dispatch, and that fixed cost, paid hundreds of times per batch, was where LCP-DI's
+controlled phase spent half its time (``docs/performance.md``). Here the rest of such a solve runs
+as one C call (``rnn.c``): its steps, convergence checks, stall rule and check-level Anderson mix,
+on the recurrent network's free, adjoint (RBP) or controlled (LCP-DI/KP) field, the same fields the
+methods build from PyTorch operations: same iterates up to floating-point order, same stopping rule.
 
 The C source ships with the package and is compiled on first use with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``; the same requirement as ``torch.compile`` on the CPU)
@@ -38,6 +38,15 @@ SOURCE = Path(__file__).with_name("rnn.c")
 _FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
 _LOSSES = {"cross_entropy": 0, "mse": 1}
 _DTYPES = {torch.float32: ("_f32", ctypes.c_float), torch.float64: ("_f64", ctypes.c_double)}
+
+
+def _cpu() -> bytes:
+    """What the ``-march=native`` build depends on: the CPU's model and flags where Linux says them."""
+    try:
+        with open("/proc/cpuinfo", "rb") as fh:
+            return b"".join(line for line in fh if line.startswith((b"model name", b"flags")))[:4096]
+    except OSError:
+        return platform.processor().encode()
 
 
 def _compiler() -> str:
@@ -76,7 +85,7 @@ def library() -> ctypes.CDLL:
     """The compiled kernels, built on first use into the user cache; raises ConfigError if they cannot be."""
     cc = _compiler()
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(),
-                                     platform.machine().encode(), platform.platform().encode()])).hexdigest()[:16]
+                                     platform.machine().encode(), platform.platform().encode(), _cpu()])).hexdigest()[:16]
     target = user_cache_dir("native", f"rnn-{key}.so")
     if not target.exists():
         _build(cc, target)
