@@ -16,6 +16,16 @@ pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "
                                 reason="native=True needs a C compiler")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _private_build_cache(tmp_path_factory):
+    """Build the kernels into a cache of this test module's own, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        native.library.cache_clear()
+        yield
+    native.library.cache_clear()
+
+
 def controlled_field(net, z, drive, target, alpha, k_i, k_p, inv_B, loss, feedback=None):
     """ż of LCP's controlled dynamics on z = [v | o | e | u_int], from docs/LCP.md §3 (no library code)."""
     H, K = net.n_hidden, net.n_out
@@ -272,3 +282,12 @@ def test_bench_times_native_rows_on_the_cpu_and_leaves_them_out_elsewhere():
                                 Row("rnn", "lcp-di", options={"native": True}, label="lcp-di-native")])
     assert [r["solver"] for r in result["rows"]] == ["euler+native"] * 2
     assert all(r["seconds_per_batch_median"] > 0 for r in result["rows"])
+
+
+def test_native_steps_refuse_tensors_unlike_the_weights():
+    net = tiny_rnn()
+    op = net.flat_operator()
+    steps = native.FreeSteps(op)
+    z = torch.zeros(2, op.n_state)   # float32 beside float64 weights
+    with pytest.raises(ConfigError, match="float64 on the CPU"):
+        steps(z, {"drive": torch.zeros(2, op.n_state, dtype=F64)}, 1.0, 3, None)

@@ -165,6 +165,16 @@ class RecurrentSteps:
         """The two context rows the C field reads, contiguous."""
         raise NotImplementedError
 
+    def _inputs(self, z: torch.Tensor, context):
+        """A contiguous copy of ``z`` (the C loop steps it in place) and the context rows, checked to be
+        the weights' dtype on the CPU: the C code reads raw memory and could not tell."""
+        c1, c2 = self.context(context)
+        for t in (z, c1) + (() if c2 is None else (c2,)):
+            if t.dtype != self.Ft.dtype or t.device.type != "cpu":
+                raise ConfigError(f"native steps need every tensor in {self.Ft.dtype} on the CPU like the weights; "
+                                  f"got {t.dtype} on {t.device}")
+        return z.contiguous().clone(), c1, c2
+
     def supports(self, groups: Sequence[int] | None) -> bool:
         """Whether the residual the solver reads (``groups``: per population, or one over the row) is one this computes."""
         return groups is None or (self.groups is not None and tuple(groups) == self.groups)
@@ -176,8 +186,7 @@ class RecurrentSteps:
                  groups: Sequence[int] | None) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(z_n, residual)``: ``n`` steps from ``z`` (not modified) and each sample's relative residual of
         the last step, ``dt·‖g‖/‖z_{n−1}‖`` over ``groups`` (the largest over the populations, or one over the row)."""
-        z = z.contiguous().clone()
-        c1, c2 = self.context(context)
+        z, c1, c2 = self._inputs(z, context)
         B = z.shape[0]
         size = int(self.lib.lc_steps_work(B, self.H, self.K))
         if self.work is None or self.work.numel() < size:
@@ -199,8 +208,7 @@ class RecurrentSteps:
         (:func:`~leastcontrol.solvers._check_mix`, memory a ``_MixMemory`` of these rows), or None.
         """
         B = z.shape[0]
-        z = z.contiguous().clone()
-        c1, c2 = self.context(context)
+        z, c1, c2 = self._inputs(z, context)
         f64 = dict(dtype=torch.float64)
         res, stop_step = torch.empty(B, **f64), torch.empty(B, **f64)
         mark_res, mark_step = mark_res.double().clone(), mark_step.double().clone()
