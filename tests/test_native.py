@@ -291,3 +291,5 @@ def test_native_steps_refuse_tensors_unlike_the_weights():
     z = torch.zeros(2, op.n_state)   # float32 beside float64 weights
     with pytest.raises(ConfigError, match="float64 on the CPU"):
         steps(z, {"drive": torch.zeros(2, op.n_state, dtype=F64)}, 1.0, 3, None)
+    with pytest.raises(ConfigError, match="do not fit"):
+        steps(torch.zeros(2, op.n_state + 1, dtype=F64), {"drive": torch.zeros(2, op.n_state, dtype=F64)}, 1.0, 3, None)

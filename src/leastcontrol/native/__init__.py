@@ -160,6 +160,9 @@ class RecurrentSteps:
         self.constants = tuple(self.real(v) for v in (alpha, k_i, k_p, inv_B))
         self.loss = _LOSSES[loss]
         self.work = None   # scratch of __call__, sized by the first (largest) batch of a solve
+        N, H, K = self.N, self.H, self.K
+        # Row widths of the state and the two context tensors the C field reads.
+        self.widths = {0: (2 * N, N, K), 1: (N, N), 2: (N, H, N)}[self.kind]
 
     def context(self, context) -> Tuple[torch.Tensor, torch.Tensor | None]:
         """The two context rows the C field reads, contiguous."""
@@ -169,10 +172,15 @@ class RecurrentSteps:
         """A contiguous copy of ``z`` (the C loop steps it in place) and the context rows, checked to be
         the weights' dtype on the CPU: the C code reads raw memory and could not tell."""
         c1, c2 = self.context(context)
-        for t in (z, c1) + (() if c2 is None else (c2,)):
+        tensors = (z, c1) + (() if c2 is None else (c2,))
+        for t in tensors:
             if t.dtype != self.Ft.dtype or t.device.type != "cpu":
                 raise ConfigError(f"native steps need every tensor in {self.Ft.dtype} on the CPU like the weights; "
                                   f"got {t.dtype} on {t.device}")
+        shapes = [tuple(t.shape) for t in tensors]
+        if shapes != [(z.shape[0], w) for w in self.widths[:len(tensors)]]:
+            raise ConfigError(f"native {type(self).__name__}: state and context shapes {shapes} do not fit "
+                              f"widths {self.widths} for this network")
         return z.contiguous().clone(), c1, c2
 
     def supports(self, groups: Sequence[int] | None) -> bool:
