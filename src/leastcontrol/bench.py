@@ -198,8 +198,7 @@ class BenchConfig:
     rows: Optional[List[str]] = None   # labels of the rows to run (None: every default row)
 
     def __post_init__(self):
-        if self.rows is not None:
-            rows_named(self.rows)
+        named = None if self.rows is None else rows_named(self.rows)   # an unknown label fails first
         for key in ("batch_size", "hidden", "batches"):
             if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
@@ -212,8 +211,9 @@ class BenchConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
-        if self.rows is not None and self.device != "cpu":
-            cpu_only = [r.name for r in rows_named(self.rows) if r not in rows_for_device([r], self.device)]
+        if named is not None:
+            runnable = rows_for_device(named, self.device)
+            cpu_only = [r.name for r in named if r not in runnable]
             if cpu_only:
                 raise ConfigError(f"bench rows {', '.join(cpu_only)} run their tails in C, on the CPU only; "
                                   "drop them or use --device cpu")

@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the Euler steps between convergence checks as one torch.compile graph (off; "
                         "compiles for seconds at the start, pays on small batches and long tails)")
     g.add_argument("--native", action=argparse.BooleanOptionalAction,
-                   help="lcp-di/kp on the rnn: run the controlled steps of the last few active samples as one C "
-                        "loop per check (off; needs a C compiler, builds once into the user cache)")
+                   help="rnn on the cpu: run the last few active samples of every solve (free phase, rbp's adjoint, "
+                        "lcp-di/kp's controlled phase) as one C loop, checks included (off; needs a C compiler, "
+                        "builds once into the user cache)")
     g.add_argument("--anderson-memory", type=int,
                    help="euler: mix the last M runs of --check-every steps at each check (Anderson "
                         "acceleration of the k-step map; 0/off: plain Euler)")

@@ -838,7 +838,8 @@ class Euler(Solver):
             mixing = self.anderson_memory and self.anderson_after <= step + n < self.max_iter
             if mixing and memory is None:
                 member, memory = empty_memory()
-            if native is not None and s[key].shape[0] <= self.native_batch and frozen.enabled:
+            in_c = native is not None and s[key].shape[0] <= self.native_batch
+            if in_c and frozen.enabled:
                 # The rest of the solve in one call: its checks, stopping rule and mix run in C too.
                 mix = None
                 if self.anderson_memory:
@@ -856,7 +857,7 @@ class Euler(Solver):
                                      run.mark_step, run.step)
                 s, step = {key: run.z[keep]}, run.step
                 break
-            if native is not None and s[key].shape[0] <= self.native_batch:
+            if in_c:   # without freezing: run by run, each checked here
                 end_z, res = native(s[key], ctx, self.dt, n, self.groups)
                 if mixing:
                     mixed, memory = _check_mix(memory, s[key], end_z, res, member, self.reg, self.restart)

@@ -74,7 +74,7 @@ class TrainConfig:
     check_every: Optional[int] = None
     impl: Optional[str] = None
     compile: Optional[bool] = None
-    native: Optional[bool] = None   # lcp-di/kp on the RNN: the controlled phase's last few samples in C
+    native: Optional[bool] = None   # RNN on the CPU: the last few samples of every solve in C
     anderson_memory: Optional[int] = None   # euler: Anderson mixing at each check (solver_options)
     anderson_after: Optional[int] = None
     anderson_restarts: Optional[int] = None   # euler: returns to the best point after a jump (None: no limit)

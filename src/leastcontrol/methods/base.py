@@ -210,16 +210,13 @@ class EquilibriumMethod(Method):
         if self.impl == "autograd" and self.solver != "euler":
             raise ConfigError("impl 'autograd' is the research-code reference and runs the euler solver only; "
                               "use impl 'fast' for other solvers")
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and (self.solver != "euler" or self.impl != "fast"):
-            raise ConfigError(f"compile runs the euler solver's steps on the fast path; got solver "
-                              f"'{self.solver}', impl '{self.impl}' (use solver 'euler', impl 'fast', or drop compile)")
-        if not isinstance(self.native, bool):
-            raise ConfigError(f"native must be True or False, got {self.native!r}")
-        if self.native and (self.solver != "euler" or self.impl != "fast"):
-            raise ConfigError(f"native runs the euler solver's steps on the fast path; got solver '{self.solver}', "
-                              f"impl '{self.impl}' (use solver 'euler', impl 'fast', or drop native)")
+        for flag in ("compile", "native"):   # two ways of running the Euler steps faster
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag} must be True or False, got {value!r}")
+            if value and (self.solver != "euler" or self.impl != "fast"):
+                raise ConfigError(f"{flag} runs the euler solver's steps on the fast path; got solver "
+                                  f"'{self.solver}', impl '{self.impl}' (use solver 'euler', impl 'fast', or drop {flag})")
         self._solver = self._make_solver(self.tol)
 
     def _make_solver(self, tol: float, groups=None, **defaults):
