@@ -598,7 +598,7 @@ def ratio_interval(numerator: Dict[int, float], denominator: Dict[int, float], d
 
 def _solver_label(method: Method) -> str:
     """The solver a row runs, with Euler's check-level Anderson memory when it mixes and ``+native``
-    when the tail of the controlled phase runs in C."""
+    when the tail of every solve (free, adjoint, controlled) runs in C."""
     name = getattr(method, "solver", "-")
     memory = (getattr(method, "solver_options", None) or {}).get("anderson_memory")
     name = f"{name}+anderson{memory}" if memory else name
