@@ -5,6 +5,6 @@
 """
 from .base import DATASETS, Dataset, load_dataset
 from .idx import read_idx, write_idx
-from .mnist import resolve_data_dir
+from .download import resolve_data_dir
 
 __all__ = ["DATASETS", "Dataset", "load_dataset", "read_idx", "write_idx", "resolve_data_dir"]

@@ -14,7 +14,6 @@ augmentation are applied by the training loop (see :func:`normalize`,
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import logging
@@ -30,7 +29,9 @@ import torch
 from ..atomic import atomic_target
 from ..errors import DataFormatError, DatasetNotFoundError
 from .base import Dataset
-from .mnist import OFFLINE_ENV, PathArg, _fetch, _offline, resolve_data_dir
+from .download import OFFLINE_ENV, PathArg, is_offline, resolve_data_dir, sha256_file
+# Bound here, not called as download.fetch, so a test can stub the network of this loader alone.
+from .download import fetch as _fetch
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ def _find_batches(directory: Path) -> Optional[Path]:
     return None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_cifar10(directory: Path) -> str:
     """Download the official archive into ``directory``, check its SHA-256, unpack the batches.
 
@@ -108,7 +101,7 @@ def download_cifar10(directory: Path) -> str:
         with atomic_target(archive) as tmp:
             logger.info("downloading %s", URL)
             _fetch(URL, tmp, 120.0)
-            actual = _sha256(tmp)
+            actual = sha256_file(tmp)
             if actual != ARCHIVE_SHA256:
                 raise DataFormatError(f"{URL}: sha256 {actual}, expected {ARCHIVE_SHA256}; the download was "
                                       "deleted, retry later or download it by hand")
@@ -139,7 +132,7 @@ def load_cifar10(data_dir: PathArg = None, download: bool = True) -> Dataset:
     if found is None:
         if not download:
             reason = "Downloading was disabled (download=False)."
-        elif _offline():
+        elif is_offline():
             reason = f"Downloading was skipped because {OFFLINE_ENV} is set."
         else:
             failure = download_cifar10(directory)

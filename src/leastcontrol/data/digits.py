@@ -22,6 +22,7 @@ def load_digits_dataset() -> Dataset:
     Returns:
         A ``Dataset`` named "digits" with 1437 training and 360 test samples.
     """
+    # Imported on first use: scikit-learn takes about a second to import, and only this data set needs it.
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)

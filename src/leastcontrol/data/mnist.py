@@ -7,28 +7,24 @@ Fashion-MNIST and KMNIST ship in the same layout.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
-import os
-import shutil
-import urllib.request
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_target
 from ..errors import ConfigError, DataFormatError, DatasetNotFoundError
 from .base import Dataset
-from ..atomic import atomic_target
-from ..paths import user_cache_dir
-from .idx import is_gzip_bytes, read_idx
+from .download import OFFLINE_ENV, PathArg, is_offline, resolve_data_dir, sha256_uncompressed
+# Bound here, not called as download.fetch, so a test can stub the network of this loader alone.
+from .download import fetch as _fetch
+from .idx import read_idx
 
 logger = logging.getLogger(__name__)
-
-PathArg = Optional[Union[str, "os.PathLike[str]"]]
 
 #: Split -> (images file, labels file), without the optional ``.gz``.
 SPLIT_FILES: dict[str, tuple[str, str]] = {
@@ -52,39 +48,8 @@ MIRRORS: tuple[str, ...] = (
 )
 DOWNLOAD_TIMEOUT_S = 30.0
 
-DATA_ENV = "LEASTCONTROL_DATA"
-OFFLINE_ENV = "LEASTCONTROL_OFFLINE"
-
 _FIX_MNIST = "put the four MNIST IDX files (gzipped or not) in {dir}, or pass --data-dir DIR / set LEASTCONTROL_DATA"
 _FIX_IDX = "put the four MNIST-format IDX files (gzipped or not) in {dir}, or pass --data-dir DIR pointing at them"
-
-
-def resolve_data_dir(data_dir: PathArg = None, dataset_name: str = "mnist") -> Path:
-    """Decide which directory holds (or will hold) a data set's files.
-
-    Order: the explicit ``data_dir``; else ``$LEASTCONTROL_DATA/<name>`` if that
-    subdirectory exists, else ``$LEASTCONTROL_DATA``; else the user cache
-    ``$XDG_CACHE_HOME/leastcontrol/<name>`` or ``~/.cache/leastcontrol/<name>``.
-
-    Args:
-        data_dir: explicit directory, or None.
-        dataset_name: data-set name used for subdirectories.
-
-    Returns:
-        The resolved directory (it may not exist yet).
-    """
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    env = os.environ.get(DATA_ENV)
-    if env:
-        root = Path(env).expanduser()
-        sub = root / dataset_name
-        return sub if sub.is_dir() else root
-    return user_cache_dir(dataset_name)
-
-
-def _offline() -> bool:
-    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def find_idx_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
@@ -107,32 +72,6 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
         else:
             missing.append(name)
     return found, missing
-
-
-def _fetch(url: str, dest: Path, timeout: float) -> None:
-    """Download ``url`` to ``dest`` (the only network access in this package)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "leastcontrol"})
-    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as f:
-        shutil.copyfileobj(response, f, 1 << 20)
-
-
-def _sha256_uncompressed(path: Path) -> str:
-    """SHA-256 of a file's content after gunzipping it (if it is gzipped)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        gz = is_gzip_bytes(f.read(2))
-        f.seek(0)
-        if not gz:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-            return digest.hexdigest()
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(inflater.decompress(chunk))
-        digest.update(inflater.flush())
-        if not inflater.eof:
-            raise zlib.error("truncated gzip stream")
-    return digest.hexdigest()
 
 
 def download_mnist(
@@ -173,7 +112,7 @@ def download_mnist(
                     logger.info("downloading %s", url)
                     _fetch(url, tmp, timeout)
                     try:
-                        actual = _sha256_uncompressed(tmp)
+                        actual = sha256_uncompressed(tmp)
                     except (OSError, EOFError, zlib.error) as exc:
                         actual = f"unreadable gzip ({exc})"
                     if actual != SHA256[name]:
@@ -304,7 +243,7 @@ def load_mnist(data_dir: PathArg = None, download: bool = True) -> Dataset:
     if missing:
         if not download:
             reason = "Downloading was disabled (download=False)."
-        elif _offline():
+        elif is_offline():
             reason = f"Downloading was skipped because {OFFLINE_ENV} is set."
         else:
             failures = download_mnist(directory, missing)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DataFormatError, DatasetNotFoundError
-from .mnist import PathArg, resolve_data_dir
+from .download import PathArg, resolve_data_dir
 
 ARCHIVES = ("images_background", "images_evaluation", "images_background_small1", "images_background_small2")
 DRAWINGS_PER_CHARACTER = 20
@@ -81,6 +81,8 @@ def archive_path(name: str, data_dir: PathArg = None) -> Path:
 
 
 def _decode(data: bytes, size: int, member: str) -> np.ndarray:
+    # Imported on first use: the CLI imports this module at startup (through meta.tasks), and
+    # only reading an archive needs Pillow.
     from PIL import Image
 
     try:
