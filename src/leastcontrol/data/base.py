@@ -1,17 +1,19 @@
-"""The in-memory ``Dataset`` container, the data-set registry and ``load_dataset``."""
+"""The in-memory ``Dataset`` container, the data-set registry and ``load_dataset``.
+
+The loaders are registered in ``DATASETS`` by the package's ``__init__``, so this
+module imports none of them.
+"""
 from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from ..registry import Registry
-
-PathArg = Optional[Union[str, "os.PathLike[str]"]]
+from .download import PathArg
 
 
 @dataclass
@@ -65,36 +67,8 @@ class Dataset:
         )
 
 
-def _load_digits(data_dir: PathArg = None, download: bool = True) -> Dataset:
-    from .digits import load_digits_dataset
-
-    return load_digits_dataset()
-
-
-def _load_mnist(data_dir: PathArg = None, download: bool = True) -> Dataset:
-    from .mnist import load_mnist
-
-    return load_mnist(data_dir, download=download)
-
-
-def _load_idx(data_dir: PathArg = None, download: bool = True) -> Dataset:
-    from .mnist import load_idx_dataset
-
-    return load_idx_dataset(data_dir)
-
-
-def _load_cifar10(data_dir: PathArg = None, download: bool = True) -> Dataset:
-    from .cifar import load_cifar10
-
-    return load_cifar10(data_dir, download=download)
-
-
 #: Data-set loaders by name. Each factory takes ``(data_dir=None, download=True)``.
 DATASETS: Registry[Dataset] = Registry("dataset")
-DATASETS.register("digits", _load_digits)
-DATASETS.register("mnist", _load_mnist)
-DATASETS.register("idx", _load_idx)
-DATASETS.register("cifar10", _load_cifar10)
 
 
 def _check_limit(name: str, value: Optional[int]) -> Optional[int]:
