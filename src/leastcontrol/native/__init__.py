@@ -1,19 +1,30 @@
-"""Native Euler steps for the tail of a solve: the few samples left after most have settled.
+"""C steps of the solver's ``native`` backend: Euler steps of a field, for the few samples of a solve's tail.
 
 At a handful of active samples a step is one or two small matrix products and a few elementwise
 passes, microseconds of arithmetic; in PyTorch each of its dozen operations costs a fixed few
-microseconds of dispatch, and that fixed cost, paid hundreds of times per batch, was where LCP-DI's
-controlled phase spent half its time (``docs/performance.md``). Here the rest of such a solve runs
-as one C call (``rnn.c``): its steps, convergence checks, stall rule and check-level Anderson mix,
-on the recurrent network's free, adjoint (RBP) or controlled (LCP-DI/KP) field, the same fields the
-methods build from PyTorch operations: same iterates up to floating-point order, same stopping rule.
+microseconds of dispatch. The ``native`` backend (:class:`~leastcontrol.solvers.backends.Native`)
+runs the steps between two convergence checks of the solver driver in C instead; the driver keeps
+everything else (the checks, the stopping rule, freezing, the check-level mix).
 
-The C source ships with the package and is compiled on first use with the system's C compiler
-(``$CC``, else ``cc``, ``gcc`` or ``clang``; the same requirement as ``torch.compile`` on the CPU)
-into the user cache, once per source and compiler, and loaded with :mod:`ctypes`.
+The C code has three layers (``native.h`` states the interface between them):
 
+* a *system* (``rnn.c``): a system's own kernels, its dynamics ``f(s)`` and state VJP ``(∂_s f)ᵀ a``,
+  knowing nothing of learning rules. Registered here per flat operator class
+  (:func:`register_native_system`): the recurrent network's :class:`~leastcontrol.systems.networks._RecurrentFlat`.
+* the *fields* (``fields.c``): the learning rules' dynamics written against any system:
+  ``free`` (``ż = f(z)``), ``adjoint`` (RBP) and ``controlled`` (LCP-DI/KP). Registered here by
+  kind (:func:`register_native_field`).
+* the *runner* (``euler.c``): ``n`` Euler steps of any field and each sample's residual of the last.
+
+Methods ask for a field's kernel with :func:`field_kernel` and hand it to the solver through
+:class:`~leastcontrol.solvers.Field`'s ``kernels``. The C sources ship with the package and are
+compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; the
+same requirement as ``torch.compile`` on the CPU) into the user cache, once per source, compiler and
+CPU, and loaded with :mod:`ctypes`.
+
+>>> from leastcontrol.solvers import Euler
 >>> from leastcontrol.methods import get_method
->>> method = get_method("lcp-di", native=True)   # doctest: +SKIP
+>>> method = get_method("lcp-di", solver=Euler(backend=("native", "compile")))   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
@@ -33,11 +44,14 @@ from ..atomic import atomic_target
 from ..errors import ConfigError
 from ..paths import user_cache_dir
 
-SOURCE = Path(__file__).with_name("rnn.c")
+HERE = Path(__file__).parent
+# Compiled together into one shared library; the headers are part of the cache key.
+SOURCES = tuple(HERE / name for name in ("rnn.c", "fields.c", "euler.c"))
+HEADERS = tuple(HERE / name for name in ("native.h", "precisions.h"))
 # Optimise for the machine it runs on; keep IEEE semantics (no -ffast-math: sums are not reordered).
 _FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC")
-_LOSSES = {"cross_entropy": 0, "mse": 1}
 _DTYPES = {torch.float32: ("_f32", ctypes.c_float), torch.float64: ("_f64", ctypes.c_double)}
+_FIX = "drop 'native' from the solver's backend (method.solver.backend)"
 
 
 def _cpu() -> bytes:
@@ -54,8 +68,8 @@ def _compiler() -> str:
         path = name and shutil.which(name)
         if path:
             return path
-    raise ConfigError("native=True compiles a small C kernel on first use and found no C compiler "
-                      "(set $CC or put cc, gcc or clang on PATH); or run without native")
+    raise ConfigError("the native backend compiles its C steps on first use and found no C compiler "
+                      f"(set $CC or put cc, gcc or clang on PATH); or {_FIX}")
 
 
 class _CompileFailed(Exception):
@@ -63,46 +77,43 @@ class _CompileFailed(Exception):
 
 
 def _build(cc: str, target: Path) -> None:
-    """Compile :data:`SOURCE` into the shared library ``target``, atomically: ``-march=native`` where the
+    """Compile :data:`SOURCES` into the shared library ``target``, atomically: ``-march=native`` where the
     compiler knows it, else the portable build."""
     target.parent.mkdir(parents=True, exist_ok=True)
     message = ""
     for arch in (("-march=native",), ()):
         try:
             with atomic_target(target) as tmp:   # removes the partial file if the body raises
-                proc = subprocess.run([cc, *_FLAGS, *arch, "-I", str(SOURCE.parent), "-o", str(tmp), str(SOURCE), "-lm"],
+                proc = subprocess.run([cc, *_FLAGS, *arch, "-I", str(HERE), "-o", str(tmp), *map(str, SOURCES), "-lm"],
                                       capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise _CompileFailed((proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
             return
         except _CompileFailed as err:
             message = str(err)
-    raise ConfigError(f"native=True: compiling {SOURCE.name} with {cc} failed ({message}); run without native")
+    raise ConfigError(f"the native backend: compiling its C steps with {cc} failed ({message}); {_FIX}")
 
 
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The compiled kernels, built on first use into the user cache; raises ConfigError if they cannot be."""
     cc = _compiler()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cc.encode(), " ".join(_FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), cc.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), platform.platform().encode(), _cpu()])).hexdigest()[:16]
-    target = user_cache_dir("native", f"rnn-{key}.so")
+    target = user_cache_dir("native", f"steps-{key}.so")
     if not target.exists():
         _build(cc, target)
     lib = ctypes.CDLL(str(target))
-    lib.lc_pad.restype, lib.lc_pad.argtypes = ctypes.c_int, [ctypes.c_int]
-    lib.lc_steps_work.restype, lib.lc_steps_work.argtypes = ctypes.c_long, [ctypes.c_int] * 3
-    lib.lc_run_work.restype, lib.lc_run_work.argtypes = ctypes.c_long, [ctypes.c_int] * 4
-    ptr, i32, f64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    for suffix, real in _DTYPES.values():
-        steps = getattr(lib, "lc_rnn_steps" + suffix)
-        steps.restype = None
-        steps.argtypes = [i32] * 5 + [real] * 5 + [i32] * 2 + [ptr] * 7
-        run = getattr(lib, "lc_rnn_run" + suffix)
-        run.restype = i32
-        run.argtypes = ([i32] * 4 + [real] * 5 + [i32] * 2 + [ptr, i32, i32, f64, i32, f64, f64] + [ptr] * 11
-                        + [i32, ptr, ptr] + [i32, i32, f64, f64] + [ptr] * 8)
+    for suffix, _ in _DTYPES.values():
+        _declare(lib, "lc_system_dims" + suffix, None, [ctypes.c_void_p, ctypes.c_void_p])
     return lib
+
+
+def _declare(lib, name: str, restype, argtypes):
+    """``lib``'s function ``name`` with its C signature."""
+    fn = getattr(lib, name)
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
 
 
 def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -111,179 +122,285 @@ def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-class TailRun(NamedTuple):
-    """The outcome of :meth:`RecurrentSteps.run`, per sample of the rows it was given."""
-    z: torch.Tensor           # a stopped sample's state at its stop, the others' at the end
-    residual: torch.Tensor    # (B,) float64: at each sample's last check
-    stop_step: torch.Tensor   # (B,) float64: the step of that check
-    stopped: torch.Tensor     # (B,) bool: stopped by the rule (else it reached max_iter)
-    mark_res: torch.Tensor    # (B,) float64: the stall rule's marks, updated
-    mark_step: torch.Tensor
-    trace: list               # the largest residual over the running samples at each check
-    step: int                 # where the run ended
-    diverged: bool            # a residual was not finite at the last check
+# --- systems -----------------------------------------------------------------------------------
 
 
-class RecurrentSteps:
-    """Euler steps of one of the recurrent network's fields, in C, on a flat ``(B, width)`` state.
+class NativeSystem:
+    """A system's C kernels: the ``lc_system`` struct of ``native.h`` the fields call, in the precision
+    of the system's weights, and the tensors it points to (kept alive here).
 
-    Built from the flat operator of :class:`~leastcontrol.systems.networks.RecurrentEquilibrium` (its
-    ``forward_t = [W; D]ᵀ`` and ``back``: ``[W; D]`` or KP's feedback weights). The subclasses name the
-    field: :class:`FreeSteps` ``ṡ = f(s)``, :class:`AdjointSteps` (RBP) and :class:`ControlledSteps`
-    (LCP-DI/KP); ``f(s) = φ(v) [W; D]ᵀ + drive − s``.
+    Attributes:
+        dtype: the precision of every row the kernels read and write.
+        n_state, n_out, n_drive, n_lin: the widths of a state row (the output population its last
+            ``n_out`` columns), of a drive row and of a linearisation row (what the state VJP reads).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype, struct, keep: Tuple[torch.Tensor, ...] = ()):
+        self.lib, self.dtype, self.struct, self._keep = lib, dtype, struct, keep
+        self.suffix, self.real = _DTYPES[dtype]
+        self.handle = ctypes.addressof(struct)
+        dims = (ctypes.c_int * 4)()
+        getattr(lib, "lc_system_dims" + self.suffix)(self.handle, dims)
+        self.n_state, self.n_out, self.n_drive, self.n_lin = dims
+
+
+def _check_weights(*weights: torch.Tensor) -> torch.dtype:
+    """The weights' dtype, if the C kernels run on it (CPU, float32 or float64), else a ConfigError."""
+    t = weights[0]
+    if t.device.type != "cpu" or t.dtype not in _DTYPES or any(w.dtype != t.dtype or w.device != t.device for w in weights):
+        raise ConfigError(f"the native backend runs on the CPU in float32 or float64; got {t.device.type} "
+                          f"{str(t.dtype).removeprefix('torch.')}; {_FIX}")
+    return t.dtype
+
+
+def recurrent_system(op) -> NativeSystem:
+    """The C kernels of :class:`~leastcontrol.systems.networks.RecurrentEquilibrium` (``rnn.c``) from its
+    flat operator ``op``: ``forward_t = [W; D]ᵀ`` ``(H, N)`` and the way back ``back`` ``(N, H)``
+    (``[W; D]`` or KP's feedback weights), copied with zero-padded columns.
 
     Raises:
         ConfigError: the weights are not on the CPU in float32 or float64, or no C compiler.
     """
+    dtype = _check_weights(op.forward_t, op.back)
+    H, N = op.H, op.forward_t.shape[1]
+    if tuple(op.forward_t.shape) != (H, N) or tuple(op.back.shape) != (N, H):
+        raise ConfigError(f"the native backend: weights {tuple(op.forward_t.shape)} and {tuple(op.back.shape)} "
+                          f"do not fit a network of {H} hidden units; {_FIX}")
+    lib = library()
+    suffix, ptr, i32 = _DTYPES[dtype][0], ctypes.c_void_p, ctypes.c_int
+    pad = _declare(lib, "lc_pad", i32, [i32])
+    Ft = _pad_columns(op.forward_t, pad(N))
+    Bk = _pad_columns(op.back, pad(H))
+    struct = ctypes.create_string_buffer(_declare(lib, "lc_rnn_size" + suffix, ctypes.c_size_t, [])())
+    _declare(lib, "lc_rnn_init" + suffix, None, [ptr, i32, i32, ptr, ptr])(ctypes.addressof(struct), H, N - H,
+                                                                             Ft.data_ptr(), Bk.data_ptr())
+    return NativeSystem(lib, dtype, struct, keep=(Ft, Bk))
 
-    kind = -1
-    groups: Tuple[int, ...] | None = None   # the per-population residual it computes besides the joint one
 
-    def __init__(self, op, alpha: float = 0.0, k_i: float = 0.0, k_p: float = 0.0, inv_B: float = 0.0,
-                 loss: str = "cross_entropy"):
-        dtype = op.forward_t.dtype
-        if op.forward_t.device.type != "cpu" or dtype not in _DTYPES:
-            raise ConfigError(f"native=True runs on the CPU in float32 or float64; got {op.forward_t.device.type} "
-                              f"{str(dtype).removeprefix('torch.')}; run without native")
-        if loss not in _LOSSES:
-            raise ConfigError(f"native=True covers the losses {', '.join(_LOSSES)}; got '{loss}'; run without native")
-        self.lib = library()
-        suffix, self.real = _DTYPES[dtype]
-        self.steps_fn = getattr(self.lib, "lc_rnn_steps" + suffix)
-        self.run_fn = getattr(self.lib, "lc_rnn_run" + suffix)
-        self.H = op.H
-        self.N = op.forward_t.shape[1]
-        self.K = self.N - self.H
-        pad = self.lib.lc_pad
-        self.Ft = _pad_columns(op.forward_t, pad(self.N))          # (H, Np)
-        self.Bk = _pad_columns(op.back, pad(self.H))               # (N, Hp)
-        self.constants = tuple(self.real(v) for v in (alpha, k_i, k_p, inv_B))
-        self.loss = _LOSSES[loss]
-        self.work = None   # scratch of __call__, sized by the first (largest) batch of a solve
-        N, H, K = self.N, self.H, self.K
-        # Row widths of the state and the two context tensors the C field reads.
-        self.widths = {0: (2 * N, N, K), 1: (N, N), 2: (N, H, N)}[self.kind]
+# Flat operator class -> builder of its C system. Looked up by exact class: a subclass may change
+# the dynamics the C kernels implement.
+_SYSTEMS: Dict[type, Callable[[object], NativeSystem]] = {}
 
-    def context(self, context) -> Tuple[torch.Tensor, torch.Tensor | None]:
-        """The two context rows the C field reads, contiguous."""
+
+def register_native_system(op_class: type, builder: Callable[[object], NativeSystem], *, overwrite: bool = False) -> None:
+    """Declare that flat operators of class ``op_class`` have C kernels: ``builder(op)`` returns their
+    :class:`NativeSystem` (raising ConfigError where it cannot, e.g. weights on a GPU)."""
+    if not overwrite and op_class in _SYSTEMS:
+        raise ValueError(f"native system for {op_class.__name__} is already registered; pass overwrite=True to replace it")
+    _SYSTEMS[op_class] = builder
+
+
+def native_system(op) -> NativeSystem | None:
+    """The C kernels of the system whose flat operator is ``op``, or ``None`` where it has none."""
+    builder = _SYSTEMS.get(type(op))
+    return None if builder is None else builder(op)
+
+
+# --- fields ------------------------------------------------------------------------------------
+
+
+class NativeField:
+    """Euler steps of one learning rule's field on a :class:`NativeSystem`, in C (``fields.c``, ``euler.c``).
+
+    A kernel of the solver's ``native`` backend: called as ``kernel(z, context, dt, n, groups)`` it
+    returns ``(z_n, residual)``, ``n ≥ 1`` Euler steps ``z ← z + dt·g(z)`` from the flat ``(B, width)``
+    rows ``z`` (not modified; a new tensor) and each row's relative residual of the last step,
+    ``dt·‖g(z_{n−1})‖ / ‖z_{n−1}‖``, ``(B,)``: one ratio over the row when ``groups`` is ``None``, else
+    the largest of the column groups' own ratios (``‖z_g‖²`` floored at 1e-30), NaN where the step
+    is not finite. ``context`` holds the batch-aligned rows the field reads (:attr:`context_keys`).
+
+    A subclass names its C entry points ``lc_<kind>_steps`` / ``lc_<kind>_work`` (:attr:`kind`), the
+    context rows they read and their widths (:meth:`context_widths`), and its constants.
+
+    Raises:
+        ConfigError: at the call, a tensor not in the system's dtype on the CPU, or of a shape
+            other than ``(B, width)`` and the context widths (checked before C reads any memory).
+    """
+
+    kind = ""
+    context_keys: Tuple[str, ...] = ()
+
+    def __init__(self, system: NativeSystem):
+        self.system = system
+        lib, suffix, ptr, i32 = system.lib, system.suffix, ctypes.c_void_p, ctypes.c_int
+        self._steps = getattr(lib, f"lc_{self.kind}_steps{suffix}")
+        self._steps.restype = None
+        self._steps.argtypes = ([ptr, i32, i32, system.real, ptr] + [ptr] * len(self.context_keys)
+                                + self.constant_types(system.real) + [i32, ptr, ptr, ptr])
+        self._work_size = getattr(lib, f"lc_{self.kind}_work{suffix}")
+        self._work_size.restype, self._work_size.argtypes = ctypes.c_long, [ptr, i32]
+        self._constants: Tuple = ()
+        self._work: torch.Tensor | None = None   # scratch, sized by the largest batch so far
+        self._work_rows = 0
+        self._groups: Dict[Tuple[int, ...] | None, Tuple[int, object]] = {}
+        widths = self.context_widths()
+        self.widths = (self.width,) + tuple(widths[k] for k in self.context_keys)
+
+    @property
+    def width(self) -> int:
+        """The width of a row of the field's state."""
+        return self.system.n_state
+
+    def context_widths(self) -> Dict[str, int]:
         raise NotImplementedError
 
-    def _inputs(self, z: torch.Tensor, context):
-        """A contiguous copy of ``z`` (the C loop steps it in place) and the context rows, checked to be
-        the weights' dtype on the CPU: the C code reads raw memory and could not tell."""
-        c1, c2 = self.context(context)
-        tensors = (z, c1) + (() if c2 is None else (c2,))
-        for t in tensors:
-            if t.dtype != self.Ft.dtype or t.device.type != "cpu":
-                raise ConfigError(f"native steps need every tensor in {self.Ft.dtype} on the CPU like the weights; "
-                                  f"got {t.dtype} on {t.device}")
-        shapes = [tuple(t.shape) for t in tensors]
-        if shapes != [(z.shape[0], w) for w in self.widths[:len(tensors)]]:
-            raise ConfigError(f"native {type(self).__name__}: state and context shapes {shapes} do not fit "
-                              f"widths {self.widths} for this network")
-        return z.contiguous().clone(), c1, c2
+    @staticmethod
+    def constant_types(real) -> list:
+        """The ctypes of the constants the C entry point takes after the context rows."""
+        return []
 
     def supports(self, groups: Sequence[int] | None) -> bool:
-        """Whether the residual the solver reads (``groups``: per population, or one over the row) is one this computes."""
-        return groups is None or (self.groups is not None and tuple(groups) == self.groups)
+        """Whether the residual the solver reads is one this computes: any grouping of the row's columns."""
+        return groups is None or (all(int(w) >= 1 for w in groups) and sum(groups) == self.width)
 
-    def _args(self, dt):
-        return (self.real(dt), *self.constants, self.loss)
+    def _check(self, z: torch.Tensor, context) -> list:
+        """The context rows, contiguous, after checking every tensor's dtype, device and shape: the C
+        code reads raw memory and could not tell."""
+        try:
+            rows = [context[k] for k in self.context_keys]
+        except (KeyError, TypeError):
+            raise ConfigError(f"native {self.kind} steps read the context {', '.join(self.context_keys)}; "
+                              f"got {sorted(context) if isinstance(context, dict) else context!r}") from None
+        tensors = [z] + rows
+        dtype = self.system.dtype
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu":
+                raise ConfigError(f"native steps need every tensor in {dtype} on the CPU like the weights; "
+                                  f"got {getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        shapes = [tuple(t.shape) for t in tensors]
+        if shapes != [(z.shape[0], w) for w in self.widths]:
+            raise ConfigError(f"native {self.kind} steps: state and context shapes {shapes} do not fit "
+                              f"widths {self.widths} (state, {', '.join(self.context_keys)}) of this system")
+        return [t.contiguous() for t in rows]
+
+    def _group_args(self, groups):
+        out = self._groups.get(groups)
+        if out is None:
+            widths = (self.width,) if groups is None else tuple(int(w) for w in groups)
+            if not self.supports(widths):
+                raise ConfigError(f"native {self.kind} steps: groups {groups} do not split the row's {self.width} columns")
+            out = self._groups[groups] = (len(widths), (ctypes.c_int * len(widths))(*widths))
+        return out
 
     def __call__(self, z: torch.Tensor, context, dt: float, n: int,
                  groups: Sequence[int] | None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(z_n, residual)``: ``n`` steps from ``z`` (not modified) and each sample's relative residual of
-        the last step, ``dt·‖g‖/‖z_{n−1}‖`` over ``groups`` (the largest over the populations, or one over the row)."""
-        z, c1, c2 = self._inputs(z, context)
+        rows = self._check(z, context)
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"native steps take n >= 1 steps, got {n!r}")
+        ngroups, widths = self._group_args(None if groups is None else tuple(groups))
+        z = z.clone(memory_format=torch.contiguous_format)
         B = z.shape[0]
-        size = int(self.lib.lc_steps_work(B, self.H, self.K))
-        if self.work is None or self.work.numel() < size:
-            self.work = z.new_empty(size)
         res = z.new_empty(B)
-        self.steps_fn(self.kind, B, self.H, self.K, n, *self._args(dt), groups is None, z.data_ptr(), c1.data_ptr(),
-                      0 if c2 is None else c2.data_ptr(), self.Ft.data_ptr(), self.Bk.data_ptr(), res.data_ptr(),
-                      self.work.data_ptr())
+        if B == 0:
+            return z, res
+        if self._work is None or B > self._work_rows:
+            self._work = z.new_empty(int(self._work_size(self.system.handle, B)))
+            self._work_rows = B
+        self._steps(self.system.handle, B, n, dt, z.data_ptr(), *[t.data_ptr() for t in rows], *self._constants,
+                    ngroups, widths, res.data_ptr(), self._work.data_ptr())
         return z, res
 
-    def run(self, z: torch.Tensor, context, dt: float, groups: Sequence[int] | None, *, step: int,
-            check_every: int, max_iter: int, tol: float, patience: int | None, stall_tol: float,
-            stall_ratio: float, mark_res: torch.Tensor, mark_step: torch.Tensor, mix=None) -> TailRun:
-        """Euler's loop on these samples to the end of the solve, its convergence checks and stopping
-        rule included (:class:`~leastcontrol.solvers.Solver`'s ``tol``, ``patience``, ``stall_tol``),
-        in one call: what the solver would do check by check, without a return to Python per check.
 
-        ``mix``: ``(memory, after, reg, restart)`` for Euler's check-level Anderson mix
-        (:func:`~leastcontrol.solvers._check_mix`, memory a ``_MixMemory`` of these rows), or None.
-        """
-        B = z.shape[0]
-        z, c1, c2 = self._inputs(z, context)
-        f64 = dict(dtype=torch.float64)
-        res, stop_step = torch.empty(B, **f64), torch.empty(B, **f64)
-        mark_res, mark_step = mark_res.double().clone(), mark_step.double().clone()
-        stopped = torch.empty(B, dtype=torch.int32)
-        trace = torch.empty((max_iter - step) // check_every + 2, **f64)
-        work = z.new_empty(int(self.lib.lc_run_work(self.kind, B, self.H, self.K)))
-        step_c, n_trace = ctypes.c_int(step), ctypes.c_int(0)
-        if mix is None:
-            mix_args = (0, 0, 0.0, 0.0) + (None,) * 8
-        else:
-            memory, after, reg, restart = mix
-            m = memory.F.shape[1]
-            mem = [memory.F.contiguous().clone(), memory.G.contiguous().clone(), memory.P.contiguous().clone(),
-                   memory.valid.to(torch.int32), memory.best.clone(), memory.best_z.contiguous().clone(),
-                   memory.left.clone()]
-            scratch = torch.empty(z.shape[1] + m * (m + 4) + B * z.shape[1], **f64)
-            mix_args = (m, after, reg, restart) + tuple(t.data_ptr() for t in mem) + (scratch.data_ptr(),)
-        status = self.run_fn(self.kind, B, self.H, self.K, *self._args(dt), groups is None, ctypes.byref(step_c),
-                             check_every, max_iter, tol, patience or 0, min(stall_tol, 1e308), stall_ratio,
-                             z.data_ptr(), c1.data_ptr(), 0 if c2 is None else c2.data_ptr(), self.Ft.data_ptr(),
-                             self.Bk.data_ptr(), res.data_ptr(), mark_res.data_ptr(), mark_step.data_ptr(),
-                             stop_step.data_ptr(), stopped.data_ptr(), trace.data_ptr(), trace.numel(),
-                             ctypes.byref(n_trace), work.data_ptr(), *mix_args)
-        return TailRun(z, res, stop_step, stopped.bool(), mark_res, mark_step, trace[:n_trace.value].tolist(),
-                       step_c.value, status != 0)
+class FreeField(NativeField):
+    """The free dynamics ``ṡ = f(s)`` on state rows ``s`` ``(B, N)``; context ``drive`` ``(B, n_drive)``."""
+
+    kind = "free"
+    context_keys = ("drive",)
+
+    def context_widths(self):
+        return {"drive": self.system.n_drive}
 
 
-class FreeSteps(RecurrentSteps):
-    """The free dynamics ``ṡ = f(s)`` on ``s = [v | o]``; context ``drive``."""
+class AdjointField(NativeField):
+    """RBP's adjoint dynamics at a fixed state, ``λ̇ = (∂_s f)ᵀ λ + ∇_s L`` on ``λ`` ``(B, N)``; context
+    ``lin`` (the state's linearisation, ``(B, n_lin)``: the flat operator's ``linearize``, ``φ'(v°)``
+    for the network) and ``dL`` ``(B, N)``."""
 
-    kind = 1
+    kind = "adjoint"
+    context_keys = ("lin", "dL")
 
-    def context(self, context):
-        return context["drive"].contiguous(), None
-
-
-class AdjointSteps(RecurrentSteps):
-    """RBP's adjoint dynamics at the free state, ``λ̇ = −λ + [φ'(v°) ⊙ (λ [W; D]) | 0] + ∇_s L``;
-    context ``lin`` (``φ'(v°)``, ``(B, H)``) and ``dL``."""
-
-    kind = 2
-
-    def context(self, context):
-        return context["lin"].contiguous(), context["dL"].contiguous()
+    def context_widths(self):
+        return {"lin": self.system.n_lin, "dL": self.system.n_state}
 
 
-class ControlledSteps(RecurrentSteps):
-    """LCP's controlled dynamics on ``z = [v | o | e | u_int]`` (``(B, 2N)``, ``N = H + K``):
+_LOSSES = {"cross_entropy": 0, "mse": 1}
 
-        ż = [f(s) + ψ,  φ'(v) ⊙ (ψ M)_hidden − e,  −(∇_o L/B + α u_int)],   ψ = [e | k_i u_int − k_p ∇_o L/B]
 
-    ``M`` the way back (``[W; D]``, or KP's feedback weights); context ``drive`` and ``target`` (dense).
+class ControlledField(NativeField):
+    """LCP's controlled dynamics (LCP-DI; KP where the system's way back holds the feedback weights) on
+    ``z = [s | e | u_int]`` ``(B, 2N)``, ``e`` the ``E = N − K`` populations before the output, ``u_int`` ``K``:
+
+        ż = [f(s) + ψ,  ((∂_s f)ᵀ ψ)_{:E},  −(∇_o L/B + α u_int)],   ψ = [e | k_i u_int − k_p ∇_o L/B]
+
+    with ``∇_o L = softmax(o) − target`` (cross-entropy) or ``o − target`` (mse), ``o`` the output
+    population of ``s``; context ``drive`` ``(B, n_drive)`` and ``target`` (dense, ``(B, K)``).
 
     Args:
-        op: the network's flat operator. loss: ``cross_entropy`` or ``mse``.
+        system: the system's C kernels. loss: ``cross_entropy`` or ``mse``.
         alpha, k_i, k_p: the controller. inv_B: ``1/B`` of the full batch (the batch-mean loss).
+
+    Raises:
+        ConfigError: another loss.
     """
 
-    kind = 0
+    kind = "controlled"
+    context_keys = ("drive", "target")
 
-    def __init__(self, op, loss: str, alpha: float, k_i: float, k_p: float, inv_B: float):
-        super().__init__(op, alpha, k_i, k_p, inv_B, loss)
-        self.groups = (self.N, self.H, self.K)
+    def __init__(self, system: NativeSystem, loss: str, alpha: float, k_i: float, k_p: float, inv_B: float):
+        if loss not in _LOSSES:
+            raise ConfigError(f"the native backend's controlled steps cover the losses {', '.join(_LOSSES)}; "
+                              f"got '{loss}'; {_FIX}")
+        super().__init__(system)
+        self._constants = (_LOSSES[loss], float(alpha), float(k_i), float(k_p), float(inv_B))
 
-    def context(self, context):
-        return context["drive"].contiguous(), context["target"].contiguous()
+    @property
+    def width(self):
+        return 2 * self.system.n_state
+
+    def context_widths(self):
+        return {"drive": self.system.n_drive, "target": self.system.n_out}
+
+    @staticmethod
+    def constant_types(real):
+        return [ctypes.c_int] + [real] * 4
 
 
-# The fields a system's flat operator can hand out (FlatOperator.native_steps), by phase.
-PHASES = {"free": FreeSteps, "adjoint": AdjointSteps, "controlled": ControlledSteps}
+# Field kind -> its kernel class; the kinds are the ones methods ask for (methods/base.py _kernels).
+_FIELDS: Dict[str, type] = {}
+
+
+def register_native_field(kind: str, cls: type, *, overwrite: bool = False) -> None:
+    """Declare the C field ``kind`` (entry points ``lc_<kind>_steps`` and ``lc_<kind>_work`` in the library)
+    and its kernel class, a :class:`NativeField` subclass built as ``cls(system, **constants)``."""
+    if not (isinstance(cls, type) and issubclass(cls, NativeField)):
+        raise ValueError(f"register_native_field('{kind}') needs a NativeField subclass, got {cls!r}")
+    if not overwrite and kind in _FIELDS:
+        raise ValueError(f"native field '{kind}' is already registered; pass overwrite=True to replace it")
+    _FIELDS[kind] = cls
+
+
+def field_kernel(op, kind: str, **constants) -> NativeField | None:
+    """The C steps of the field ``kind`` (``free``, ``adjoint``, ``controlled``) on the system whose flat
+    operator is ``op``, or ``None`` where that system has no C kernels.
+
+    Raises:
+        ConfigError: an unknown kind; the system's weights are not on the CPU in float32 or float64;
+            no C compiler, or the build failed.
+    """
+    if kind not in _FIELDS:
+        raise ConfigError(f"unknown native field '{kind}'; valid: {', '.join(sorted(_FIELDS))}")
+    system = native_system(op)
+    return None if system is None else _FIELDS[kind](system, **constants)
+
+
+register_native_field("free", FreeField)
+register_native_field("adjoint", AdjointField)
+register_native_field("controlled", ControlledField)
+
+
+def _register_builtin_systems() -> None:
+    from ..systems.networks import _RecurrentFlat
+    register_native_system(_RecurrentFlat, recurrent_system)
+
+
+_register_builtin_systems()
