@@ -57,3 +57,11 @@ def interrupt_on_second_eval(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "evaluate", flaky)
+
+
+def flat_config(**values):
+    """A run's TrainConfig from a flat table of settings (``model="ff", hidden=16, epochs=2, ...``), the
+    form of earlier versions, which the config layer migrates to its sections."""
+    from leastcontrol.train import TrainConfig
+
+    return TrainConfig.from_tree(values)

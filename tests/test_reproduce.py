@@ -13,7 +13,7 @@ from leastcontrol.reproduce import available_rows, reproduce
 
 from .helpers import interrupt_on_second_eval
 
-TINY = {"dataset": "digits", "epochs": 1, "limit_train": 256, "limit_test": 64, "hidden": 16}
+TINY = {"data.name": "digits", "loop.epochs": 1, "data.limit_train": 256, "data.limit_test": 64, "model.hidden": 16}
 
 
 def test_every_published_row_has_a_config():
@@ -34,7 +34,8 @@ def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):
     assert re.search(r"\| W -?\d\.\d{3}, D -?\d\.\d{3} \|", (tmp_path / "results.md").read_text())
     assert re.search(r"\| ff-bp \| \d+\.\d\d ± \d+\.\d\d \| 2 \|", (tmp_path / "results.md").read_text())
     run = json.loads((tmp_path / "ff-bp_seed1.json").read_text())
-    assert run["config"]["seed"] == 1 and run["config"]["method"] == "bp" and run["config"]["epochs"] == 1
+    config = run["config"]
+    assert config["loop"]["seed"] == 1 and config["method"]["name"] == "bp" and config["loop"]["epochs"] == 1
     assert table[1]["feedback_alignment"].keys() == {"W", "D"}
 
     def no_training(*args, **kwargs):
@@ -47,7 +48,7 @@ def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_row_resumes_from_its_epoch_checkpoint_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    tiny = dict(TINY, epochs=2)
+    tiny = dict(TINY, **{"loop.epochs": 2})
     reference = reproduce("mnist", tmp_path / "whole", rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
     out = tmp_path / "interrupted"
     with monkeypatch.context() as m:
@@ -58,7 +59,7 @@ def test_an_interrupted_row_resumes_from_its_epoch_checkpoint_to_the_uninterrupt
     assert load_checkpoint(ckpt)["epoch"] == 1 and not (out / "rnn-lcp-kp_seed0.json").exists()
     # Another budget does not continue that run: it names the setting and the way out.
     with pytest.raises(CheckpointError, match="other settings.*epochs.*remove the file"):
-        reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=dict(tiny, epochs=3), progress=False)
+        reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=dict(tiny, **{"loop.epochs": 3}), progress=False)
     resumed = reproduce("mnist", out, rows=["rnn-lcp-kp"], overrides=tiny, progress=False)
     assert not ckpt.exists()
     whole = json.loads((tmp_path / "whole" / "rnn-lcp-kp_seed0.json").read_text())

@@ -7,9 +7,10 @@ import torch
 from leastcontrol import train as train_module
 from leastcontrol.cli import main
 from leastcontrol.errors import CheckpointError, ConfigError
+from leastcontrol.config import merge
 from leastcontrol.train import TrainConfig, load_checkpoint, train
 
-from .helpers import interrupt_on_second_eval
+from .helpers import flat_config, interrupt_on_second_eval
 
 
 @pytest.mark.parametrize("model,method,options", [
@@ -23,18 +24,18 @@ from .helpers import interrupt_on_second_eval
     ("rnn", "lcp-ebd", {"alpha": 10.0, "ebd_lr": 1e-3, "ebd_steps": 200, "ff_init": True}),
 ])
 def test_each_method_learns_digits(model, method, options):
-    result = train(TrainConfig(model=model, method=method, hidden=64, lr=5e-3, epochs=4,
+    result = train(flat_config(model=model, method=method, hidden=64, lr=5e-3, epochs=4,
                                batch_size=32, eval_every=0, progress=False, **options))
     assert result["test_accuracy"] > 0.9, result["history"]
 
 
 def test_json_output_schema(tmp_path):
     out = tmp_path / "sub" / "run.json"
-    train(TrainConfig(model="ff", method="bp", hidden=16, epochs=2, limit_train=200, limit_test=50,
+    train(flat_config(model="ff", method="bp", hidden=16, epochs=2, limit_train=200, limit_test=50,
                       json_out=str(out), progress=False))
     data = json.loads(out.read_text())
     assert set(data) >= {"config", "history", "test_accuracy", "train_seconds"}
-    assert data["config"]["method"] == "bp" and data["config"]["lr"] == 1e-3
+    assert data["config"]["method"]["name"] == "bp" and data["config"]["loop"]["lr"] == 1e-3
     assert [h["epoch"] for h in data["history"]] == [1, 2]
     for h in data["history"]:
         assert set(h) >= {"epoch", "train_loss", "train_accuracy", "test_accuracy", "mean_iterations", "seconds"}
@@ -43,28 +44,28 @@ def test_json_output_schema(tmp_path):
 
 
 def test_cosine_schedule_ends_at_a_tenth():
-    result = train(TrainConfig(model="ff", method="bp", hidden=16, epochs=2, limit_train=128, limit_test=16,
+    result = train(flat_config(model="ff", method="bp", hidden=16, epochs=2, limit_train=128, limit_test=16,
                                progress=False))
     assert result["history"][-1]["lr"] == pytest.approx(1e-4)
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     base = dict(model="rnn", method="rbp", hidden=16, epochs=2, limit_train=192, limit_test=64, progress=False)
-    reference = train(TrainConfig(**base))
+    reference = train(flat_config(**base))
     ckpt = tmp_path / "run.pt"
     with monkeypatch.context() as m:
         interrupt_on_second_eval(m)
         with pytest.raises(KeyboardInterrupt):
-            train(TrainConfig(**base, checkpoint=str(ckpt)))
+            train(flat_config(**base, checkpoint=str(ckpt)))
     assert load_checkpoint(ckpt)["epoch"] == 1
     with pytest.raises(CheckpointError, match="--resume"):
-        train(TrainConfig(**base, checkpoint=str(ckpt)))
-    resumed = train(TrainConfig(**base, checkpoint=str(ckpt), resume=True))
+        train(flat_config(**base, checkpoint=str(ckpt)))
+    resumed = train(flat_config(**base, checkpoint=str(ckpt), resume=True))
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in reference["history"]]
     for (name, p), q in zip(reference["system"].named_parameters(), resumed["system"].parameters()):
         assert torch.equal(p, q), name
     with pytest.raises(CheckpointError, match="other settings.*lr"):
-        train(TrainConfig(**dict(base, lr=0.5), checkpoint=str(ckpt), resume=True))
+        train(flat_config(**dict(base, lr=0.5), checkpoint=str(ckpt), resume=True))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
@@ -81,17 +82,17 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 def test_bad_configuration_fails_before_training():
     with pytest.raises(ValueError, match="ff, rnn"):
-        TrainConfig(model="lstm")
+        flat_config(model="lstm")
     with pytest.raises(ValueError, match="bp, bptt, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
-        TrainConfig(method="eqprop")
+        flat_config(method="eqprop")
     with pytest.raises(ValueError, match="digits, idx, mnist"):
-        TrainConfig(dataset="cifar100")
+        flat_config(dataset="cifar100")
     with pytest.raises(ConfigError, match="epochs"):
-        TrainConfig(epochs=0)
+        flat_config(epochs=0)
     with pytest.raises(ConfigError, match="lowering k_i"):
-        TrainConfig(alpha=1000.0)
+        flat_config(alpha=1000.0)
     with pytest.raises(ConfigError, match="resume"):
-        TrainConfig(resume=True)
+        flat_config(resume=True)
 
 
 def test_cli_train_and_eval(tmp_path, capsys):
@@ -123,7 +124,7 @@ def test_cli_missing_mnist_offline(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_diverging_solver(capsys):
-    code = main(["train", "--model", "rnn", "--method", "rbp", "--dt", "50", "--epochs", "1",
+    code = main(["train", "--model", "rnn", "--method", "rbp", "--set", "method.solver.dt=50", "--epochs", "1",
                  "--limit-train", "64", "--quiet"])
     assert code == 2
     assert "diverged" in capsys.readouterr().err
@@ -138,9 +139,10 @@ def test_shipped_configs_load_and_match_the_published_settings():
     assert len(files) >= 8
     for path in files:
         config = config_from_mapping(load_config_file(path))
-        assert (config.dataset, config.epochs, config.batch_size, config.lr) == ("mnist", 30, 64, 1e-3)
-        assert path.stem == f"mnist-{config.model}-{config.method}"
-        assert config.grad_clip == (10.0 if config.model == "rnn" else 0.0)
+        loop = config.loop
+        assert (config.data.name, loop.epochs, loop.batch_size, loop.lr) == ("mnist", 30, 64, 1e-3)
+        assert path.stem == f"mnist-{config.model.name}-{config.method.name}"
+        assert loop.grad_clip == (10.0 if config.model.name == "rnn" else 0.0)
 
 
 def test_config_file_errors_name_the_key(tmp_path):
@@ -152,7 +154,7 @@ def test_config_file_errors_name_the_key(tmp_path):
         load_config_file(bad_key)
     bad_type = tmp_path / "b.json"
     bad_type.write_text('{"epochs": "ten"}')
-    with pytest.raises(ConfigError, match="key 'epochs' must be int"):
+    with pytest.raises(ConfigError, match="loop.epochs must be int"):
         load_config_file(bad_type)
     broken = tmp_path / "c.toml"
     broken.write_text("model = \n")
@@ -168,8 +170,8 @@ def test_cli_flags_override_the_config_file(tmp_path):
     out = tmp_path / "r.json"
     assert main(["train", "--config", str(cfg), "--epochs", "1", "--json-out", str(out), "--quiet"]) == 0
     config = json.loads(out.read_text())["config"]
-    assert (config["model"], config["method"], config["hidden"], config["epochs"]) == ("ff", "bp", 16, 1)
-    assert config["dataset"] == "digits" and config["lr"] == 1e-3
+    assert (config["model"]["name"], config["method"]["name"], config["model"]["hidden"]) == ("ff", "bp", 16)
+    assert config["loop"]["epochs"] == 1 and config["data"]["name"] == "digits" and config["loop"]["lr"] == 1e-3
 
 
 def test_skip_diverged_counts_the_batches_it_skips(monkeypatch):
@@ -185,32 +187,36 @@ def test_skip_diverged_counts_the_batches_it_skips(monkeypatch):
         return real(self, system, x, y)
 
     monkeypatch.setattr(RBP, "gradients", first_batch_diverges)
-    config = TrainConfig(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50, progress=False)
+    config = flat_config(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50, progress=False)
     with pytest.raises(SolverDivergedError, match=r"epoch 1, batch 1: euler diverged: population 'v'.*"
                                                   r"smaller dt.*Or pass --skip-diverged"):
         train(config)
     calls.clear()
-    result = train(TrainConfig(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50,
+    result = train(flat_config(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50,
                                progress=False, skip_diverged=True))
     assert result["history"][-1]["skipped_batches"] == 1 and len(calls) == 3
 
 
-def test_anderson_settings_reach_the_euler_solver_and_bad_ones_fail_at_construction():
-    from leastcontrol.cli import build_parser
-    args = build_parser().parse_args(["train", "--anderson-memory", "3", "--anderson-after", "40",
-                                      "--anderson-restarts", "0"])
-    assert (args.anderson_memory, args.anderson_after, args.anderson_restarts) == (3, 40, 0)
-    method = TrainConfig(method="lcp-di", anderson_memory=3, anderson_after=40, anderson_restarts=0).build_method()
-    assert method.solver_options == {"anderson_memory": 3, "anderson_after": 40, "anderson_restarts": 0}
-    assert (method._solver.anderson_memory, method._solver.anderson_after, method._solver.anderson_restarts) == (3, 40, 0)
-    with pytest.raises(ConfigError, match="anderson_restarts"):
-        TrainConfig(method="lcp-di", anderson_memory=3, anderson_restarts=-1)
-    with pytest.raises(ConfigError, match="anderson_memory"):
-        TrainConfig(method="lcp-di", anderson_memory=-2)
-    with pytest.raises(ConfigError, match="'bp' has none"):
-        TrainConfig(model="ff", method="bp", anderson_memory=3)
-    with pytest.raises(ConfigError, match="do not fit the 'anderson' solver"):
-        TrainConfig(method="lcp-di", solver="anderson", anderson_memory=3)
+def test_mix_settings_reach_every_solver_and_bad_ones_fail_at_construction(capsys):
+    from leastcontrol.cli import main as cli
+    tree = {"method": {"name": "lcp-di", "solver": {"mix": {"memory": 3, "after": 40, "restarts": 0}}}}
+    method = TrainConfig.from_tree(tree).build_method()
+    for phase in ("free", "controlled"):
+        mix = getattr(method, phase).mix
+        assert (mix.memory, mix.after, mix.restarts) == (3, 40, 0)
+    # The flat keys of earlier versions become the same tree.
+    flat = flat_config(method="lcp-di", anderson_memory=3, anderson_after=40, anderson_restarts=0)
+    assert flat.method.config() == method.config()
+    with pytest.raises(ConfigError, match="mix.restarts"):
+        flat_config(method="lcp-di", anderson_memory=3, anderson_restarts=-1)
+    with pytest.raises(ConfigError, match="mix.memory"):
+        flat_config(method="lcp-di", anderson_memory=-2)
+    with pytest.raises(ConfigError, match="unknown key 'solver' of method 'bp'"):
+        flat_config(model="ff", method="bp", anderson_memory=3)
+    # A flag of an earlier version names the key it became.
+    with pytest.raises(SystemExit):
+        cli(["train", "--anderson-memory", "3"])
+    assert "--anderson-memory is now the config key method.solver.mix.memory: use --set" in capsys.readouterr().err
 
 
 def _research_code_draws(model, method, n_in, hidden, n_out, n_train, batch_size, seed, epochs=2):
@@ -240,7 +246,7 @@ def test_a_seed_draws_the_research_codes_weights_feedback_and_batch_order(model,
     from leastcontrol.train import epoch_order, init_system
 
     seed, hidden, n_train, batch = 7, 8, 40, 16
-    config = TrainConfig(model=model, method=method, hidden=hidden, recurrent_bias=model == "rnn", seed=seed,
+    config = flat_config(model=model, method=method, hidden=hidden, recurrent_bias=model == "rnn", seed=seed,
                          epochs=2, batch_size=batch, limit_train=n_train, limit_test=20, eval_every=0,
                          progress=False)
     layers, feedback, orders = _research_code_draws(model, method, 64, hidden, 10, n_train, batch, seed)
@@ -266,14 +272,15 @@ def test_a_seed_draws_the_research_codes_weights_feedback_and_batch_order(model,
         return out
 
     monkeypatch.setattr(train_module, "epoch_order", spy)
-    extra = {"k_i": 0.01, "max_iter": 50} if method == "lcp-kp" else {"ebd_steps": 20}
-    train(TrainConfig(**{**config.to_dict(), **extra}))
+    extra = ({"k_i": 0.01, "solver": {"max_steps": 50}} if method == "lcp-kp" else
+             {"controlled": {"max_steps": 20}})
+    train(TrainConfig.from_tree(merge(config.to_dict(), {"method": extra})))
     assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, orders))
 
 
 def test_recurrent_bias_is_an_rnn_option():
     with pytest.raises(ConfigError, match="recurrent_bias"):
-        TrainConfig(model="ff", recurrent_bias=True)
+        flat_config(model="ff", recurrent_bias=True)
 
 
 def test_feedback_weights_are_clipped_on_their_own_in_train_and_bench():
@@ -306,9 +313,42 @@ def test_check_stability_reaches_the_epoch_records():
     # the Euler dynamics settle on: the check runs on every solve and flags none.
     base = dict(model="rnn", method="rbp", solver="anderson", hidden=16, epochs=1, limit_train=128, limit_test=32,
                 progress=False)
-    checked = train(TrainConfig(**base, check_stability=True))
-    assert checked["config"]["check_stability"] is True
+    checked = train(flat_config(**base, check_stability=True))
+    assert checked["config"]["method"]["adjoint"]["check_stability"] is True
     assert checked["history"][0]["unstable_fraction"] == 0.0
-    assert train(TrainConfig(**base))["history"][0]["unstable_fraction"] is None
+    assert train(flat_config(**base))["history"][0]["unstable_fraction"] is None
     with pytest.raises(ConfigError, match="check_stability"):
-        TrainConfig(**dict(base, check_stability="yes"))
+        flat_config(**dict(base, check_stability="yes"))
+
+
+def test_config_tree_sections_and_overrides_name_the_valid_keys(capsys):
+    """The tree as a file writes it, --set overrides by dotted key, and errors that name the key and the
+    valid ones: an unknown section, key, method setting, solver setting or value."""
+    from leastcontrol.cli import main as cli
+    from leastcontrol.config import parse_override
+    from leastcontrol.train import resolve_tree
+    tree = resolve_tree({"model": {"name": "ff", "hidden": 16}, "method": {"name": "lcp-di", "alpha": 1.0}},
+                        [parse_override("method.k_i=10"), parse_override("method.controlled.patience=300"),
+                         parse_override("loop.grad_clip=5"), parse_override('method.free.tol=1e-4')])
+    config = TrainConfig.from_tree(tree)
+    assert config.method.beta == 10.0 and config.method.controlled.patience == 300
+    assert config.method.free.tol == 1e-4 and config.method.free.max_steps == 800   # changes, not a fresh solver
+    assert config.loop.grad_clip == 5.0 and config.model.hidden == 16
+    bad = [("foo.bar=1", "unknown section 'foo'; valid sections: model, method, data, loop, output, preset"),
+           ("loop.learning_rate=1", "loop: unknown key 'learning_rate'; valid keys: epochs, batch_size, lr"),
+           ("method.gain=1", "method: unknown key 'gain' of method 'lcp-di'; valid keys: name, loss"),
+           ("method.controlled.patiense=3", "method.controlled: unknown setting.*patiense of the 'euler' solver; "
+                                            "valid: backend, check_every"),
+           ("method.solver.name=newton", "unknown solver 'newton'; valid solvers: adam, anderson, broyden, euler"),
+           ("loop.lr=fast", "loop.lr must be float, got 'fast'")]
+    for item, message in bad:
+        assert cli(["train", "--set", item, "--quiet"]) == 2, item
+        assert __import__("re").search(message, capsys.readouterr().err), item
+    assert cli(["config", "--method", "rbp", "--set", "method.adjoint.tol=1e-6"]) == 0
+    printed = capsys.readouterr().out
+    assert "[method.adjoint]\nname = \"euler\"\ntol = 1e-06\nmax_steps = 200" in printed
+    assert 'name = "rbp"' in printed and "[loop]" in printed
+    # The printed tree is a config file that gives the same run.
+    import tomllib
+    assert TrainConfig.from_tree(tomllib.loads(printed)).to_dict() == TrainConfig.from_tree(
+        resolve_tree({}, [("method.name", "rbp"), ("method.adjoint.tol", 1e-6)])).to_dict()

@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 
 from .atomic import atomic_target
+from .config import as_tree, get_path
 from .errors import CheckpointError, ConfigError
 
 TRAIN_FORMAT = "leastcontrol-checkpoint-1"
@@ -54,7 +55,8 @@ def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Map
     """The saved state to continue from, or ``None`` for a fresh run.
 
     A checkpoint that exists is only continued with ``resume`` (never overwritten by a new run),
-    and only if the settings in ``keys`` are those of ``config``.
+    and only if the settings in ``keys`` (dotted paths into the config tree; a flat config of an
+    earlier version is read as its tree) are those of ``config``.
 
     Raises:
         CheckpointError: the file exists without ``resume``, is unreadable, or is another run's.
@@ -65,8 +67,8 @@ def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Map
         raise CheckpointError(f"checkpoint {path} already exists; pass --resume to continue that run "
                               "or choose another --checkpoint path")
     state = load_checkpoint(path, fmt)
-    saved = state["config"]
-    changed = [k for k in keys if saved.get(k) != config.get(k)]
+    saved = as_tree(state["config"], f"checkpoint {path}") if fmt == TRAIN_FORMAT else state["config"]
+    changed = [k for k in keys if get_path(saved, k) != get_path(config, k)]
     if changed:
         raise CheckpointError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)}); "
                               "continue it with its own settings, or remove the file to start afresh")

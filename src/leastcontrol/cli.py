@@ -1,7 +1,10 @@
-"""Command line: ``leastcontrol train | eval | reproduce``.
+"""Command line: ``leastcontrol train | config | eval | reproduce | bench | meta``.
 
 ``leastcontrol train`` with no arguments trains the recurrent equilibrium
 network with LCP-DI on the bundled digits data (offline, about a minute).
+Its flags are the everyday settings; every other one is a key of the config
+tree (:mod:`leastcontrol.config`), set in a ``--config`` file or with
+``--set section.key=value``; ``leastcontrol config`` prints the whole tree.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from .data import DATASETS
 from .errors import LeastControlError
 from .meta.learners import ACTIVATIONS
 from .meta.problem import INNER_SOLVERS, STEP_RULES
+from .config import _FLAT, parse_override
 from .methods import METHODS
-from .methods.base import IMPLS
-from .solvers import CONTROLLED_RESIDUALS, SOLVERS
+from .methods.lcp import CONTROLLED_RESIDUALS
+from .presets import PRESETS
 from .systems import SYSTEMS
 
 
@@ -40,6 +44,86 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool):
     p.add_argument("--limit-test", type=_positive_int, **unset, help="use the first N test samples")
 
 
+_SETTINGS_EPILOG = """\
+every other setting is a key of the run's config tree, set in a --config file (TOML
+sections [model] [method] [method.solver] [data] [loop] [output]) or with --set, e.g.
+  --set method.alpha=1 --set method.k_i=10          controller gains (β = k_i/α + k_p)
+  --set method.solver.tol=1e-4                      every solve's tolerance
+  --set method.controlled.patience=300              the controlled phase's stall rule
+  --set 'method.solver.backend=["native","compile"]'  how the steps run
+  --set loop.grad_clip=5 --set loop.optimizer=sgd   the training loop
+`leastcontrol config [flags]` prints every key with its value; docs/cli.md lists them."""
+
+# Everyday flags of `train` and `config`: flag -> (path in the config tree, argparse settings).
+_RUN_FLAGS = {
+    "--model": ("model.name", dict(choices=SYSTEMS.names(),
+                help="rnn: recurrent (default); ff: layered; conv-ff: layered conv net; deq: deep equilibrium model")),
+    "--method": ("method.name", dict(choices=METHODS.names(), help="learning rule (default lcp-di)")),
+    "--dataset": ("data.name", dict(choices=DATASETS.names(),
+                  help="digits (default): bundled 8x8 digits, offline; mnist, idx (a directory of IDX files), cifar10")),
+    "--data-dir": ("data.dir", dict(help="directory of the data files (default: $LEASTCONTROL_DATA, else the user cache)")),
+    "--limit-train": ("data.limit_train", dict(type=_positive_int, help="use the first N training samples")),
+    "--limit-test": ("data.limit_test", dict(type=_positive_int, help="use the first N test samples")),
+    "--hidden": ("model.hidden", dict(type=_positive_int, help="hidden units, per layer for ff (256)")),
+    "--epochs": ("loop.epochs", dict(type=_positive_int, help="training epochs (30; 8 on digits)")),
+    "--batch-size": ("loop.batch_size", dict(type=_positive_int, help="(64)")),
+    "--lr": ("loop.lr", dict(type=float, help="learning rate (1e-3)")),
+    "--seed": ("loop.seed", dict(type=int, help="(0)")),
+    "--device": ("loop.device", dict(choices=["cpu", "cuda", "auto"], help="where to train (cpu; auto: cuda if present)")),
+    "--json-out": ("output.json_out", dict(help="write config, history and test accuracy to this JSON file")),
+    "--checkpoint": ("output.checkpoint", dict(help="save the run here after every epoch")),
+    "--resume": ("output.resume", dict(action="store_const", const=True, help="continue the run saved in --checkpoint")),
+}
+# Flags of earlier versions that are config keys now: the message names the key.
+_MOVED = {f"--{key.replace('_', '-')}": path for key, path in _FLAT.items()
+          if f"--{key.replace('_', '-')}" not in _RUN_FLAGS and key not in ("progress", "model", "method", "dataset")}
+_MOVED.update({"--compile": "method.solver.backend", "--native": "method.solver.backend",
+               "--warm-start-tol": "method.free.tol", "--ebd-optim": "method.controlled.name",
+               "--ebd-lr": "method.controlled.lr", "--ebd-steps": "method.controlled.max_steps",
+               "--no-compile": "method.solver.backend", "--no-native": "method.solver.backend"})
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a training run (``train`` and ``config``); unset ones stay absent, so a file supplies them."""
+    p.add_argument("--config", help="TOML or JSON file of settings (see configs/); flags and --set override it")
+    p.add_argument("--preset", choices=PRESETS.names(),
+                   help="published (default): the published set-ups; fast: the settings that keep the update and "
+                        "pay on the device in use (docs/performance.md), under the ones you set")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="overrides",
+                   help="any setting by its key, e.g. method.alpha=1 (repeatable; see below)")
+    for flag, (path, settings) in _RUN_FLAGS.items():
+        if "choices" not in settings and "action" not in settings:
+            settings = {"metavar": path.rsplit(".", 1)[1].upper(), **settings}
+        p.add_argument(flag, dest="path:" + path, **settings)
+    p.add_argument("--quiet", action="store_const", const=True, help="no progress bars")
+
+
+def _run_tree(args) -> dict:
+    """The run's config tree from ``--config``, the everyday flags and ``--set`` (in that order of precedence)."""
+    from .train import resolve_tree
+    from .config import read_file
+
+    overrides = [(key[5:], value) for key, value in vars(args).items() if key.startswith("path:")]
+    overrides += [parse_override(item) for item in (getattr(args, "overrides", None) or [])]
+    if getattr(args, "quiet", False):
+        overrides.append(("output.progress", False))
+    if getattr(args, "preset", None):
+        overrides.append(("preset", args.preset))
+    values = read_file(args.config) if getattr(args, "config", None) else {}
+    return resolve_tree(values, overrides, where=args.config if getattr(args, "config", None) else "command line")
+
+
+def _refuse_moved_flags(parser: argparse.ArgumentParser, argv: List[str]) -> None:
+    """A flag of an earlier version gets one line naming the config key it became."""
+    for item in argv:
+        flag = item.split("=", 1)[0]
+        if flag in _MOVED:
+            path = _MOVED[flag]
+            hint = ("use --preset fast, or --set 'method.solver.backend=[\"native\", \"compile\"]'"
+                    if path == "method.solver.backend" else f"use --set {path}=VALUE (or put it in a --config file)")
+            parser.error(f"{flag} is now the config key {path}: {hint}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="leastcontrol",
@@ -47,91 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train an equilibrium network", argument_default=argparse.SUPPRESS,
-                       description="Train an equilibrium network; defaults are the published MNIST settings. "
-                                   "Flags override the values of --config.")
-    t.add_argument("--config", help="TOML or JSON file of settings (see configs/); flags override it")
-    t.add_argument("--model", choices=SYSTEMS.names(),
-                   help="ff: layered network; rnn: recurrent (default); conv-ff: layered conv net; deq: deep "
-                        "equilibrium model (conv systems are sized from the images)")
-    t.add_argument("--method", choices=METHODS.names(), help="learning rule (default lcp-di)")
-    _add_data_args(t, train=True)
-    t.add_argument("--hidden", type=_positive_int, help="hidden units, per layer for ff (256)")
-    t.add_argument("--recurrent-bias", action=argparse.BooleanOptionalAction,
-                   help="rnn: give W φ(v) its own bias besides the input's, as the paper's research code does "
-                        "(off; the published configs turn it on)")
-    t.add_argument("--epochs", type=_positive_int,
-                   help="training epochs (default 30; 8 on digits)")
-    t.add_argument("--batch-size", type=_positive_int, help="(64)")
-    t.add_argument("--lr", type=float, help="learning rate (1e-3)")
-    t.add_argument("--optimizer", choices=["adam", "sgd"], help="(adam)")
-    t.add_argument("--weight-decay", type=float, help="L2 weight decay of the optimizer (0)")
-    t.add_argument("--schedule", choices=["cosine", "none"],
-                   help="cosine (default): per-step decay to 0.1*lr over the run")
-    t.add_argument("--grad-clip", type=float, help="max gradient norm (default: 10 for rnn, off for ff; 0 = off)")
-    g = t.add_argument_group("dynamics and control (defaults: the method's published settings)")
-    g.add_argument("--alpha", type=float, help="controller leak α (lcp-di: 0.1)")
-    g.add_argument("--k-i", type=float, help="integral gain (lcp-di: 1)")
-    g.add_argument("--k-p", type=float, help="proportional gain (lcp-di: 0)")
-    g.add_argument("--kappa", type=float, help="lcp-kp: weight decay per step (1e-6)")
-    g.add_argument("--dt", type=float, help="Euler step (1)")
-    g.add_argument("--tol", type=float, help="relative-residual tolerance (lcp-di 1e-6, rbp 1e-4)")
-    g.add_argument("--max-iter", type=_positive_int, help="max solver steps (lcp-di 800, rbp 200)")
-    g.add_argument("--solver", choices=SOLVERS.names(), help="fixed-point solver (euler)")
-    g.add_argument("--check-every", type=_positive_int, help="test convergence every k solver steps (10)")
-    g.add_argument("--warm-start-tol", type=float,
-                   help="tolerance of the free solve that starts the controlled dynamics (default: --tol)")
-    g.add_argument("--controlled-residual", choices=CONTROLLED_RESIDUALS,
-                   help="lcp-di/kp/lf: when the controlled dynamics count as settled: per-population (default: "
-                        "state, hidden control and controller each to --tol) or joint (one residual over all)")
-    g.add_argument("--patience", type=_positive_int,
-                   help="stall rule (off): a sample whose residual has not fallen by 10%% in this many steps stops")
-    g.add_argument("--stall-tol", type=float, help="stall rule: only below this residual (default: any)")
-    g.add_argument("--impl", choices=IMPLS,
-                   help="fast (default): closed-form VJPs, sample freezing; autograd: research-code reference path")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="run the Euler steps between convergence checks as one torch.compile graph (off; "
-                        "compiles for seconds at the start, pays on small batches and long tails)")
-    g.add_argument("--native", action=argparse.BooleanOptionalAction,
-                   help="rnn on the cpu: run the last few active samples of every solve (free phase, rbp's adjoint, "
-                        "lcp-di/kp's controlled phase) as one C loop, checks included (off; needs a C compiler, "
-                        "builds once into the user cache)")
-    g.add_argument("--anderson-memory", type=int,
-                   help="euler: mix the last M runs of --check-every steps at each check (Anderson "
-                        "acceleration of the k-step map; 0/off: plain Euler)")
-    g.add_argument("--anderson-after", type=int, help="euler: first step of that mixing (50)")
-    g.add_argument("--anderson-restarts", type=int,
-                   help="euler: times a sample whose residual jumps past 10x its best goes back to its best point "
-                        "and mixes again (no limit); after that it stops mixing (0: at the first jump)")
-    g.add_argument("--check-stability", action=argparse.BooleanOptionalAction,
-                   help="after every solve, estimate each sample's Euler-map spectral radius (30 Jacobian-vector "
-                        "products) and warn when a solver (anderson, broyden) settled samples at fixed points the "
-                        "plain dynamics leave; the epoch records carry unstable_fraction (off: costs several free solves)")
-    g.add_argument("--ebd-optim", choices=["adam", "sgd"], help="lcp-ebd: optimiser on the state (adam)")
-    g.add_argument("--ebd-lr", type=float, help="lcp-ebd: its learning rate (0.01)")
-    g.add_argument("--ebd-steps", type=_positive_int, help="lcp-ebd: optimiser steps (800)")
-    g.add_argument("--ff-init", action=argparse.BooleanOptionalAction,
-                   help="lcp-ebd: start from the free equilibrium (off)")
-    lf = t.add_argument_group("lcp-lf: learning the linear feedback Q in a noisy phase")
-    lf.add_argument("--sigma", type=float, help="hidden noise std (0.01)")
-    lf.add_argument("--tau-noise", type=float, help="noise correlation time in steps (20)")
-    lf.add_argument("--noise-steps", type=int, help="length of the noisy phase (200; 0: Q fixed)")
-    lf.add_argument("--tau-q", type=float, help="time constant of Q (1e5)")
-    lf.add_argument("--wd-q", type=float, help="weight decay of Q (0.01)")
-    lf.add_argument("--timescale", type=float, help="speed-up of the noisy phase, enters squared (5)")
-    t.add_argument("--seed", type=int, help="(0)")
-    t.add_argument("--eval-every", type=int, help="evaluate on the test set every N epochs (1; 0: only at the end)")
-    t.add_argument("--json-out", help="write config, history and test accuracy to this JSON file")
-    t.add_argument("--checkpoint", help="save model/optimizer state here after every epoch")
-    t.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
-    t.add_argument("--skip-diverged", action="store_true",
-                   help="a batch whose solve diverges makes no update (counted in the history) instead of stopping")
-    t.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (cpu; auto: cuda if present)")
-    t.add_argument("--augment", action="store_true", help="cifar10: random crop (pad 4) and horizontal flip")
-    t.add_argument("--amp", action="store_true",
-                   help="bf16 autocast of convolutions and matrix products; state, control and updates stay fp32 "
-                        "(residual floor ~1e-3: use a loose --tol or --patience)")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
-    t.set_defaults(quiet=False)
+                       description="Train an equilibrium network; defaults are the published MNIST settings.",
+                       epilog=_SETTINGS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_args(t)
+    c = sub.add_parser("config", help="print a run's whole configuration (every key, with its value) as TOML",
+                       argument_default=argparse.SUPPRESS, epilog=_SETTINGS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Print the configuration `leastcontrol train` would run with the same flags: "
+                                   "every key of every section, defaults filled in. Save it, edit it, pass it "
+                                   "back with --config.")
+    _add_run_args(c)
 
     r = sub.add_parser("reproduce", help="run the published table (each row's config, several seeds)")
     r.add_argument("benchmark", choices=["mnist", "cifar10"])
@@ -217,33 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .train import config_from_mapping, load_config_file, train
+    from .train import TrainConfig, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet")}
-    values = load_config_file(args.config) if getattr(args, "config", None) else {}
-    values.update(given)
-    if "epochs" not in values and values.get("dataset", "digits") == "digits":
-        values["epochs"] = 8  # the embedded default job: about a minute on two cores
-    values["progress"] = not args.quiet
-    config = config_from_mapping(values, source="command line")
-    print(f"leastcontrol train: model={config.model} method={config.method} dataset={config.dataset} "
-          f"epochs={config.epochs} ({config.build_method()!r})", flush=True)
+    config = TrainConfig.from_tree(_run_tree(args), where=getattr(args, "config", None) or "command line")
+    print(f"leastcontrol train: model={config.model.name} method={config.method.name} dataset={config.data.name} "
+          f"epochs={config.loop.epochs} ({config.method!r})", flush=True)
     result = train(config)
     last = result["history"][-1] if result["history"] else {}
     print(f"test accuracy {result['test_accuracy']:.4f}  train time {result['train_seconds']:.1f}s  "
           f"mean iterations {last.get('mean_iterations', 0):.1f}  "
           f"converged batches {result['converged_fraction']:.2f}")
-    if config.json_out:
-        print(f"results written to {config.json_out}")
+    if config.output.json_out:
+        print(f"results written to {config.output.json_out}")
+    return 0
+
+
+def _config(args) -> int:
+    from .config import to_toml
+    from .train import TrainConfig
+
+    config = TrainConfig.from_tree(_run_tree(args), where=getattr(args, "config", None) or "command line")
+    print(to_toml(config.to_dict()), end="")
     return 0
 
 
 def _reproduce(args) -> int:
     from .reproduce import reproduce
 
-    overrides = {k: getattr(args, k) for k in ("epochs", "limit_train", "limit_test", "dataset", "data_dir",
-                                               "skip_diverged")
-                 if getattr(args, k) is not None}
+    paths = {"epochs": "loop.epochs", "limit_train": "data.limit_train", "limit_test": "data.limit_test",
+             "dataset": "data.name", "data_dir": "data.dir", "skip_diverged": "loop.skip_diverged"}
+    overrides = {path: getattr(args, k) for k, path in paths.items() if getattr(args, k) is not None}
     table = reproduce(args.benchmark, args.out, rows=args.rows, seeds=args.seeds, overrides=overrides,
                       progress=not args.quiet)
     print((Path(args.out) / "results.md").read_text())
@@ -283,22 +295,22 @@ def _meta(args) -> int:
 
 
 def _eval(args) -> int:
-    from .data import load_dataset
-    from .train import config_from_checkpoint, evaluate, load_checkpoint, preprocess, restore_system
     from .atomic import write_json
+    from .data import DataConfig
+    from .train import config_from_checkpoint, evaluate, load_checkpoint, restore_system
 
     state = load_checkpoint(args.checkpoint)
     config = config_from_checkpoint(state)
-    dataset = args.dataset or config.dataset
-    data_dir = args.data_dir or config.data_dir
-    data = load_dataset(dataset, data_dir, args.limit_train or 1, args.limit_test)
+    data_config = DataConfig(name=args.dataset or config.data.name, dir=args.data_dir or config.data.dir,
+                             limit_test=args.limit_test)
+    data = data_config.load(limit_train=args.limit_train or 1)
     system, method = restore_system(state, config, data)
-    accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
-                        config.eval_batch_size, config.amp, progress=True)
-    print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {dataset} samples "
+    accuracy = evaluate(method, system, data_config.preprocess(data.test_x, train=False), data.test_y,
+                        config.loop.eval_batch_size, config.loop.amp, progress=True)
+    print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {data_config.name} samples "
           f"(epoch {state['epoch']})")
     if args.json_out:
-        write_json(args.json_out, {"checkpoint": str(args.checkpoint), "dataset": dataset,
+        write_json(args.json_out, {"checkpoint": str(args.checkpoint), "dataset": data_config.name,
                                    "test_accuracy": accuracy, "test_samples": len(data.test_y),
                                    "epoch": state["epoch"]})
     return 0
@@ -306,9 +318,13 @@ def _eval(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "config"):
+        _refuse_moved_flags(parser, argv[1:])
     args = parser.parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "reproduce": _reproduce, "bench": _bench, "meta": _meta}[args.command](args)
+        return {"train": _train, "config": _config, "eval": _eval, "reproduce": _reproduce, "bench": _bench,
+                "meta": _meta}[args.command](args)
     except LeastControlError as exc:
         print(f"leastcontrol: error: {exc}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_target
 from .errors import ConfigError
-from .train import config_from_mapping, load_config_file, train
+from .config import set_path
+from .train import TrainConfig, load_config_file, train
 
 ROW_ORDER = ["ff-bp", "ff-lcp-di", "ff-lcp-kp", "ff-lcp-lf", "ff-lcp-ebd",
              "rnn-rbp", "rnn-lcp-di", "rnn-lcp-kp", "rnn-lcp-lf", "rnn-lcp-ebd"]
@@ -124,7 +125,8 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
         out: output folder.
         rows: subset of row names (default: every shipped row).
         seeds: seeds to run per row.
-        overrides: settings applied on top of every row's file (e.g. ``epochs``, ``limit_train``, ``data_dir``).
+        overrides: settings applied on top of every row's file, by their dotted keys (e.g.
+            ``loop.epochs``, ``data.limit_train``, ``data.dir``).
     Returns:
         The per-row summaries written to ``results.csv``.
     Raises:
@@ -142,26 +144,27 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     jobs = []
     for row in chosen:
         values = load_config_file(available[row])
-        values.update(overrides or {})
+        for key, value in (overrides or {}).items():
+            values = set_path(values, key, value)
         for seed in seeds:
             stem = out / f"{row}_seed{seed}"
-            config = config_from_mapping(dict(values, seed=seed, json_out=f"{stem}.json", checkpoint=f"{stem}.ckpt",
-                                              resume=True, progress=False), source=f"row {row}")
-            jobs.append((row, config))
+            run = set_path(values, "loop.seed", seed)
+            run["output"] = {"json_out": f"{stem}.json", "checkpoint": f"{stem}.ckpt", "resume": True, "progress": False}
+            jobs.append((row, TrainConfig.from_tree(run, where=f"row {row}")))
     runs: Dict[str, List[Dict[str, Any]]] = {row: [] for row in chosen}
     bar = tqdm(jobs, desc="runs", disable=not progress, dynamic_ncols=True)
     for row, config in bar:
-        path = Path(config.json_out)
+        path = Path(config.output.json_out)
         if not path.exists():
-            bar.set_postfix_str(f"{row} seed {config.seed}")
-            config.progress = progress
+            bar.set_postfix_str(f"{row} seed {config.loop.seed}")
+            config.output.progress = progress
             train(config)
         # The JSON is the run's record; its per-epoch checkpoint is only there to resume it.
-        Path(config.checkpoint).unlink(missing_ok=True)
+        Path(config.output.checkpoint).unlink(missing_ok=True)
         runs[row].append(json.loads(path.read_text()))
     bar.close()
     table = summarise(runs)
-    shown = {k: v for k, v in (overrides or {}).items() if k != "data_dir"}
+    shown = {k.rsplit(".", 1)[1]: v for k, v in (overrides or {}).items() if k != "data.dir"}
     header = f"# {benchmark} reproduction ({', '.join(f'{k}={v}' for k, v in shown.items()) or 'published budget'})"
     _write_text(out / "results.md", _markdown(table, header))
     _write_text(out / "results.csv", _csv(table))

@@ -6,219 +6,190 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import write_json
-from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint, resume_state, save_checkpoint  # noqa: F401 (load_checkpoint: public here)
-from .data import DATASETS, Dataset, load_dataset
+from . import config as cfg
+from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint  # noqa: F401 (load_checkpoint: public here)
+from .data import DataConfig, Dataset
 from .errors import ConfigError, SolverDivergedError
-from .methods import METHODS, Method, get_method
-from .solvers import SOLVERS
-from .systems import SYSTEMS, EquilibriumSystem, get_system
+from .methods import LCPDI, Method, method_from_dict
+from .presets import PRESETS, apply_preset
+from .run import Run
+from .systems import EquilibriumSystem, ModelConfig
 
 # Published settings (docs/LCP.md §4 and the research code's commands): gradient clipping 10
-# for the recurrent systems (RNN, DEQ).
+# for the recurrent systems (RNN, DEQ); 30 epochs, 8 on the bundled digits (the default job).
 DEFAULT_GRAD_CLIP = {"rnn": 10.0, "deq": 10.0}
-METHOD_OPTIONS = ("alpha", "k_i", "k_p", "kappa", "dt", "tol", "max_iter", "solver", "check_every", "impl", "compile", "native", "warm_start_tol",
-                  "controlled_residual", "patience", "stall_tol",
-                  "ebd_optim", "ebd_lr", "ebd_steps", "ff_init",
-                  "sigma", "tau_noise", "noise_steps", "tau_q", "wd_q", "timescale")
-# Settings of the solver itself, passed to the method as its solver_options.
-SOLVER_OPTIONS = ("anderson_memory", "anderson_after", "anderson_restarts", "check_stability")
+DEFAULT_EPOCHS = {"digits": 8}
+
+
+@dataclass
+class LoopConfig:
+    """The ``[loop]`` section of a run: the optimizer, the schedule and the batches.
+
+    Args:
+        epochs: passes over the training set (default 30; 8 on ``digits``).
+        batch_size, lr, weight_decay: of the optimizer (``adam`` or ``sgd``).
+        schedule: ``cosine`` (per-step decay to 0.1·lr over the run) or ``none``.
+        grad_clip: largest gradient norm per parameter group (default: 10 for the recurrent
+            systems, none for the layered ones); ``0`` turns it off.
+        seed: draws the weights, any feedback weights and every epoch's batch order, as the
+            paper's research code draws them for the same seed.
+        eval_every: test accuracy every N epochs (0: only at the end). eval_batch_size: its batches.
+        device: ``cpu``, ``cuda`` or ``auto``. amp: bf16 autocast of the products (conv, DEQ).
+        skip_diverged: a batch whose solve diverges makes no update (counted in the history)
+            instead of stopping the run.
+    """
+
+    epochs: Optional[int] = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    grad_clip: Optional[float] = None
+    seed: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+    amp: bool = False
+    skip_diverged: bool = False
+
+    def __post_init__(self):
+        cfg.check_choice("loop.optimizer", self.optimizer, ("adam", "sgd"))
+        cfg.check_choice("loop.schedule", self.schedule, ("cosine", "none"))
+        cfg.check_choice("loop.device", self.device, ("cpu", "cuda", "auto"))
+        for key in ("batch_size", "eval_batch_size"):
+            cfg.check_number(f"loop.{key}", getattr(self, key), low=1, strict=False, integer=True)
+        cfg.check_number("loop.epochs", self.epochs, low=1, strict=False, integer=True, none_ok=True)
+        cfg.check_number("loop.eval_every", self.eval_every, strict=False, integer=True)
+        cfg.check_number("loop.lr", self.lr)
+        cfg.check_number("loop.weight_decay", self.weight_decay, strict=False)
+        cfg.check_number("loop.grad_clip", self.grad_clip, strict=False, none_ok=True)
+
+
+@dataclass
+class OutputConfig:
+    """The ``[output]`` section of a run: where results go.
+
+    Args:
+        json_out: write config, history and test accuracy to this JSON file.
+        checkpoint: save the run here after every epoch (atomically). resume: continue it.
+        progress: progress bars.
+    """
+
+    json_out: Optional[str] = None
+    checkpoint: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        check_resume(self.checkpoint, self.resume)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "loop": LoopConfig, "output": OutputConfig}
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; validated at construction.
+    """Everything a training run depends on, one section per component; validated at construction.
 
-    Method settings left at ``None`` take the method's published defaults
-    (``lcp-di``: tol 1e-6, max 800; ``rbp``: tol 1e-4, max 200).
-    ``grad_clip=None`` takes the model's published default (RNN and DEQ 10, FF none);
-    ``0`` disables clipping. ``skip_diverged=True`` turns a batch whose solve
-    diverges into a batch without update (counted as ``skipped_batches`` in the
-    history) instead of an error that stops the run.
+    Sections may be given as their dataclasses or as tables (``TrainConfig(model={"name": "ff"},
+    method={"name": "rbp"})``); :meth:`from_tree` reads a whole tree (a config file's) with the
+    per-model method defaults, the preset and the messages that name the key. Unset defaults that
+    depend on another section are resolved here: ``loop.epochs`` (8 on digits, else 30) and
+    ``loop.grad_clip`` (10 for rnn and deq, else off).
+
+    Raises:
+        ConfigError: an unknown name or key, a wrongly typed or invalid value.
     """
 
-    model: str = "rnn"
-    method: str = "lcp-di"
-    dataset: str = "digits"
-    data_dir: Optional[str] = None
-    limit_train: Optional[int] = None
-    limit_test: Optional[int] = None
-    hidden: int = 256
-    recurrent_bias: bool = False   # rnn: a second hidden bias on W φ(v), as in the research code
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    schedule: str = "cosine"
-    grad_clip: Optional[float] = None
-    alpha: Optional[float] = None
-    k_i: Optional[float] = None
-    k_p: Optional[float] = None
-    kappa: Optional[float] = None
-    dt: Optional[float] = None
-    tol: Optional[float] = None
-    max_iter: Optional[int] = None
-    solver: Optional[str] = None
-    check_every: Optional[int] = None
-    impl: Optional[str] = None
-    compile: Optional[bool] = None
-    native: Optional[bool] = None   # RNN on the CPU: the last few samples of every solve in C
-    anderson_memory: Optional[int] = None   # euler: Anderson mixing at each check (solver_options)
-    anderson_after: Optional[int] = None
-    anderson_restarts: Optional[int] = None   # euler: returns to the best point after a jump (None: no limit)
-    check_stability: Optional[bool] = None  # every solve: flag fixed points the Euler dynamics leave (solver_options)
-    warm_start_tol: Optional[float] = None
-    controlled_residual: Optional[str] = None
-    patience: Optional[int] = None
-    stall_tol: Optional[float] = None
-    ebd_optim: Optional[str] = None
-    ebd_lr: Optional[float] = None
-    ebd_steps: Optional[int] = None
-    ff_init: Optional[bool] = None
-    sigma: Optional[float] = None
-    tau_noise: Optional[float] = None
-    noise_steps: Optional[int] = None
-    tau_q: Optional[float] = None
-    wd_q: Optional[float] = None
-    timescale: Optional[float] = None
-    seed: int = 0
-    eval_every: int = 1
-    eval_batch_size: int = 1000
-    json_out: Optional[str] = None
-    checkpoint: Optional[str] = None
-    resume: bool = False
-    skip_diverged: bool = False
-    device: str = "cpu"
-    amp: bool = False
-    augment: bool = False
-    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Method = field(default_factory=LCPDI)
+    data: DataConfig = field(default_factory=DataConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    preset: str = "published"
 
     def __post_init__(self):
-        for key, registry in (("model", SYSTEMS), ("method", METHODS), ("dataset", DATASETS)):
-            registry.factory(getattr(self, key))  # unknown names raise, listing the valid ones
-        if self.solver is not None:
-            SOLVERS.factory(self.solver)
-        if self.optimizer not in ("adam", "sgd"):
-            raise ConfigError(f"unknown optimizer '{self.optimizer}'; valid optimizers: adam, sgd")
-        if self.schedule not in ("none", "cosine"):
-            raise ConfigError(f"unknown schedule '{self.schedule}'; valid schedules: cosine, none")
-        for key in ("hidden", "epochs", "batch_size", "eval_batch_size"):
+        for key, cls in _SECTIONS.items():
             value = getattr(self, key)
-            if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-        if not (isinstance(self.eval_every, int) and self.eval_every >= 0):
-            raise ConfigError(f"eval_every must be >= 0 (0: only at the end), got {self.eval_every!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.grad_clip is None:
-            self.grad_clip = DEFAULT_GRAD_CLIP.get(self.model, 0.0)
-        if self.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be >= 0 (0 disables it), got {self.grad_clip!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ConfigError(f"unknown device '{self.device}'; valid: auto, cpu, cuda")
-        if self.recurrent_bias and self.model != "rnn":
-            raise ConfigError(f"recurrent_bias is an option of the rnn model, not of '{self.model}'")
-        if self.augment and self.dataset != "cifar10":
-            raise ConfigError("augment (random crop + flip) is for cifar10 only")
-        check_resume(self.checkpoint, self.resume)
-        self.build_method()  # method settings are validated here, before any data is read
+            if value is None or isinstance(value, Mapping):
+                setattr(self, key, cfg.section(cls, value, key))
+        if isinstance(self.method, Mapping):
+            self.method = method_from_dict(self.method, model=self.model.name)
+        if not isinstance(self.method, Method):
+            raise ConfigError(f"method must be a Method or a table of its settings, got {self.method!r}")
+        PRESETS.factory(self.preset)
+        if self.loop.epochs is None:
+            self.loop.epochs = DEFAULT_EPOCHS.get(self.data.name, 30)
+        if self.loop.grad_clip is None:
+            self.loop.grad_clip = DEFAULT_GRAD_CLIP.get(self.model.name, 0.0)
 
-    def method_options(self) -> Dict[str, Any]:
-        """The method settings that were given, restricted to those the method accepts."""
-        factory = METHODS.factory(self.method)
-        accepted = {f.name for f in fields(factory)} if hasattr(factory, "__dataclass_fields__") else set(METHOD_OPTIONS)
-        options = {k: getattr(self, k) for k in METHOD_OPTIONS if getattr(self, k) is not None and k in accepted}
-        solver_options = {k: getattr(self, k) for k in SOLVER_OPTIONS if getattr(self, k) is not None}
-        if solver_options:
-            if "solver_options" not in accepted:
-                raise ConfigError(f"{', '.join(solver_options)} set the solver of an equilibrium method; "
-                                  f"'{self.method}' has none")
-            options["solver_options"] = solver_options
-        return options
+    @classmethod
+    def from_tree(cls, values: Mapping[str, Any], where: str = "config") -> "TrainConfig":
+        """A run from a tree of sections (a flat table of an earlier version is migrated), with the preset
+        it names filled in for its device under the keys it sets.
 
-    def build_method(self) -> Method:
-        return get_method(self.method, **self.method_options())
+        Raises:
+            ConfigError: naming ``where`` and the section or key at fault.
+        """
+        tree = cfg.as_tree(values, where)
+        unknown = sorted(set(tree) - set(cfg.SECTIONS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown section '{unknown[0]}'; valid sections: {', '.join(cfg.SECTIONS)}")
+        for key in ("model", "method", "data", "loop", "output"):
+            if key in tree and not isinstance(tree[key], Mapping):
+                raise ConfigError(f"{where}: '{key}' must be a table of settings ([{key}]), got {tree[key]!r}")
+        preset = tree.get("preset")
+        if preset is not None:
+            if not isinstance(preset, str) or preset not in PRESETS:
+                raise ConfigError(f"{where}: unknown preset {preset!r}; valid presets: {', '.join(PRESETS.names())}")
+            tree = apply_preset(preset, tree, resolve_device(cfg.get_path(tree, "loop.device", "cpu")).type)
+        return cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in tree.items()})
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """The run's settings as a tree of plain data (JSON, checkpoints, TOML)."""
+        out = {"preset": self.preset, "model": cfg.plain(self.model),
+               "method": {"name": self.method.name, **cfg.plain(self.method.config())}}
+        out.update({key: cfg.plain(getattr(self, key)) for key in ("data", "loop", "output")})
+        return out
+
+    def build_method(self) -> Method:
+        """A fresh copy of the configured method (no state shared with earlier runs)."""
+        return method_from_dict(self.to_dict()["method"])
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
-    if typing.get_origin(tp) is Union:
-        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    return True
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+def resolve_tree(file_values: Mapping[str, Any] | None, overrides: Sequence[Tuple[str, Any]] = (),
+                 where: str = "command line") -> Dict[str, Any]:
+    """The tree of a file's values (migrated if flat) with ``--set`` style overrides (dotted paths) on top."""
+    tree = cfg.as_tree(file_values or {}, where)
+    for path, value in overrides:
+        tree = cfg.set_path(tree, path, value)
+    return tree
 
 
 def config_from_mapping(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig` from a mapping, naming any unknown key or wrongly typed value.
-
-    Raises:
-        ConfigError: unknown key, wrong type, or an invalid value.
-    """
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{source}: unknown key '{key}'; valid keys: {', '.join(sorted(hints))}")
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{source}: key '{key}' must be {_type_name(hints[key])}, got {value!r}")
-    return TrainConfig(**values)
+    """:meth:`TrainConfig.from_tree` (kept for scripts written against the flat tables)."""
+    return TrainConfig.from_tree(values, source)
 
 
 def load_config_file(path: str | Path) -> Dict[str, Any]:
-    """Read a run configuration from a TOML (``.toml``) or JSON file; keys are :class:`TrainConfig` fields.
+    """A run's settings from a TOML (``.toml``) or JSON file, as a tree of sections, checked on its own.
 
     Raises:
-        ConfigError: missing or unparsable file, unknown key, wrong type.
+        ConfigError: missing or unparsable file, unknown section or key, wrong type; naming the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"config file {path} cannot be parsed: {exc}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a table of settings")
-    config_from_mapping(values, source=str(path))  # validate the file on its own, naming the file
-    return values
+    tree = cfg.as_tree(cfg.read_file(path), str(path))
+    TrainConfig.from_tree(tree, where=str(path))
+    return tree
 
 
 def mixed_precision(enabled: bool, device: torch.device):
@@ -228,7 +199,7 @@ def mixed_precision(enabled: bool, device: torch.device):
     the parameters' dtype (fp32), because the solvers add fp32 state to the field's output and
     :func:`~leastcontrol.methods.base.accumulate_grads` casts updates to each parameter's dtype.
     bf16 resolves about 3 decimal digits, so the relative residual of a solve has a floor near
-    1e-3: pair ``--amp`` with a loose ``--tol`` or with ``--patience``.
+    1e-3: pair ``loop.amp`` with a loose ``method.solver.tol`` or with ``method.solver.patience``.
     """
     if not enabled:
         return contextlib.nullcontext()
@@ -244,18 +215,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def preprocess(config: TrainConfig, x: torch.Tensor, generator: torch.Generator | None = None,
-               train: bool = True) -> torch.Tensor:
-    """Per-batch input transform: CIFAR-10 is normalised per channel (and augmented when training)."""
-    if config.dataset != "cifar10":
-        return x
-    from .data.cifar import augment, normalize
-
-    if train and config.augment:
-        x = augment(x, generator)
-    return normalize(x)
-
-
 def _batch_solver_stats(stats: Dict[str, Any]) -> tuple:
     """(iterations, worst final residual, worst converged fraction, largest stalled fraction) of one batch."""
     residuals = [v for k, v in stats.items() if k.startswith("residual_")]
@@ -266,17 +225,19 @@ def _batch_solver_stats(stats: Dict[str, Any]) -> tuple:
 
 
 def build_system(config: TrainConfig, data: Dataset, generator: torch.Generator | None = None) -> EquilibriumSystem:
-    """The configured system, initialised from ``generator`` (default: a fresh one seeded with ``config.seed``)."""
+    """The configured system, initialised from ``generator`` (default: a fresh one seeded with the run's seed)."""
     if generator is None:
-        generator = torch.Generator().manual_seed(config.seed)
-    extra = {"recurrent_bias": True} if config.recurrent_bias else {}
-    return get_system(config.model, data.n_features, data.n_classes, hidden=config.hidden,
-                      input_shape=data.input_shape, generator=generator, **extra)
+        generator = torch.Generator().manual_seed(config.loop.seed)
+    return config.model.build(data.n_features, data.n_classes, data.input_shape, generator)
 
 
 def config_from_checkpoint(state: Mapping[str, Any]) -> TrainConfig:
-    """The settings a training checkpoint (``load_checkpoint``) was written with, for evaluation only."""
-    return TrainConfig(**dict(state["config"], json_out=None, checkpoint=None, resume=False, progress=False))
+    """The settings a training checkpoint (``load_checkpoint``) was written with, for evaluation only
+    (a checkpoint of an earlier version, with a flat config, is read too)."""
+    tree = cfg.as_tree(state["config"], "checkpoint config")
+    tree["output"] = {"progress": False}
+    tree.pop("preset", None)   # its settings are in the tree already
+    return TrainConfig.from_tree(tree, "checkpoint config")
 
 
 def restore_system(state: Mapping[str, Any], config: TrainConfig, data: Dataset) -> Tuple[EquilibriumSystem, Method]:
@@ -349,8 +310,11 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
     return correct / max(len(y), 1)
 
 
-_RESUME_KEYS = ("model", "method", "dataset", "limit_train", "hidden", "recurrent_bias", "batch_size", "lr", "optimizer",
-                "schedule", "seed", "epochs")
+# The settings a resumed run must share with the run it continues (dotted paths; a section's name
+# covers all of it): all that changes the result, except the number of epochs, which may grow.
+_RESUME_KEYS = ("model", "method", "data.name", "data.limit_train", "data.augment", "loop.batch_size", "loop.lr",
+                "loop.optimizer", "loop.weight_decay", "loop.schedule", "loop.grad_clip", "loop.seed",
+                "loop.amp", "loop.skip_diverged", "loop.epochs")
 
 
 def gradient_clip_groups(system: torch.nn.Module) -> List[List[torch.nn.Parameter]]:
@@ -384,28 +348,30 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     Raises:
         ConfigError, DatasetNotFoundError, SolverDivergedError, CheckpointError.
     """
-    torch.manual_seed(config.seed)
+    loop, output = config.loop, config.output
+    torch.manual_seed(loop.seed)
     method = config.build_method()
-    data = load_dataset(config.dataset, config.data_dir, config.limit_train, config.limit_test)
-    device = resolve_device(config.device)
-    rng = torch.Generator().manual_seed(config.seed)
+    data = config.data.load()
+    device = resolve_device(loop.device)
+    rng = torch.Generator().manual_seed(loop.seed)
     system = init_system(config, data, method, rng).to(device)
     params = list(system.parameters())
     clip_groups = gradient_clip_groups(system)
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if loop.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=loop.lr, weight_decay=loop.weight_decay)
     else:
-        optimizer = torch.optim.SGD(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=loop.lr, weight_decay=loop.weight_decay)
     n_train = len(data.train_y)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    factor = (lambda s: cosine_factor(s, total_steps)) if config.schedule == "cosine" else (lambda s: 1.0)
+    steps_per_epoch = math.ceil(n_train / loop.batch_size)
+    total_steps = steps_per_epoch * loop.epochs
+    factor = (lambda s: cosine_factor(s, total_steps)) if loop.schedule == "cosine" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     history: List[Dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
-    ckpt_path = Path(config.checkpoint) if config.checkpoint else None
-    state = resume_state(ckpt_path, config.resume, TRAIN_FORMAT, config.to_dict(), _RESUME_KEYS)
+    run = Run(TRAIN_FORMAT, config.to_dict(), _RESUME_KEYS, checkpoint=output.checkpoint, resume=output.resume,
+              json_out=output.json_out, progress=output.progress)
+    state = run.state
     if state is not None:
         system.load_state_dict(state["system"])
         optimizer.load_state_dict(state["optimizer"])
@@ -415,25 +381,24 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
 
     test_accuracy = history[-1]["test_accuracy"] if history else None
-    for epoch in range(start_epoch + 1, config.epochs + 1):
+    for epoch in range(start_epoch + 1, loop.epochs + 1):
         t0 = time.perf_counter()
         order, augment_rng = epoch_order(rng, n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
                 "skipped": 0, "unstable": 0.0, "stability_checked": 0}
         seen = 0
         solver_log: List[tuple] = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
-                   leave=False, dynamic_ncols=True)
+        bar = run.bar(range(steps_per_epoch), desc=f"epoch {epoch}/{loop.epochs}", leave=False)
         for b in bar:
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x = preprocess(config, data.train_x[idx], augment_rng).to(device)
+            idx = order[b * loop.batch_size:(b + 1) * loop.batch_size]
+            x = config.data.preprocess(data.train_x[idx], augment_rng).to(device)
             y = data.train_y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             try:
-                with mixed_precision(config.amp, device):
+                with mixed_precision(loop.amp, device):
                     out = method(system, x, y)
             except SolverDivergedError as err:
-                if not config.skip_diverged:
+                if not loop.skip_diverged:
                     raise SolverDivergedError(
                         err.population, err.step, f"epoch {epoch}, batch {b + 1}: {err.solver}",
                         f"{err.hint} Or pass --skip-diverged (skip_diverged=True): such a batch then makes "
@@ -442,7 +407,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                 sums["skipped"] += 1
                 scheduler.step()
                 continue
-            clip_gradients(clip_groups, config.grad_clip)
+            clip_gradients(clip_groups, loop.grad_clip)
             optimizer.step()
             method.after_step(system)
             scheduler.step()
@@ -463,9 +428,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-        if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
-            test_accuracy = evaluate(method, system, preprocess(config, data.test_x, train=False), data.test_y,
-                                     config.eval_batch_size, config.amp, config.progress)
+        if (loop.eval_every and epoch % loop.eval_every == 0) or epoch == loop.epochs:
+            test_accuracy = evaluate(method, system, config.data.preprocess(data.test_x, train=False), data.test_y,
+                                     loop.eval_batch_size, loop.amp, output.progress)
             evaluated = test_accuracy
         else:
             evaluated = None
@@ -489,18 +454,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
-        if config.progress:
+        if output.progress:
             shown = "-" if evaluated is None else f"{evaluated:.4f}"
             tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"
                        f"  test acc {shown}  iters {record['mean_iterations']:.1f}"
                        f"  converged {record['converged_fraction']:.2f}  {epoch_seconds:.1f}s")
-        if ckpt_path is not None:
-            save_checkpoint(ckpt_path, {
-                "format": TRAIN_FORMAT, "config": config.to_dict(), "epoch": epoch,
-                "system": system.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "shuffle_rng": rng.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "train_seconds": train_seconds,
-            })
+        run.save(epoch=epoch, system=system.state_dict(), optimizer=optimizer.state_dict(),
+                 scheduler=scheduler.state_dict(), shuffle_rng=rng.get_state(), torch_rng=torch.get_rng_state(),
+                 history=history, train_seconds=train_seconds)
 
     result = {
         "config": config.to_dict(),
@@ -512,7 +473,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     }
     if hasattr(method, "alignment"):
         result["feedback_alignment"] = method.alignment(system)
-    if config.json_out:
-        write_json(config.json_out, result)
+    run.finish(result)
     result["system"] = system
     return result

@@ -11,12 +11,57 @@ The modules import one way, each only from those listed before it:
 >>> from leastcontrol.data import load_dataset
 >>> ds = load_dataset("digits", limit_train=100)   # doctest: +SKIP
 """
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import check_number
+from ..errors import ConfigError
 from . import cifar, digits, mnist
 from .base import DATASETS, Dataset, load_dataset
 from .download import PathArg, resolve_data_dir
 from .idx import read_idx, write_idx
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "read_idx", "write_idx", "resolve_data_dir"]
+__all__ = ["DATASETS", "DataConfig", "Dataset", "load_dataset", "read_idx", "write_idx", "resolve_data_dir"]
+
+
+@dataclass
+class DataConfig:
+    """The ``[data]`` section of a run.
+
+    Args:
+        name: ``digits`` (bundled 8×8 digits, offline), ``mnist``, ``idx`` (any MNIST-format
+            directory), ``cifar10``.
+        dir: directory of the data files (default: ``$LEASTCONTROL_DATA``, else the user cache).
+        limit_train, limit_test: keep the first N samples.
+        augment: ``cifar10`` only: random crop (pad 4) and horizontal flip while training.
+    """
+
+    name: str = "digits"
+    dir: Optional[str] = None
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    augment: bool = False
+
+    def __post_init__(self):
+        DATASETS.factory(self.name)   # an unknown name raises, listing the valid ones
+        for key in ("limit_train", "limit_test"):
+            check_number(f"data.{key}", getattr(self, key), low=1, strict=False, integer=True, none_ok=True)
+        if self.augment and self.name != "cifar10":
+            raise ConfigError("data.augment (random crop + flip) is for cifar10 only")
+
+    def load(self, limit_train: Optional[int] = None) -> Dataset:
+        """The data set (``limit_train`` overrides the section's, e.g. for evaluation)."""
+        return load_dataset(self.name, self.dir, limit_train or self.limit_train, self.limit_test)
+
+    def preprocess(self, x: torch.Tensor, generator: torch.Generator | None = None, train: bool = True) -> torch.Tensor:
+        """Per-batch input transform: CIFAR-10 is normalised per channel (and augmented when training)."""
+        if self.name != "cifar10":
+            return x
+        if train and self.augment:
+            x = cifar.augment(x, generator)
+        return cifar.normalize(x)
 
 
 # Every factory takes ``(data_dir=None, download=True)``, the arguments ``load_dataset`` passes.
