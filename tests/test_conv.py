@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from leastcontrol.methods import BP, LCPDI, RBP
+from leastcontrol.solvers import Euler
 from leastcontrol.systems import DEQ, ConvFeedforwardEquilibrium
 from leastcontrol.errors import ConfigError
 
@@ -38,7 +39,7 @@ def test_conv_feedforward_equilibrium_is_its_forward_pass():
     assert torch.allclose(net.readout(state), net(x), atol=1e-13)
     ref = autograd_grads(net, lambda: torch.nn.functional.cross_entropy(net(x), y))
     assert rel_err(BP()(net, x, y).grads, ref) < 1e-12
-    assert rel_err(RBP(tol=1e-14, max_iter=100)(net, x, y).grads, ref) < 1e-10
+    assert rel_err(RBP(solver=Euler(tol=1e-14, max_steps=100))(net, x, y).grads, ref) < 1e-10
 
 
 def test_deq_rbp_matches_autograd_through_a_long_unrolled_solve():
@@ -54,7 +55,7 @@ def test_deq_rbp_matches_autograd_through_a_long_unrolled_solve():
         return torch.nn.functional.cross_entropy(s["o"], y)
 
     ref = autograd_grads(net, unrolled_loss)
-    out = RBP(tol=1e-13, max_iter=5000)(net, x, y)
+    out = RBP(solver=Euler(tol=1e-13, max_steps=5000))(net, x, y)
     assert out.stats["converged"]
     assert rel_err(out.grads, ref) < 1e-6
 
@@ -63,10 +64,10 @@ def test_deq_rbp_matches_autograd_through_a_long_unrolled_solve():
 def test_weak_control_limit_approaches_rbp(make, shape):
     net = make()
     x, y = images(shape)
-    rbp = RBP(tol=1e-13, max_iter=20000)(net, x, y).grads
+    rbp = RBP(solver=Euler(tol=1e-13, max_steps=20000))(net, x, y).grads
     cosines = []
     for k_i in (0.1, 0.03, 0.01):
-        m = LCPDI(alpha=0.5, k_i=k_i, tol=1e-12, max_iter=20000)
+        m = LCPDI(alpha=0.5, k_i=k_i, solver=Euler(tol=1e-12, max_steps=20000))
         out = m(net, x, y)
         assert out.stats["converged"]
         cosines.append(cosine({k: v / m.beta for k, v in out.grads.items()}, rbp))
@@ -85,8 +86,8 @@ def test_deq_readout_statistics_follow_the_free_equilibria():
     RBP().free_equilibrium(net, x)
     assert torch.equal(net.readout_norm.running_mean, frozen)  # evaluation leaves them alone
     # Every sample's dynamics are its own: one sample alone settles where it settled in the batch.
-    alone = RBP(tol=1e-12, max_iter=2000).free_equilibrium(net, x[:1]).state["o"]
-    batch = RBP(tol=1e-12, max_iter=2000).free_equilibrium(net, x).state["o"][:1]
+    alone = RBP(solver=Euler(tol=1e-12, max_steps=2000)).free_equilibrium(net, x[:1]).state["o"]
+    batch = RBP(solver=Euler(tol=1e-12, max_steps=2000)).free_equilibrium(net, x).state["o"][:1]
     assert torch.allclose(alone, batch, atol=1e-8)
     assert state["z"].shape == (4, 4, 8, 8)
 
@@ -103,13 +104,13 @@ def test_anderson_and_broyden_reach_eulers_fixed_point_on_the_deq_in_fewer_itera
     net = tiny_deq()
     x, _ = images((2, 8, 8))
     rbp = RBP()
-    results = {name: rbp.free_equilibrium(net, x, solver=get_solver(name, tol=1e-10, max_iter=3000))
+    results = {name: rbp.free_equilibrium(net, x, solver=get_solver(name, tol=1e-10, max_steps=3000))
                for name in ("euler", "anderson", "broyden")}
     for name, res in results.items():
         assert res.stats.converged, name
     for name in ("anderson", "broyden"):
         assert torch.allclose(results[name].state["z"], results["euler"].state["z"], atol=1e-7)
-        assert results[name].stats.iterations < results["euler"].stats.iterations
+        assert results[name].stats.steps < results["euler"].stats.steps
 
 
 def test_train_cli_runs_conv_systems_on_a_cifar_format_directory(tmp_path):
@@ -123,8 +124,9 @@ def test_train_cli_runs_conv_systems_on_a_cifar_format_directory(tmp_path):
         cifar.write_cifar_batch(tmp_path / name, g.integers(0, 256, (4, 3072), dtype=np.uint8), g.integers(0, 10, 4))
     for model, method in (("conv-ff", "bp"), ("deq", "rbp")):
         out = tmp_path / f"{model}.json"
+        budget = ["--set", "method.solver.max_steps=5"] if method == "rbp" else []   # bp has no solver
         code = main(["train", "--model", model, "--method", method, "--dataset", "cifar10", "--data-dir", str(tmp_path),
-                     "--epochs", "1", "--batch-size", "10", "--max-iter", "5", "--augment", "--quiet",
+                     "--epochs", "1", "--batch-size", "10", *budget, "--set", "data.augment=true", "--quiet",
                      "--json-out", str(out)])
         assert code == 0
         result = json.loads(out.read_text())
@@ -156,7 +158,7 @@ def test_conv_kolen_pollack_with_exact_transposes_is_dynamic_inversion():
     from leastcontrol.methods import LCPKP
     net = tiny_conv_ff()
     x, y = images((1, 12, 12))
-    kp = LCPKP(tol=1e-12, max_iter=5000)
+    kp = LCPKP(solver=Euler(tol=1e-12, max_steps=5000))
     kp.prepare(net)
     params = dict(net.named_parameters())
     assert net.feedback["conv2"].shape == net.conv2.weight.shape  # a transposed-convolution kernel
@@ -167,7 +169,7 @@ def test_conv_kolen_pollack_with_exact_transposes_is_dynamic_inversion():
             net.feedback[key].copy_(net.mirror(key, params[name]))
     assert all(abs(v - 1.0) < 1e-12 for v in kp.alignment(net).values())
     out = kp(net, x, y)
-    ref = LCPDI(tol=1e-12, max_iter=5000)(net, x, y)
+    ref = LCPDI(solver=Euler(tol=1e-12, max_steps=5000))(net, x, y)
     for name in params:
         if not name.startswith("feedback."):
             assert torch.allclose(out.grads[name], ref.grads[name], atol=1e-10), name
@@ -201,18 +203,18 @@ def test_amp_keeps_state_control_and_updates_in_fp32(make, shape):
     net = make().float()
     x, y = images(shape, B=8)
     x = x.float()
-    reference = LCPDI(alpha=1.0, k_i=0.3, tol=1e-6, max_iter=400, check_every=1)
+    reference = LCPDI(alpha=1.0, k_i=0.3, solver=Euler(tol=1e-6, max_steps=400, check_every=1))
     ref = reference.controlled_equilibrium(net, x, y)
     ref_update = local_update(net, net.prepare_input(x), ref)
     # bf16 products put a floor near 1e-3 under the residual: the stall rule ends the solve there.
-    amp = LCPDI(alpha=1.0, k_i=0.3, tol=1e-6, max_iter=400, check_every=1, patience=20)
+    amp = LCPDI(alpha=1.0, k_i=0.3, solver=Euler(tol=1e-6, max_steps=400, check_every=1, patience=20))
     with mixed_precision(True, torch.device("cpu")):
         ctrl = amp.controlled_equilibrium(net, x, y)
         update = local_update(net, net.prepare_input(x), ctrl)
     assert all(t.dtype == torch.float32 for t in (*ctrl.state.values(), *ctrl.control.values()))
     assert any(not torch.equal(update[k], ref_update[k]) for k in update)  # bf16 did run
     assert cosine({k: v.double() for k, v in update.items()}, {k: v.double() for k, v in ref_update.items()}) > 0.99
-    assert ctrl.stats.iterations < 400
+    assert ctrl.stats.steps < 400
     net.zero_grad()
     from leastcontrol.methods.base import accumulate_grads
     accumulate_grads(net, {k: v.bfloat16() for k, v in update.items()})

@@ -11,7 +11,7 @@ import torch
 
 from leastcontrol.bench import BenchConfig, Row, run_bench
 from leastcontrol.methods import get_method
-from leastcontrol.solvers import euler_map_radius
+from leastcontrol.solvers import Adam, Anderson, CheckMix, Euler, euler_map_radius
 
 from .helpers import batch, rel_err, tiny_ff, tiny_rnn
 from .test_conv import images, tiny_conv_ff, tiny_deq
@@ -19,13 +19,15 @@ from .test_conv import images, tiny_conv_ff, tiny_deq
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
 
+TIGHT = {"solver": Euler(tol=1e-10, max_steps=3000)}
 METHODS = {
-    "rbp": {"tol": 1e-10, "max_iter": 3000},
-    "lcp-di": {"tol": 1e-10, "max_iter": 3000},
-    "lcp-kp": {"tol": 1e-10, "max_iter": 3000},
-    "lcp-lf": {"tol": 1e-10, "max_iter": 3000, "noise_steps": 20},
-    "lcp-ebd": {"ebd_steps": 200, "ebd_lr": 0.01, "ff_init": True, "tol": 1e-12, "max_iter": 3000},
-    "bptt": {"max_iter": 200},
+    "rbp": TIGHT,
+    "lcp-di": TIGHT,
+    "lcp-kp": TIGHT,
+    "lcp-lf": {**TIGHT, "noise_steps": 20},
+    "lcp-ebd": {"controlled": Adam(lr=0.01, tol=0.0, max_steps=200), "ff_init": True,
+                "solver": Euler(tol=1e-12, max_steps=3000)},
+    "bptt": {"steps": 200},
 }
 
 
@@ -66,17 +68,17 @@ def test_bp_on_cuda_is_the_cpu_backprop():
 @pytest.mark.parametrize("name", ["rbp", "lcp-di"])
 def test_conv_systems_give_the_cpu_update_on_cuda(make, shape, name):
     x, y = images(shape)
-    cpu, gpu = _on_both(name, {"tol": 1e-10, "max_iter": 3000}, make, x, y)
+    cpu, gpu = _on_both(name, TIGHT, make, x, y)
     assert rel_err({k: v.cpu() for k, v in gpu.grads.items()}, cpu.grads) < 1e-7
 
 
-@pytest.mark.parametrize("solver, options", [
-    ("anderson", {}),
-    ("euler", {"solver_options": {"anderson_memory": 3, "anderson_after": 30}, "patience": 100}),
+@pytest.mark.parametrize("solver", [
+    Anderson(tol=1e-10, max_steps=3000),
+    Euler(tol=1e-10, max_steps=3000, mix=CheckMix(memory=3, after=30), patience=100),
 ], ids=["anderson", "euler-mix-stall"])
-def test_accelerated_solves_give_the_cpu_update_on_cuda(solver, options):
+def test_accelerated_solves_give_the_cpu_update_on_cuda(solver):
     x, y = batch(n_in=5, n_out=3, B=6)
-    cpu, gpu = _on_both("lcp-di", {"tol": 1e-10, "max_iter": 3000, "solver": solver, **options}, tiny_rnn, x, y)
+    cpu, gpu = _on_both("lcp-di", {"solver": solver}, tiny_rnn, x, y)
     assert rel_err({k: v.cpu() for k, v in gpu.grads.items()}, cpu.grads) < 1e-7
 
 
@@ -84,8 +86,8 @@ def test_compiled_steps_on_cuda_give_the_eager_iterates():
     net = tiny_rnn().to(CUDA)
     x, y = batch(n_in=5, n_out=3, B=4)
     x, y = x.to(CUDA), y.to(CUDA)
-    opts = {"tol": 1e-9, "max_iter": 400, "solver_options": {"anderson_memory": 3, "anderson_after": 30}}
-    eager, compiled = (get_method("lcp-di", compile=c, **opts).gradients(net, x, y) for c in (False, True))
+    opts = {"tol": 1e-9, "max_steps": 400, "mix": CheckMix(memory=3, after=30)}
+    eager, compiled = (get_method("lcp-di", solver=Euler(backend=b, **opts)).gradients(net, x, y) for b in ("eager", "compile"))
     assert rel_err(compiled.grads, eager.grads) < 1e-9
     assert compiled.stats["iterations"] == eager.stats["iterations"]
 
@@ -122,7 +124,7 @@ def test_training_on_cuda_learns_and_its_checkpoint_evaluates_on_the_cpu(tmp_pat
 def test_bench_on_cuda_reads_the_allocators_peak_for_every_row():
     config = BenchConfig(batch_size=16, hidden=32, batches=2, warmup=1, pretrain=1, device="cuda", progress=False)
     rows = [Row("ff", "bp"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),
-            Row("rnn", "lcp-di", options={"compile": True}, label="rnn-lcp-di-compile")]
+            Row("rnn", "lcp-di", path={"solver": {"backend": ["compile"]}}, label="rnn-lcp-di-compile")]
     result = run_bench(config, rows)
     for r in result["rows"]:
         assert r["peak_memory_mb"] is not None and r["peak_memory_mb"] > 0, r["label"]

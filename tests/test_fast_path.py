@@ -10,7 +10,7 @@ from leastcontrol.bench import BenchConfig, Row, format_table, ratio_interval, r
 from leastcontrol.cli import main
 from leastcontrol.errors import ConfigError
 from leastcontrol.methods import get_method
-from leastcontrol.solvers import Anderson
+from leastcontrol.solvers import Adam, Anderson, CheckMix, Euler
 from leastcontrol.systems.base import autograd_dynamics_and_state_vjp
 
 from .helpers import F64, batch, rel_err, tiny_ff, tiny_rnn
@@ -74,9 +74,10 @@ def test_flat_operator_with_feedback_uses_the_feedback_weights(make):
 def test_fast_and_autograd_paths_give_the_same_update(name, make):
     net = make()
     x, y = batch(n_in=5, n_out=net.n_out)
-    options = {"tol": 1e-10, "max_iter": 3000}
+    options = {"solver": Euler(tol=1e-10, max_steps=3000)}
     if name == "lcp-ebd":
-        options = {"ebd_steps": 300, "ebd_lr": 0.01, "ff_init": True, "tol": 1e-12, "max_iter": 3000}
+        options = {"controlled": Adam(lr=0.01, tol=0.0, max_steps=300), "ff_init": True,
+                   "solver": Euler(tol=1e-12, max_steps=3000)}
     fast = get_method(name, **options)
     ref = get_method(name, impl="autograd", **options)
     fast.prepare(net)
@@ -88,8 +89,8 @@ def test_fast_and_autograd_paths_give_the_same_update(name, make):
 def test_autograd_path_checks_every_step_and_does_not_freeze():
     net = tiny_rnn()
     x, y = batch()
-    m = get_method("lcp-di", impl="autograd", tol=1e-8)
-    assert m._solver.check_every == 1 and not m._solver.freeze
+    m = get_method("lcp-di", impl="autograd")
+    assert all(s.check_every == 1 and not s.freeze for s in m.solvers().values())
     out = m.gradients(net, *m._inputs(net, x, y))
     assert out.stats["converged"]
 
@@ -99,9 +100,8 @@ def test_freezing_changes_no_result_beyond_the_tolerance():
     net = tiny_rnn(w_scale=0.9)
     x, y = batch(B=16, seed=4)
     tol = 1e-7
-    frozen = get_method("lcp-di", tol=tol, max_iter=5000, check_every=1, warm_start_tol=None)
-    whole = get_method("lcp-di", tol=tol, max_iter=5000, check_every=1, warm_start_tol=None)
-    whole._solver.freeze = whole._warm_solver.freeze = False
+    frozen = get_method("lcp-di", solver=Euler(tol=tol, max_steps=5000, check_every=1))
+    whole = get_method("lcp-di", solver=Euler(tol=tol, max_steps=5000, check_every=1, freeze=False))
     a = frozen.gradients(net, *frozen._inputs(net, x, y))
     b = whole.gradients(net, *whole._inputs(net, x, y))
     assert a.stats["converged"] and b.stats["converged"]
@@ -112,8 +112,8 @@ def test_freezing_changes_no_result_beyond_the_tolerance():
 def test_loose_warm_start_reaches_the_same_controlled_equilibrium():
     net = tiny_rnn(w_scale=0.9)
     x, y = batch(B=8)
-    tight = get_method("lcp-di", tol=1e-10, max_iter=5000, warm_start_tol=None)
-    loose = get_method("lcp-di", tol=1e-10, max_iter=5000, warm_start_tol=1e-3)
+    tight = get_method("lcp-di", solver=Euler(tol=1e-10, max_steps=5000))
+    loose = get_method("lcp-di", solver=Euler(tol=1e-10, max_steps=5000), free=Euler(max_steps=5000, tol=1e-3))
     a = tight.gradients(net, *tight._inputs(net, x, y))
     b = loose.gradients(net, *loose._inputs(net, x, y))
     assert b.stats["iterations_free"] < a.stats["iterations_free"]
@@ -123,8 +123,8 @@ def test_loose_warm_start_reaches_the_same_controlled_equilibrium():
 def test_bptt_tends_to_rbp_on_a_contractive_network():
     net = tiny_rnn(w_scale=0.5)
     x, y = batch()
-    rbp = get_method("rbp", tol=1e-13, max_iter=5000)
-    bptt = get_method("bptt", max_iter=200)
+    rbp = get_method("rbp", solver=Euler(tol=1e-13, max_steps=5000))
+    bptt = get_method("bptt", steps=200)
     g_rbp = rbp.gradients(net, *rbp._inputs(net, x, y)).grads
     g_bptt = bptt.gradients(net, *bptt._inputs(net, x, y)).grads
     assert rel_err(g_bptt, g_rbp) < 1e-8
@@ -139,8 +139,8 @@ def test_anderson_freezes_and_restarts_without_changing_the_fixed_point():
         return {"x": s["x"] @ A.t() + c["b"] - s["x"]}
 
     s0 = {"x": torch.zeros(3, 2, dtype=F64)}
-    for solver in (Anderson(tol=1e-12, max_iter=500, check_every=1),
-                   Anderson(tol=1e-12, max_iter=500, check_every=1, restart=1.0001, start_below=1e9)):
+    for solver in (Anderson(tol=1e-12, max_steps=500, check_every=1),
+                   Anderson(tol=1e-12, max_steps=500, check_every=1, restart=1.0001, start_below=1e9)):
         res = solver.solve(field, s0, {"b": b})
         assert res.stats.converged
         assert torch.allclose(res.state["x"], exact, atol=1e-9)
@@ -149,20 +149,20 @@ def test_anderson_freezes_and_restarts_without_changing_the_fixed_point():
 def test_impl_settings_are_validated():
     with pytest.raises(ConfigError, match="fast, autograd"):
         get_method("lcp-di", impl="compiled")
-    with pytest.raises(ConfigError, match="euler solver only"):
-        get_method("rbp", impl="autograd", solver="anderson")
+    with pytest.raises(ConfigError, match="impl 'autograd' is the research-code reference and runs eager Euler steps"):
+        get_method("rbp", impl="autograd", solver=Anderson())
 
 
 def test_compiled_steps_give_the_eager_iterates():
-    """compile=True runs the same Euler iterates as one graph per check: same update and step counts.
+    """The compile backend runs the same Euler iterates as one graph per check: same update and step counts.
 
-    Once to max_iter (a count that is not a multiple of check_every, so the last graph is shorter), once
+    Once to max_steps (a count that is not a multiple of check_every, so the last graph is shorter), once
     to a tolerance, where samples freeze one by one and the batch shrinks to a single sample.
     """
     net = tiny_rnn()
     x, y = batch(n_in=5, n_out=3, B=4)
-    for settings in ({"tol": 0.0, "max_iter": 95}, {"tol": 1e-9, "max_iter": 400}):
-        outs = [get_method("lcp-di", compile=c, **settings).gradients(net, x, y) for c in (False, True)]
+    for settings in ({"tol": 0.0, "max_steps": 95}, {"tol": 1e-9, "max_steps": 400}):
+        outs = [get_method("lcp-di", solver=Euler(backend=b, **settings)).gradients(net, x, y) for b in ("eager", "compile")]
         eager, compiled = outs
         assert rel_err(compiled.grads, eager.grads) < 1e-10
         for key in ("iterations_free", "iterations_controlled", "sample_iterations"):
@@ -171,26 +171,25 @@ def test_compiled_steps_give_the_eager_iterates():
 
 
 def test_compile_settings_are_validated():
-    with pytest.raises(ConfigError, match="solver 'anderson'"):
-        get_method("lcp-di", compile=True, solver="anderson")
+    with pytest.raises(ConfigError, match="'anderson' is not"):
+        get_method("lcp-di", solver=Anderson(backend="compile"))
     with pytest.raises(ConfigError, match="impl 'autograd'"):
-        get_method("rbp", compile=True, impl="autograd")
-    with pytest.raises(ConfigError, match="True or False"):
-        get_method("lcp-di", compile="yes")
-    with pytest.raises(ConfigError, match="method's own settings"):
-        get_method("lcp-di", solver_options={"compile": True})
-    from leastcontrol.train import TrainConfig
-    assert TrainConfig(method="rbp", compile=True).build_method().compile is True
+        get_method("rbp", impl="autograd", solver=Euler(backend="compile"))
+    with pytest.raises(ConfigError, match="unknown backend 'yes'"):
+        get_method("lcp-di", solver=Euler(backend="yes"))
+    with pytest.raises(ConfigError, match="unknown setting.*compile"):
+        get_method("lcp-di", solver={"name": "euler", "compile": True})
 
 
 def test_bench_returns_every_figure_and_ratio(tmp_path):
     config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
     rows = [Row("ff", "bp"), Row("ff", "lcp-di"), Row("rnn", "rbp"), Row("rnn", "lcp-di"),
-            Row("rnn", "lcp-di", impl="autograd"), Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
-            Row("rnn", "lcp-di", options={"patience": 100}, label="rnn-lcp-di-stall"),
-            # α alone is a path option of the bench's, but without k_i it changes β, so the update.
-            Row("rnn", "lcp-di", options={"alpha": 1.0}, label="rnn-lcp-di-beta1"),
-            Row("rnn", "rbp", options={"tol": 1e-6, "max_iter": 800}, label="rnn-rbp-tol1e-6")]
+            Row("rnn", "lcp-di", impl="autograd"),
+            Row("rnn", {"name": "lcp-di", "solver": {"tol": 1e-4}}, label="rnn-lcp-di-tol1e-4"),
+            Row("rnn", "lcp-di", path={"solver": {"patience": 100}}, label="rnn-lcp-di-stall"),
+            # α alone as a path setting: without k_i it changes β, so the update, which the reference shows.
+            Row("rnn", "lcp-di", path={"alpha": 1.0}, label="rnn-lcp-di-beta1"),
+            Row("rnn", {"name": "rbp", "solver": {"tol": 1e-6, "max_steps": 800}}, label="rnn-rbp-tol1e-6")]
     result = run_bench(config, rows)
     keys = {"model", "method", "impl", "max_iter", "seconds_per_batch_median", "seconds_per_batch_min",
             "mean_iterations", "peak_memory_mb", "inference_seconds_per_batch", "update_cosine_vs_autograd"}
@@ -239,7 +238,7 @@ def test_bench_returns_every_figure_and_ratio(tmp_path):
     # phase (free, controlled), so it may run up to check_every - 1 more steps in each.
     agreement = result["iteration_agreement"]
     assert agreement["batches"] == config.batches
-    check_every = Row("rnn", "lcp-di").build().check_every
+    check_every = Row("rnn", "lcp-di").build().solver.check_every
     for fast, ref in zip(agreement["iterations"], agreement["reference_iterations"]):
         assert ref <= fast <= ref + 2 * (check_every - 1)
     assert ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] == pytest.approx(
@@ -275,7 +274,7 @@ def test_bench_rows_with_random_draws_repeat_their_steps():
 
 def test_bench_reports_a_row_whose_solves_diverge_and_times_the_others():
     config = BenchConfig(batch_size=8, hidden=8, batches=2, warmup=1, pretrain=1, memory=False, progress=False)
-    rows = [Row("rnn", "rbp"), Row("rnn", "rbp", options={"dt": 100.0}, label="rnn-rbp-diverging")]
+    rows = [Row("rnn", "rbp"), Row("rnn", {"name": "rbp", "solver": {"dt": 100.0}}, label="rnn-rbp-diverging")]
     result = run_bench(config, rows)
     by = {r["label"]: r for r in result["rows"]}
     bad, good = by["rnn-rbp-diverging"], by["rnn-rbp"]
@@ -310,17 +309,63 @@ def test_check_level_anderson_gives_the_converged_update_eager_and_compiled():
     same update as plain Euler solved tightly (float64), and the compiled steps give the eager iterates."""
     net = tiny_rnn()
     x, y = batch(n_in=5, n_out=3, B=4)
-    reference = get_method("lcp-di", tol=1e-12, max_iter=6000).gradients(net, x, y)
-    opts = {"solver_options": {"anderson_memory": 3, "anderson_after": 30}, "tol": 1e-10, "max_iter": 2000}
-    eager = get_method("lcp-di", compile=False, **opts).gradients(net, x, y)
+    reference = get_method("lcp-di", solver=Euler(tol=1e-12, max_steps=6000)).gradients(net, x, y)
+    opts = {"mix": CheckMix(memory=3, after=30), "tol": 1e-10, "max_steps": 2000}
+    eager = get_method("lcp-di", solver=Euler(backend="eager", **opts)).gradients(net, x, y)
     counters.clear()
-    compiled = get_method("lcp-di", compile=True, **opts).gradients(net, x, y)
-    # The mix runs inside the steps' graph: no break splits it from the steps.
+    compiled = get_method("lcp-di", solver=Euler(backend="compile", **opts)).gradients(net, x, y)
+    # The steps and the mix compile without graph breaks.
     assert not counters["graph_break"]
     assert eager.stats["converged"]
     assert rel_err(eager.grads, reference.grads) < 1e-7
     assert rel_err(compiled.grads, eager.grads) < 1e-9
     assert compiled.stats["iterations"] == eager.stats["iterations"]
+
+
+def test_bench_plan_holds_the_rows_and_ratios_of_the_table_of_record():
+    """The shipped plan (configs/bench.toml, also benchmarks/bench.toml) has every row label and ratio
+    name of the table of record, in its order, and its rows build the settings their labels name."""
+    from pathlib import Path
+
+    from leastcontrol.bench import load_plan
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "docs/runs/bench-2026-12-04-p.json").read_text())
+    plan = load_plan()
+    assert load_plan(root / "benchmarks" / "bench.toml").rows.keys() == plan.rows.keys()
+    recorded = [r["label"] for r in record["rows"]]
+    assert [label for label in plan.rows if label in recorded] == recorded
+    assert [name for name in plan.ratios if name in record["ratios"]] == list(record["ratios"])
+    row = plan.rows["rnn-lcp-di-gains-stall300-accel-native"]
+    m = row.build()
+    assert (m.alpha, m.k_i, m.free.tol, m.controlled.tol, m.controlled.max_steps) == (1.0, 10.0, 1e-4, 1e-6, 800)
+    assert m.controlled.patience == 300 and m.controlled.mix == CheckMix(memory=3, after=60, restarts=0)
+    assert [b.name for b in m.controlled._backends] == ["native", "compile"]
+    # The reference drops the path settings: the published gains and warm start, Euler at every step.
+    ref = row.reference().build()
+    assert (ref.impl, ref.alpha, ref.k_i, ref.free.tol, ref.controlled.check_every, ref.controlled.mix) == \
+        ("autograd", 0.1, 1.0, 1e-6, 1, None)
+    # The published settings come from configs/mnist-*.toml: LCP-EBD's differ by model.
+    assert plan.rows["ff-lcp-ebd"].build().controlled.max_steps == 800
+    assert plan.rows["rnn-lcp-ebd"].build().controlled.max_steps == 200
+    assert plan.rows["rnn-lcp-di-autograd"].reference() is None and plan.rows["ff-bp"].reference() is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[row.a]\nmodel = "rnn"\nmethod = { name = "lcp-di" }\npath = ["fast"]', "'fast' is no \\[path\\]"),
+    ('[row.a]\nmodel = "rnn"\nmethod = { name = "lcp-di", solver = { tol = "x" } }', "row.a: method.solver: tol"),
+    ('[row.a]\nmodel = "rnn"\nmethod = { name = "rbp" }\n[ratio]\nr = { numerator = "a", denominator = { best = "b" } }',
+     "ratio.r.denominator"),
+    ('[probe.p]\nmodel = "rnn"\nmethod = { name = "bptt" }\n[ratio]\nr = { numerator = "p", denominator = "p", '
+     'of = "memory", headline = true }', "true for seconds ratios only"),
+    ('[rows.a]\nmodel = "rnn"', "unknown section 'rows'"),
+])
+def test_bench_plan_errors_name_the_file_and_the_key(tmp_path, text, message):
+    from leastcontrol.bench import load_plan
+    path = tmp_path / "plan.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_plan(path)
+    assert str(path) in str(err.value)
 
 
 def test_bench_pretrains_on_batches_it_does_not_time():
@@ -339,8 +384,8 @@ def test_agreement_skips_batches_where_the_reference_does_not_settle():
     net = tiny_rnn()
     batches = [batch(B=4, seed=s) for s in (2, 3)]
     refs = References({"rnn": net}, batches)
-    settled = update_agreement(Row("rnn", "lcp-di", options={"tol": 1e-9, "max_iter": 3000}), refs)
+    settled = update_agreement(Row("rnn", {"name": "lcp-di", "solver": {"tol": 1e-9, "max_steps": 3000}}), refs)
     assert settled["agreement_batches"] == 2 and settled["agrees"]
-    cut = update_agreement(Row("rnn", "lcp-di", options={"tol": 1e-9, "max_iter": 5}), refs)
+    cut = update_agreement(Row("rnn", {"name": "lcp-di", "solver": {"tol": 1e-9, "max_steps": 5}}), refs)
     assert cut["update_cosines"] == [None, None] and cut["update_cosine_vs_autograd"] is None
     assert cut["agrees"] is False

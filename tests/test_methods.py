@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from leastcontrol.errors import ConfigError, SolverDivergedError
 from leastcontrol.methods import BP, LCPDI, LCPEBD, LCPKP, RBP, get_method
+from leastcontrol.solvers import Adam, Anderson, Euler
 
 from .helpers import F64, batch, cosine, rel_err, tiny_ff, tiny_rnn
 
@@ -27,7 +28,7 @@ def test_rbp_matches_unrolled_autograd_on_contractive_rnn():
     net = tiny_rnn()
     x, y = batch()
     ref = unrolled_autograd_grads(net, x, y)
-    out = RBP(tol=1e-13, max_iter=5000)(net, x, y)
+    out = RBP(solver=Euler(tol=1e-13, max_steps=5000))(net, x, y)
     assert out.stats["converged"]
     assert rel_err(out.grads, ref) < 1e-4
     # also written to .grad
@@ -38,7 +39,7 @@ def test_rbp_and_bp_agree_on_feedforward_equilibrium():
     net = tiny_ff()
     x, y = batch()
     bp = BP()(net, x, y)
-    rbp = RBP(tol=1e-14, max_iter=100)(net, x, y)
+    rbp = RBP(solver=Euler(tol=1e-14, max_steps=100))(net, x, y)
     assert rel_err(rbp.grads, bp.grads) < 1e-10
     ref = unrolled_autograd_grads(net, x, y, steps=net.settle_steps)
     assert rel_err(bp.grads, ref) < 1e-12
@@ -48,7 +49,7 @@ def H_beta(net, x, y, beta):
     """Independent oracle: H_β(θ) = min_s ½‖f(s)‖² + β L(s), L the batch-mean loss, by L-BFGS from s°."""
     with torch.no_grad():
         drive = net.encode(net.prepare_input(x))
-        s0 = RBP(tol=1e-14, max_iter=5000).free_equilibrium(net, x).state
+        s0 = RBP(solver=Euler(tol=1e-14, max_steps=5000)).free_equilibrium(net, x).state
     s = {k: v.clone().requires_grad_(True) for k, v in s0.items()}
     opt = torch.optim.LBFGS(list(s.values()), lr=1, max_iter=2000, tolerance_grad=1e-15,
                             tolerance_change=1e-20, history_size=50, line_search_fn="strong_wolfe")
@@ -76,7 +77,7 @@ def test_lcp_di_is_gradient_of_relaxed_least_control_objective(make):
     """Central finite differences of H_β along random directions in θ equal ⟨LCP update, d⟩."""
     net = make()
     x, y = batch(n_in=3, n_out=2, B=2)
-    method = LCPDI(alpha=0.5, k_i=1.0, tol=1e-13, max_iter=20000)
+    method = LCPDI(alpha=0.5, k_i=1.0, solver=Euler(tol=1e-13, max_steps=20000))
     out = method(net, x, y)
     assert out.stats["converged"]
     eps = 1e-5
@@ -99,10 +100,11 @@ def test_lcp_di_is_gradient_of_relaxed_least_control_objective(make):
 
 
 def _weak_limit_cosines(net, x, y, settings):
-    rbp = RBP(tol=1e-13, max_iter=20000).gradients(net, *RBP()._inputs(net, x, y))
+    rbp = RBP(solver=Euler(tol=1e-13, max_steps=20000)).gradients(net, *RBP()._inputs(net, x, y))
     out = []
     for kw in settings:
-        m = LCPDI(tol=1e-13, max_iter=200000, **kw)
+        kw = dict(kw)
+        m = LCPDI(solver=Euler(tol=1e-13, max_steps=200000, dt=kw.pop("dt", 1.0)), **kw)
         lcp = m.gradients(net, *m._inputs(net, x, y))
         assert lcp.stats["converged"]
         scaled = {k: v / m.beta for k, v in lcp.grads.items()}
@@ -136,7 +138,7 @@ def test_weak_control_limit_approaches_rbp_raising_alpha(make):
 def test_controlled_equilibrium_is_stationary_point_of_H_beta(make):
     net = make()
     x, y = batch()
-    m = LCPDI(alpha=0.5, k_i=0.7, k_p=0.3, tol=1e-13, max_iter=50000)
+    m = LCPDI(alpha=0.5, k_i=0.7, k_p=0.3, solver=Euler(tol=1e-13, max_steps=50000))
     xs = net.prepare_input(x)
     ctrl = m.controlled_equilibrium(net, xs, y)
     assert ctrl.stats.converged
@@ -160,7 +162,7 @@ def test_lcp_update_is_local_outer_product():
     """ΔW = −Σ_b ψ_v φ(v*)ᵀ: postsynaptic control times presynaptic rate."""
     net = tiny_rnn()
     x, y = batch()
-    m = LCPDI(alpha=0.5, tol=1e-12, max_iter=20000)
+    m = LCPDI(alpha=0.5, solver=Euler(tol=1e-12, max_steps=20000))
     xs = net.prepare_input(x)
     ctrl = m.controlled_equilibrium(net, xs, y)
     out = m.gradients(net, xs, y)
@@ -188,7 +190,7 @@ def test_small_sgd_step_lowers_loss(name):
 def test_grads_accumulate_like_backward():
     net = tiny_rnn()
     x, y = batch()
-    m = RBP(tol=1e-12, max_iter=2000)
+    m = RBP(solver=Euler(tol=1e-12, max_steps=2000))
     g1 = m(net, x, y).grads["W"].clone()
     m(net, x, y)
     assert torch.allclose(net.W.grad, 2 * g1)
@@ -208,18 +210,22 @@ def test_bad_method_settings_fail_at_construction():
     with pytest.raises(ConfigError, match="lowering k_i"):
         LCPDI(alpha=1000.0)
     with pytest.raises(ConfigError, match="dt"):
-        RBP(dt=-1.0)
-    with pytest.raises(ConfigError, match="max_iter"):
-        LCPDI(max_iter=0)
-    with pytest.raises(ValueError, match="anderson, broyden, euler"):
+        RBP(solver=Euler(dt=-1.0))
+    with pytest.raises(ConfigError, match="max_steps"):
+        LCPDI(solver=Euler(max_steps=0))
+    with pytest.raises(ValueError, match="adam, anderson, broyden, euler"):
         RBP(solver="newton")
+    with pytest.raises(ConfigError, match="controlled: unknown setting.*memory"):
+        LCPDI(controlled={"name": "euler", "memory": 3})
+    with pytest.raises(ConfigError, match="lowering k_i"):
+        LCPDI(alpha=0.5, controlled=Euler(dt=4.0))
 
 
 @pytest.mark.parametrize("name", ["rbp", "lcp-di"])
 def test_huge_dt_diverges_with_a_clear_error(name):
     net = tiny_rnn(w_scale=3.0)
     x, y = batch()
-    kwargs = {"dt": 50.0}
+    kwargs = {"solver": Euler(dt=50.0)}
     if name == "lcp-di":
         kwargs["alpha"] = 0.01
     with pytest.raises(SolverDivergedError, match=r"population 'v'.*smaller dt"):
@@ -238,14 +244,14 @@ def test_bad_targets_are_rejected():
 
 
 @pytest.mark.parametrize("make", [tiny_rnn, tiny_ff], ids=["rnn", "ff"])
-@pytest.mark.parametrize("settings", [dict(ebd_optim="sgd", ebd_lr=0.2, ebd_steps=3000, ff_init=True),
-                                      dict(ebd_optim="adam", ebd_lr=0.01, ebd_steps=800, ff_init=False)],
+@pytest.mark.parametrize("settings", [dict(controlled=Euler(dt=0.2, tol=0.0, max_steps=3000), ff_init=True),
+                                      dict(controlled=Adam(lr=0.01, tol=0.0, max_steps=800), ff_init=False)],
                          ids=["sgd-ff-init", "adam-zero-init"])
 def test_energy_route_matches_dynamic_inversion(make, settings):
     net = make()
     x, y = batch()
     xs = net.prepare_input(x)
-    di = LCPDI(alpha=0.5, k_i=1.0, tol=1e-12, max_iter=20000)
+    di = LCPDI(alpha=0.5, k_i=1.0, solver=Euler(tol=1e-12, max_steps=20000))
     ebd = LCPEBD(alpha=0.5, **settings)
     assert ebd.beta == di.beta
     psi_di = di.controlled_equilibrium(net, xs, y).control
@@ -259,14 +265,14 @@ def test_kolen_pollack_with_exact_transposes_is_dynamic_inversion(make):
     net = make()
     x, y = batch()
     xs = net.prepare_input(x)
-    kp = LCPKP(alpha=0.5, tol=1e-12, max_iter=20000)
+    kp = LCPKP(alpha=0.5, solver=Euler(tol=1e-12, max_steps=20000))
     kp.prepare(net)
     params = dict(net.named_parameters())
     with torch.no_grad():
         for key, name in net.feedback_pathways().items():
             net.feedback[key].copy_(params[name].t())
     assert all(c > 1 - 1e-12 for c in kp.alignment(net).values())
-    di = LCPDI(alpha=0.5, tol=1e-12, max_iter=20000)
+    di = LCPDI(alpha=0.5, solver=Euler(tol=1e-12, max_steps=20000))
     assert rel_err(kp.controlled_equilibrium(net, xs, y).control, di.controlled_equilibrium(net, xs, y).control) < 1e-10
     g_kp, g_di = kp.gradients(net, xs, y).grads, di.gradients(net, xs, y).grads
     for name, g in g_di.items():
@@ -276,9 +282,10 @@ def test_kolen_pollack_with_exact_transposes_is_dynamic_inversion(make):
 
 
 def test_kolen_pollack_feedback_aligns_with_forward_transposes():
-    from leastcontrol.train import TrainConfig, train
+    from leastcontrol.train import train
 
-    result = train(TrainConfig(model="rnn", method="lcp-kp", hidden=32, lr=5e-3, kappa=0.01, epochs=8,
+    from .helpers import flat_config
+    result = train(flat_config(model="rnn", method="lcp-kp", hidden=32, lr=5e-3, kappa=0.01, epochs=8,
                                batch_size=32, limit_train=640, limit_test=100, eval_every=0, progress=False))
     net = result["system"]
     alignment = LCPKP().alignment(net)
@@ -306,8 +313,8 @@ def test_linear_feedback_learning_aligns_with_dynamic_inversion():
     net = RecurrentEquilibrium(6, 24, 4, dtype=F64, generator=g)
     x = torch.rand(32, 6, generator=g, dtype=F64)
     y = torch.randint(0, 4, (32,), generator=g)
-    e_star = LCPDI(tol=1e-10, max_iter=5000).controlled_equilibrium(net, x, y).control["v"]
-    lf = LCPLF(tol=1e-10, max_iter=5000, tau_q=1e3)
+    e_star = LCPDI(solver=Euler(tol=1e-10, max_steps=5000)).controlled_equilibrium(net, x, y).control["v"]
+    lf = LCPLF(tau_q=1e3, solver=Euler(tol=1e-10, max_steps=5000))
     lf.prepare(net, generator=g)
     assert net.lf_Q.shape == (24, 4) and "lf_Q" in net.state_dict()
 
@@ -335,7 +342,7 @@ def test_linear_feedback_noisy_phase_follows_its_equations():
     net = tiny_rnn()
     x, y = batch()
     xs = net.prepare_input(x)
-    lf = LCPLF(alpha=0.5, k_i=2.0, k_p=0.3, tol=1e-12, max_iter=20000, noise_steps=30, sigma=0.05, tau_noise=4.0)
+    lf = LCPLF(alpha=0.5, k_i=2.0, k_p=0.3, noise_steps=30, sigma=0.05, tau_noise=4.0, solver=Euler(tol=1e-12, max_steps=20000))
     ctrl = lf.controlled_equilibrium(net, xs, y)
     C = lf.feedback_covariance(net, xs, y, ctrl, generator=torch.Generator().manual_seed(3))
 
@@ -347,15 +354,15 @@ def test_linear_feedback_noisy_phase_follows_its_equations():
 
     v, o, u_star = ctrl.state["v"].clone(), ctrl.state["o"].clone(), ctrl.control["o"]
     u_int = (u_star + lf.k_p * (torch.softmax(o, -1) - F.one_hot(y, o.shape[1])) / B) / lf.k_i
-    a = math.exp(-lf.dt / lf.tau_noise)
+    a = math.exp(-lf.controlled.dt / lf.tau_noise)
     eps = torch.randn(v.shape, generator=g, dtype=F64)
     acc = torch.zeros_like(Q)
     for _ in range(lf.noise_steps):
         u = control(o, u_int)
         f = net.dynamics({"v": v, "o": o}, drive)
         grad_o = (torch.softmax(o, -1) - F.one_hot(y, o.shape[1])) / B
-        v, o, u_int = (v + lf.dt * (f["v"] + u @ Q.T + lf.sigma * eps), o + lf.dt * (f["o"] + u),
-                       u_int + lf.dt * (-grad_o - lf.alpha * u_int))
+        v, o, u_int = (v + lf.controlled.dt * (f["v"] + u @ Q.T + lf.sigma * eps), o + lf.controlled.dt * (f["o"] + u),
+                       u_int + lf.controlled.dt * (-grad_o - lf.alpha * u_int))
         acc += (lf.sigma * eps).T @ (control(o, u_int) - u_star)
         eps = a * eps + math.sqrt(1 - a * a) * torch.randn(eps.shape, generator=g, dtype=F64)
     expected = -acc / (lf.sigma ** 2 * lf.noise_steps * B)
@@ -369,7 +376,7 @@ def test_linear_feedback_update_is_slope_modulated_feedback():
     net = tiny_rnn()
     x, y = batch()
     xs = net.prepare_input(x)
-    lf = LCPLF(alpha=0.5, tol=1e-12, max_iter=20000, noise_steps=0)
+    lf = LCPLF(alpha=0.5, noise_steps=0, solver=Euler(tol=1e-12, max_steps=20000))
     ctrl = lf.controlled_equilibrium(net, xs, y)
     f = net.dynamics(ctrl.state, net.encode(xs).detach())
     u = ctrl.control["o"]
@@ -391,7 +398,7 @@ def test_explicit_outer_product_update_equals_autograd_vjp(name, make):
     net = make()
     x, y = batch()
     xs = net.prepare_input(x)
-    method = get_method(name, alpha=0.5, **({} if name == "lcp-ebd" else {"tol": 1e-12, "max_iter": 20000}))
+    method = get_method(name, alpha=0.5, **({} if name == "lcp-ebd" else {"solver": Euler(tol=1e-12, max_steps=20000)}))
     method.prepare(net)
     ctrl = method.controlled_equilibrium(net, xs, y)
     explicit = local_update(net, xs, ctrl)
@@ -413,14 +420,15 @@ def test_per_population_residual_settles_the_control_that_a_joint_residual_cuts_
     x, y = batch()
     extra = {"noise_steps": 0} if name == "lcp-lf" else {}  # Q fixed, so every call sees the same system
 
-    def update(**kw):
+    def update(tol, **kw):
         net.zero_grad()
-        return get_method(name, alpha=0.5, k_i=0.2, max_iter=5000, check_every=1, **extra, **kw).gradients(net, x, y).grads
+        return get_method(name, alpha=0.5, k_i=0.2, **extra, **kw,
+                          solver=Euler(tol=tol, max_steps=5000, check_every=1)).gradients(net, x, y).grads
 
-    settled = update(tol=1e-12)
+    settled = update(1e-12)
     assert LCPDI().controlled_residual == "per-population"
-    per_population = update(tol=1e-2)
-    joint = update(tol=1e-2, controlled_residual="joint")
+    per_population = update(1e-2)
+    joint = update(1e-2, controlled_residual="joint")
     assert rel_err(per_population, settled) < 1e-2
     assert rel_err(joint, settled) > 3 * rel_err(per_population, settled)
     with pytest.raises(ConfigError, match="controlled_residual"):
@@ -439,7 +447,7 @@ def test_controller_gains_with_the_same_beta_give_the_same_update(make):
     outs = {}
     for gains in ((0.1, 1.0, 0.0), (1.0, 10.0, 0.0), (1.0, 5.0, 5.0), (1.0, 1.0, 0.0)):
         alpha, k_i, k_p = gains
-        m = LCPDI(alpha=alpha, k_i=k_i, k_p=k_p, tol=1e-12, max_iter=50000)
+        m = LCPDI(alpha=alpha, k_i=k_i, k_p=k_p, solver=Euler(tol=1e-12, max_steps=50000))
         outs[gains] = m.gradients(net, *m._inputs(net, x, y))
         assert outs[gains].stats["converged"], gains
     published = outs[(0.1, 1.0, 0.0)]
@@ -448,22 +456,26 @@ def test_controller_gains_with_the_same_beta_give_the_same_update(make):
     assert rel_err(outs[(1.0, 1.0, 0.0)].grads, published.grads) > 1e-2   # β = 1, not 10
 
 
-def test_solver_options_reach_every_solve_and_are_checked_at_construction():
+def test_each_phase_runs_its_own_solver_and_settings_are_checked_at_construction():
     net = tiny_rnn()
     x, y = batch()
-    euler = LCPDI(tol=1e-12, max_iter=20000)
-    hybrid = LCPDI(tol=1e-12, max_iter=20000, solver="anderson",
-                   solver_options={"warmup": 30, "memory": 6, "start_below": float("inf")})
+    euler = LCPDI(solver=Euler(tol=1e-12, max_steps=20000))
+    hybrid = LCPDI(solver=Euler(tol=1e-12, max_steps=20000),
+                   controlled=Anderson(tol=1e-12, max_steps=20000, warmup=30, memory=6, start_below=float("inf")))
     a, b = (m.gradients(net, *m._inputs(net, x, y)) for m in (euler, hybrid))
     assert a.stats["converged"] and b.stats["converged"]
     assert rel_err(b.grads, a.grads) < 1e-8
     assert b.stats["iterations_controlled"] < a.stats["iterations_controlled"]
-    with pytest.raises(ConfigError, match="do not fit the 'euler' solver"):
-        LCPDI(solver_options={"warmup": 3})
-    with pytest.raises(ConfigError, match="solver_options must be a dict"):
-        LCPDI(solver_options=[("memory", 3)])
-    with pytest.raises(ConfigError, match=r"\['patience'\] are the method's own settings"):
-        LCPDI(solver="anderson", solver_options={"patience": 5})
+    assert b.stats["iterations_free"] == a.stats["iterations_free"]   # the free phase kept Euler
+    # A table of settings (as a config file gives it) is the same solver.
+    table = LCPDI(solver={"name": "euler", "tol": 1e-12, "max_steps": 20000})
+    assert table.controlled == euler.controlled and table.config()["controlled"]["tol"] == 1e-12
+    with pytest.raises(ConfigError, match="unknown setting.*warmup.*'euler' solver"):
+        LCPDI(solver={"name": "euler", "warmup": 3})
+    with pytest.raises(ConfigError, match="a solver is a table of settings"):
+        LCPDI(solver=[("memory", 3)])
+    with pytest.raises(ConfigError, match="patience must be a positive integer"):
+        LCPDI(controlled=Anderson(patience=0))
 
 
 def test_rbp_anderson_solves_the_adjoint_where_the_euler_dynamics_are_unstable():
@@ -482,9 +494,9 @@ def test_rbp_anderson_solves_the_adjoint_where_the_euler_dynamics_are_unstable()
     dL = torch.autograd.functional.jacobian(
         lambda v: F.cross_entropy(net.readout(op.unpack(v)), y), s)              # ∇_s of the batch mean
     expected = torch.stack([torch.linalg.solve(J.T, -g) for J, g in zip(jac, dL)])
-    euler = RBP(tol=1e-10, max_iter=300).adjoint(net, x, state, y)
+    euler = RBP(solver=Euler(tol=1e-10, max_steps=300)).adjoint_equilibrium(net, x, state, y)
     assert not euler.stats.converged
-    anderson = RBP(tol=1e-10, max_iter=300, solver="anderson").adjoint(net, x, state, y)
+    anderson = RBP(solver=Anderson(tol=1e-10, max_steps=300)).adjoint_equilibrium(net, x, state, y)
     assert anderson.stats.converged
     got = op.pack(anderson.state)
     assert torch.allclose(got, expected, rtol=1e-7, atol=1e-9 * float(expected.abs().max()))
@@ -516,7 +528,7 @@ def test_check_stability_reports_the_free_equilibria_that_anderson_settles_on_bu
     from leastcontrol.errors import UnstableEquilibriumWarning
     net, (x, y) = tiny_rnn(n_hidden=8, w_scale=12.0), batch(B=6)
     options = {"check_stability": True, "start_below": math.inf}
-    method = RBP(solver="anderson", tol=1e-10, max_iter=400, solver_options=options)
+    method = RBP(solver=Anderson(tol=1e-10, max_steps=400, **options))
     with pytest.warns(UnstableEquilibriumWarning, match="6 of 6 samples"):
         free = method.free_equilibrium(net, x)
     oracle = _euler_map_radius_by_full_jacobian(net, x, free.state)
@@ -529,6 +541,6 @@ def test_check_stability_reports_the_free_equilibria_that_anderson_settles_on_bu
     net = tiny_rnn(n_hidden=8, w_scale=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnstableEquilibriumWarning)
-        out = RBP(solver="anderson", tol=1e-10, max_iter=400, solver_options=options).gradients(net, x, y)
+        out = RBP(solver=Anderson(tol=1e-10, max_steps=400, **options)).gradients(net, x, y)
     assert out.stats["unstable_fraction_free"] == 0.0 and out.stats["unstable_fraction_adjoint"] == 0.0
-    assert "unstable_fraction_free" not in RBP(tol=1e-10, max_iter=400).gradients(net, x, y).stats
+    assert "unstable_fraction_free" not in RBP(solver=Euler(tol=1e-10, max_steps=400)).gradients(net, x, y).stats

@@ -15,14 +15,14 @@ def test_feedforward_equilibrium_is_the_forward_pass():
     expected = net.explicit_forward(x)
     drive = net.encode(net.prepare_input(x)).detach()
     with torch.no_grad():
-        res = Euler(dt=1.0, tol=1e-7, max_iter=50).solve(lambda s: net.dynamics(s, drive), net.init_state(32))
+        res = Euler(dt=1.0, tol=1e-7, max_steps=50).solve(lambda s: net.dynamics(s, drive), net.init_state(32))
     assert res.stats.converged
     assert torch.allclose(res.state["o"], expected, atol=1e-6)
     # exactly depth + 1 = 3 steps reach it from the zero state
     with torch.no_grad():
-        short = Euler(dt=1.0, tol=0.0, max_iter=net.settle_steps).solve(
+        short = Euler(dt=1.0, tol=0.0, max_steps=net.settle_steps).solve(
             lambda s: net.dynamics(s, drive), net.init_state(32))
-        shorter = Euler(dt=1.0, tol=0.0, max_iter=net.settle_steps - 1).solve(
+        shorter = Euler(dt=1.0, tol=0.0, max_steps=net.settle_steps - 1).solve(
             lambda s: net.dynamics(s, drive), net.init_state(32))
     assert torch.allclose(short.state["o"], expected, atol=1e-6)
     assert not torch.allclose(shorter.state["o"], expected, atol=1e-3)
@@ -90,7 +90,7 @@ class LinearSystem(EquilibriumSystem):
 def test_user_system_needs_only_f():
     net = LinearSystem()
     x, y = batch()
-    rbp = RBP(tol=1e-13, max_iter=5000)(net, x, y)
+    rbp = RBP(solver=Euler(tol=1e-13, max_steps=5000))(net, x, y)
     # reference: autograd through a long unrolled solve
     s = net.init_state(4)
     for _ in range(300):
@@ -98,7 +98,7 @@ def test_user_system_needs_only_f():
         s = {k: s[k] + f[k] for k in s}
     ref = torch.autograd.grad(torch.nn.functional.cross_entropy(s["o"], y), [net.A, net.C])
     assert rel_err(rbp.grads, {"A": ref[0], "C": ref[1]}) < 1e-8
-    lcp = LCPDI(alpha=0.5, k_i=0.001, tol=1e-13, max_iter=100000).gradients(net, x, y)
+    lcp = LCPDI(alpha=0.5, k_i=0.001, solver=Euler(tol=1e-13, max_steps=100000)).gradients(net, x, y)
     assert rel_err({k: v / 0.002 for k, v in lcp.grads.items()}, rbp.grads) < 0.02
 
 

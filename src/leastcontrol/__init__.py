@@ -7,14 +7,16 @@ from .errors import (CheckpointError, ConfigError, DataFormatError, DatasetNotFo
                      LeastControlError, SolverDivergedError, UnstableEquilibriumWarning)
 from .methods import (BP, BPTT, LCPDI, LCPEBD, LCPKP, LCPLF, RBP, Method, MethodOutput, get_method, local_update,
                       register_method)
-from .solvers import Anderson, Euler, SolveResult, SolverStats, euler_map_radius, get_solver
-from .systems import EquilibriumSystem, FeedforwardEquilibrium, RecurrentEquilibrium, get_system
+from .solvers import (Adam, Anderson, Broyden, CheckMix, Euler, Field, SolveResult, SolveStats, Solver, Status,
+                      euler_map_radius, get_solver, register_solver)
+from .systems import EquilibriumSystem, FeedforwardEquilibrium, RecurrentEquilibrium, get_system, register_system
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataFormatError", "DatasetNotFoundError", "LeastControlError",
     "SolverDivergedError", "UnstableEquilibriumWarning", "BP", "BPTT", "RBP", "LCPDI", "LCPKP", "LCPLF", "LCPEBD", "Method", "MethodOutput",
-    "get_method", "local_update", "register_method", "Anderson", "Euler", "SolveResult", "SolverStats",
-    "euler_map_radius", "get_solver", "EquilibriumSystem", "FeedforwardEquilibrium", "RecurrentEquilibrium", "get_system",
+    "get_method", "local_update", "register_method", "Solver", "Euler", "Anderson", "Broyden", "Adam", "CheckMix",
+    "Field", "SolveResult", "SolveStats", "Status", "register_solver",
+    "euler_map_radius", "get_solver", "register_system", "EquilibriumSystem", "FeedforwardEquilibrium", "RecurrentEquilibrium", "get_system",
 ]

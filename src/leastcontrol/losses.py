@@ -1,4 +1,4 @@
-"""Per-sample losses on the output population and their gradients.
+"""Per-sample losses and their gradients: of the output population, and of a meta-learner's outputs.
 
 The controller of LCP needs ``∇_o ℓ(o, y)`` for every sample separately, so a
 loss here returns per-sample values (shape ``(B,)``) and a per-sample gradient
@@ -103,9 +103,26 @@ class SquaredError(Loss):
         return output - dense
 
 
+class MeanSquaredError(Loss):
+    """``mean_j (o_j − y_j)²`` per sample, the mean over the output's features (regression tasks such as
+    the sinusoid of meta-learning, whose metric it is); targets have the shape of the output."""
+
+    name = "mean_squared_error"
+
+    def check_target(self, target, output_size, batch_size):
+        return SquaredError().check_target(target, output_size, batch_size)
+
+    def value(self, output, target):
+        return (output - target.to(output.dtype)).pow(2).mean(-1)
+
+    def grad(self, output, target):
+        return (output - target.to(output.dtype)) * (2.0 / output.shape[-1])
+
+
 LOSSES: Registry[Loss] = Registry("loss")
 LOSSES.register("cross_entropy", CrossEntropy)
 LOSSES.register("mse", SquaredError)
+LOSSES.register("mean_squared_error", MeanSquaredError)
 
 
 def get_loss(loss: "str | Loss") -> Loss:

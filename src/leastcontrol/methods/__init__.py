@@ -8,10 +8,13 @@ Kolen-Pollack feedback weights), ``lcp-lf`` (learned linear feedback), ``lcp-ebd
 """
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Any, Callable, Mapping
 
+from ..config import check_table, merge
+from ..errors import ConfigError
 from ..registry import Registry
-from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads
+from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads, phase_stats
 from .baselines import BP, BPTT, RBP
 from .ebd import LCPEBD
 from .kp import LCPKP
@@ -28,9 +31,16 @@ METHODS.register("lcp-kp", LCPKP)
 METHODS.register("lcp-lf", LCPLF)
 
 
-def register_method(name: str, factory: Callable[..., Method], *, overwrite: bool = False):
-    """Make ``factory(**settings)`` available as ``get_method(name, ...)`` and ``--method name``."""
-    return METHODS.register(name, factory, overwrite=overwrite)
+def register_method(name: str, factory: Callable[..., Method] | None = None, *, overwrite: bool = False):
+    """Make ``factory(**settings)`` available as ``get_method(name, ...)``, ``--method name`` and
+    ``[method] name``; usable as a class decorator. A dataclass method's settings are checked key by
+    key when built from a config table."""
+    if factory is None:
+        return lambda f: register_method(name, f, overwrite=overwrite)
+    if isinstance(factory, type) and issubclass(factory, Method):
+        factory.name = name
+    METHODS.register(name, factory, overwrite=overwrite)
+    return factory
 
 
 def get_method(name: str, **settings) -> Method:
@@ -42,5 +52,25 @@ def get_method(name: str, **settings) -> Method:
     return METHODS.create(name, **settings)
 
 
-__all__ = ["Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "BPTT", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
+def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, where: str = "method") -> Method:
+    """A method from a config table: ``name`` and its settings (solvers as tables), over the method's
+    per-model defaults for ``model`` (``Method.model_defaults``).
+
+    Raises:
+        ConfigError: an unknown method, key or solver setting, or a wrongly typed value, naming it and
+            the valid ones.
+    """
+    settings = dict(table)
+    name = settings.pop("name", "lcp-di")
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"{where}.name: unknown method {name!r}; valid methods: {', '.join(METHODS.names())}")
+    cls = METHODS.factory(name)
+    if model is not None:
+        settings = merge(dict(getattr(cls, "model_defaults", {}).get(model, {})), settings)
+    if dataclasses.is_dataclass(cls):
+        check_table(cls, settings, where, of=f" of method '{name}'", extra=("name",))
+    return cls(**settings)
+
+
+__all__ = ["method_from_dict", "phase_stats", "Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "BPTT", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
            "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method"]

@@ -9,24 +9,26 @@ the model or the optimizer::
     optimizer.step()
 
 Every method also offers inference: :meth:`Method.predict` returns the output
-population at the free equilibrium.
+population at the free equilibrium. A method that settles the system takes its
+solvers as objects, one per phase (:class:`EquilibriumMethod`)::
+
+    LCPDI(free=Euler(tol=1e-4), controlled=Euler(tol=1e-6, max_steps=800))
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict
+from typing import Any, ClassVar, Dict, Tuple
 
 import torch
 
 from ..errors import ConfigError
 from ..losses import Loss, get_loss
-from ..solvers import SOLVERS, SolveResult, get_solver
+from ..solvers import Euler, Field, SolveResult, Solver, solver_from_dict
 from ..systems.base import AutogradFlatOperator, EquilibriumSystem, FlatOperator
 
 IMPLS = ("fast", "autograd")
-# Solver settings every EquilibriumMethod passes itself (see ``_make_solver``).
-_METHOD_SOLVER_SETTINGS = ("dt", "tol", "max_iter", "check_every", "patience", "stall_tol", "groups", "compile")
 
 
 @dataclass
@@ -61,23 +63,26 @@ def accumulate_grads(system: EquilibriumSystem, grads: Dict[str, torch.Tensor]) 
             p.grad.add_(g.detach().to(p.dtype))
 
 
-def two_phase_stats(free: SolveResult, phase: str, second: SolveResult) -> Dict[str, Any]:
-    """Statistics of a free solve followed by a second one (``adjoint`` or ``controlled``)."""
+def phase_stats(phases: Dict[str, SolveResult]) -> Dict[str, Any]:
+    """Statistics of a method's solves, by phase (``free``, ``adjoint``, ``controlled``): the totals
+    ``iterations`` (steps of the solves), ``sample_iterations`` (steps per sample) and ``converged``
+    (every sample of every phase), and per phase its steps, largest final residual and the fraction
+    of samples that converged and stalled."""
     stats: Dict[str, Any] = {
-        "iterations": free.stats.iterations + second.stats.iterations,
-        "sample_iterations": (free.stats.mean_sample_iterations or free.stats.iterations)
-        + (second.stats.mean_sample_iterations or second.stats.iterations),
-        "converged": free.stats.converged and second.stats.converged,
+        "iterations": sum(r.stats.steps for r in phases.values()),
+        "sample_iterations": sum(r.stats.mean_sample_steps for r in phases.values()),
+        "converged": all(r.stats.converged for r in phases.values()),
     }
-    for name, res in (("free", free), (phase, second)):
-        stats[f"iterations_{name}"] = res.stats.iterations
-        stats[f"sample_iterations_{name}"] = res.stats.mean_sample_iterations or res.stats.iterations
-        stats[f"converged_{name}"] = res.stats.converged
-        stats[f"residual_{name}"] = res.stats.residual
-        stats[f"converged_fraction_{name}"] = res.stats.converged_fraction
-        stats[f"stalled_fraction_{name}"] = res.stats.stalled_fraction
-        if res.stats.unstable_fraction is not None:   # solver_options={"check_stability": True}
-            stats[f"unstable_fraction_{name}"] = res.stats.unstable_fraction
+    for name, res in phases.items():
+        s = res.stats
+        stats[f"iterations_{name}"] = s.steps
+        stats[f"sample_iterations_{name}"] = s.mean_sample_steps
+        stats[f"converged_{name}"] = s.converged
+        stats[f"residual_{name}"] = s.residual
+        stats[f"converged_fraction_{name}"] = s.converged_fraction
+        stats[f"stalled_fraction_{name}"] = s.stalled_fraction
+        if s.unstable_fraction is not None:   # a solver with check_stability
+            stats[f"unstable_fraction_{name}"] = s.unstable_fraction
     return stats
 
 
@@ -90,6 +95,12 @@ def _check_number(name, value, *, positive=True, allow_zero=False):
         raise ConfigError(f"{name} must be {need}, got {value!r}")
 
 
+def _plain(value):
+    if isinstance(value, Solver):
+        return value.to_dict()
+    return value
+
+
 @dataclass
 class Method:
     """Base of all methods; holds the loss. Subclasses are dataclasses of their settings."""
@@ -97,11 +108,16 @@ class Method:
     name = "method"
     loss: str = "cross_entropy"
 
+    # Settings that differ by system in the published set-ups: model name -> {setting: value}
+    # (tables for solvers), applied by the configuration layer under the user's own settings.
+    model_defaults: ClassVar[Dict[str, Dict[str, Any]]] = {}
+
     def __post_init__(self):
         self._loss: Loss = get_loss(self.loss)
 
     def config(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The settings as plain data (solvers as their ``to_dict``), for JSON and checkpoints."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
 
     # -- shared helpers -----------------------------------------------------------
     def _inputs(self, system: EquilibriumSystem, x, y):
@@ -117,7 +133,11 @@ class Method:
         return loss, acc
 
     def __call__(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor) -> MethodOutput:
-        """Compute gradients for one batch, accumulate them into ``.grad`` and return them."""
+        """Compute gradients for one batch, accumulate them into ``.grad`` and return them.
+
+        Raises:
+            SolverDivergedError: a solve diverged.
+        """
         x, y = self._inputs(system, x, y)
         out = self.gradients(system, x, y)
         accumulate_grads(system, out.grads)
@@ -147,92 +167,81 @@ class Method:
 
 @dataclass
 class EquilibriumMethod(Method):
-    """A method that settles the system with a fixed-point solver.
+    """A method that settles the system with fixed-point solvers, one per phase.
 
     Args:
-        dt: Euler step (τ = 1 for every population).
-        tol: relative-residual tolerance of every solve.
-        max_iter: maximum steps of every solve.
-        solver: ``euler`` or ``anderson`` (see :mod:`leastcontrol.solvers`).
-        check_every: test convergence every k steps (each test costs norms and a sync).
+        solver: the solver of every phase that has none of its own (default: the method's
+            published settings; for LCP Euler to 1e-6 in at most 800 steps, for RBP 1e-4 in 200).
+        free: the solver of the free phase (prediction, and where a second phase starts).
         impl: ``fast`` (default): the system's fused flat kernels (closed-form VJPs for the
-            built-in networks), convergence checked every ``check_every`` steps, converged
-            samples frozen. ``autograd``: the reference path of the published research
-            code — one ``torch.autograd.grad`` per step, a check (host sync) every step,
-            no freezing; kept for cross-checks and as the speed baseline.
-        patience, stall_tol: the solvers' stall rule (off by default): a sample whose residual
-            has not fallen by 10 % in ``patience`` steps stops, if below ``stall_tol``. For dynamics
-            that chatter at a floor above ``tol`` (ReLU kinks of the conv FF's controlled
-            dynamics); see :class:`~leastcontrol.solvers.Solver`.
-        compile: run the ``check_every`` Euler steps between two convergence checks as one
-            ``torch.compile`` graph (``euler`` solver, ``impl='fast'``; off by default). The first
-            solve of each phase compiles, for seconds; see ``docs/performance.md`` for when it pays.
-        native: run the Euler steps of the last few active samples of a solve (at most the solver's
-            ``native_batch``, default 16), convergence checks included, as one C loop instead of
-            PyTorch operations (:mod:`leastcontrol.native`): the free phase, RBP's adjoint and the
-            controlled phase of LCP-DI/KP, on the recurrent network, on the CPU. Same field, same
-            stopping rule, iterates equal up to floating-point order. At a few samples each PyTorch
-            operation costs more in dispatch than in arithmetic, and the tail of a solve is many such
-            steps. Off by default; needs a C compiler (built once into the user cache).
-        solver_options: further keyword settings of the solver, for every solve (e.g.
-            ``{"warmup": 100, "memory": 10}`` for ``anderson``); checked at construction.
+            built-in networks). ``autograd``: the reference path of the published research code,
+            one ``torch.autograd.grad`` per step; its default solver checks every step and does not
+            freeze samples, as that code does. Kept for cross-checks and as the speed baseline.
+
+    A phase's solver may be given as a :class:`~leastcontrol.solvers.Solver`, or as a table of changes to
+    the solver it would have (``{"tol": 1e-4}``; ``{"name": "anderson", "memory": 6}`` keeps the
+    driver settings, tolerances included, and changes the step rule), as a config file writes it.
+
+    Per-model defaults (``model_defaults``: model name -> settings) are the published set-ups where a
+    rule's differ between systems; the configuration layer applies them.
     """
 
-    dt: float = 1.0
-    tol: float = 1e-6
-    max_iter: int = 800
-    solver: str = "euler"
-    check_every: int = 10
+    solver: Solver | None = None
+    free: Solver | None = None
     impl: str = "fast"
-    patience: int | None = None
-    stall_tol: float | None = None
-    solver_options: Dict[str, Any] | None = None
-    compile: bool = False
-    native: bool = False
+
+    # The phases whose solvers the method holds (a field of that name each), and those that descend an
+    # energy rather than follow the dynamics (their rule is not the dynamics' Euler step).
+    phases: ClassVar[Tuple[str, ...]] = ("free",)
+    descent_phases: ClassVar[Tuple[str, ...]] = ()
+
+    def default_solver(self) -> Solver:
+        """The published solver of this method (Euler, tol 1e-6, at most 800 steps, a check every 10)."""
+        return Euler()
 
     def __post_init__(self):
         super().__post_init__()
-        _check_number("dt", self.dt)
-        if self.solver_options is not None and not isinstance(self.solver_options, dict):
-            raise ConfigError(f"solver_options must be a dict of solver settings, got {self.solver_options!r}")
-        owned = sorted(set(self.solver_options or {}) & set(_METHOD_SOLVER_SETTINGS))
-        if owned:
-            # The method sets these on every solver it builds; taking them here would drop one silently.
-            raise ConfigError(f"solver_options {owned} are the method's own settings; pass them as the method's "
-                              f"fields ({', '.join(owned)}=...) instead")
-        _check_number("tol", self.tol, allow_zero=True)
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
-            raise ConfigError(f"max_iter must be a positive integer, got {self.max_iter!r}")
-        if self.solver not in SOLVERS:
-            SOLVERS.factory(self.solver)  # raises, listing the valid names
         if self.impl not in IMPLS:
             raise ConfigError(f"unknown impl '{self.impl}'; valid: {', '.join(IMPLS)}")
-        if self.impl == "autograd" and self.solver != "euler":
-            raise ConfigError("impl 'autograd' is the research-code reference and runs the euler solver only; "
-                              "use impl 'fast' for other solvers")
-        for flag in ("compile", "native"):   # two ways of running the Euler steps faster
-            value = getattr(self, flag)
-            if not isinstance(value, bool):
-                raise ConfigError(f"{flag} must be True or False, got {value!r}")
-            if value and (self.solver != "euler" or self.impl != "fast"):
-                raise ConfigError(f"{flag} runs the euler solver's steps on the fast path; got solver "
-                                  f"'{self.solver}', impl '{self.impl}' (use solver 'euler', impl 'fast', or drop {flag})")
-        self._solver = self._make_solver(self.tol)
-
-    def _make_solver(self, tol: float, groups=None, **defaults):
-        """The solver of one phase at ``tol``; ``defaults``: settings of this phase that the user's
-        ``solver_options`` override."""
-        options = {**defaults, **(self.solver_options or {}), "check_every": self.check_every,
-                   "patience": self.patience, "stall_tol": self.stall_tol, "groups": groups}
+        default = self.default_solver()
+        if self.impl == "autograd":   # the research code: a check every step, no freezing
+            default = default.replace(check_every=1, freeze=False)
+        self.solver = self._as_solver("solver", self.solver, default)
+        for phase in self.phases:
+            setattr(self, phase, self._as_solver(phase, getattr(self, phase), self.phase_default(phase)))
         if self.impl == "autograd":
-            options.update(check_every=1, freeze=False)
-        if self.compile:
-            options["compile"] = True
+            # The research code's path: eager steps, and Euler where it settles the dynamics (an energy
+            # route's descent keeps its own rule).
+            for phase in ("solver",) + self.phases:
+                s = getattr(self, phase)
+                euler = type(s).plain_euler_steps or phase in self.descent_phases
+                if not euler or [b.name for b in s._backends] != ["eager"]:
+                    raise ConfigError(f"impl 'autograd' is the research-code reference and runs eager Euler steps; "
+                                      f"got {phase}={s!r}; use impl 'fast' for other solvers and backends")
+
+    def phase_default(self, phase: str) -> Solver:
+        """The solver of ``phase`` when none is given: ``solver``."""
+        return self.solver
+
+    @staticmethod
+    def _as_solver(name: str, value, base: Solver) -> Solver:
+        """``value`` as a solver: itself, ``base`` where None, or a table of changes to ``base``."""
+        if value is None:
+            return base
+        if isinstance(value, Solver):
+            return value
         try:
-            return get_solver(self.solver, dt=self.dt, tol=tol, max_iter=self.max_iter, **options)
-        except TypeError as err:
-            raise ConfigError(f"solver_options {self.solver_options} do not fit the '{self.solver}' solver ({err}); "
-                              "its settings are the keyword arguments of its class in leastcontrol.solvers") from None
+            return solver_from_dict(value, base=base)
+        except ConfigError as err:
+            raise ConfigError(f"method.{name}: {err}") from None
+
+    def solvers(self) -> Dict[str, Solver]:
+        """Phase -> its solver."""
+        return {phase: getattr(self, phase) for phase in self.phases}
+
+    def uses_backend(self, name: str) -> bool:
+        """Whether any phase's solver may run its steps on the backend ``name``."""
+        return any(b.name == name for s in self.solvers().values() for b in s._backends)
 
     def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
         """``f`` and ``(∂_s f)ᵀ a`` on a flat state: the system's fused kernels, or one autograd call (``impl``)."""
@@ -240,57 +249,44 @@ class EquilibriumMethod(Method):
             return AutogradFlatOperator(system, feedback)
         return system.flat_operator(feedback)
 
-    def _native_steps(self, system: EquilibriumSystem, op: FlatOperator, phase: str, **settings):
-        """With ``native``, the C steps of this phase's field (:meth:`FlatOperator.native_steps`), else None.
+    def _kernels(self, system: EquilibriumSystem, op: FlatOperator, kind: str, **constants) -> Dict[str, object]:
+        """The backends' own steps of this field (``kind``: ``free``, ``adjoint``, ``controlled``) where a
+        phase's solver may use them: the C steps of :mod:`leastcontrol.native` for the systems it covers.
 
         Raises:
-            ConfigError: ``native`` on a system that has no C steps.
+            ConfigError: the native backend asked for on a system that has no C steps.
         """
-        if not self.native:
-            return None
-        steps = op.native_steps(phase, **settings)
-        if steps is None:
-            raise ConfigError(f"native=True covers the recurrent network ('rnn'); {type(system).__name__} has no "
-                              "native steps; run without native")
-        return steps
-
-    def _solve(self, field, state0, context: Dict[str, Any], solver=None, labels=None):
-        """Run the solver on ``field(s, context)``; the context is batch-aligned data.
-
-        When every context entry is a batch-first tensor the solver may subset it
-        (freezing converged samples); otherwise it is bound into a closure.
-        """
-        solver = solver or self._solver
-        B = next(iter(state0.values())).shape[0]
-        if all(isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B for v in context.values()):
-            return solver.solve(field, state0, context, labels)
-        return solver.solve(lambda s: field(s, context), state0, None, labels)
-
-    def _solve_flat(self, field, z0: torch.Tensor, context: Dict[str, Any], solver=None,
-                    populations: Dict[str, int] | None = None, native_steps=None) -> SolveResult:
-        """:meth:`_solve` on one flat ``(B, N)`` buffer; ``field(z, context)`` returns ``ż``.
-
-        ``populations`` (name -> width, in buffer order) names the culprit if the solve diverges.
-        ``native_steps``: the same field's steps in C (:mod:`leastcontrol.native`), which the Euler
-        solver runs on the last few active samples.
-        """
-        labels = {"z": list(populations.items())} if populations else None
-
-        def flat_field(d, c):
-            return {"z": field(d["z"], c)}
-        flat_field.native_steps = native_steps
-        res = self._solve(flat_field, {"z": z0}, context, solver, labels)
-        return SolveResult(res.state["z"], res.stats)
+        if not self.uses_backend("native"):
+            return {}
+        from .. import native
+        kernel = native.field_kernel(op, kind, **constants)
+        if kernel is None:
+            raise ConfigError(f"the native backend covers the recurrent network ('rnn'); {type(system).__name__} "
+                              "has no native steps; drop 'native' from the solver's backend (method.solver.backend)")
+        return {"native": kernel}
 
     @torch.no_grad()
-    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver=None) -> SolveResult:
-        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state (with ``solver``, else the method's)."""
+    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver: Solver | None = None) -> SolveResult:
+        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state (with ``solver``, else ``free``)."""
         x = system.prepare_input(x)
         op = self._flat_operator(system)
         s0 = x.new_zeros(x.shape[0], op.n_state)
-        res = self._solve_flat(lambda s, c: op.f(s, c["drive"]), s0, {"drive": op.drive(x)}, solver, op.sizes,
-                               native_steps=self._native_steps(system, op, "free"))
+        field = Field(lambda s, c: op.f(s, c["drive"]), op.sizes, self._kernels(system, op, "free"))
+        res = (solver or self.free).solve(field, s0, {"drive": op.drive(x)})
         state = op.unpack(res.state)
         if system.training:
             system.observe_equilibrium(state)
         return SolveResult(state, res.stats)
+
+
+def solver_settings(method: Method) -> Dict[str, Any]:
+    """Phase -> solver settings of a method (``{}`` for one without solvers), for reports."""
+    if not isinstance(method, EquilibriumMethod):
+        return {}
+    return {phase: s.to_dict() for phase, s in method.solvers().items()}
+
+
+def replace_solvers(method: EquilibriumMethod, **changes) -> EquilibriumMethod:
+    """A copy of ``method`` whose every phase's solver has ``changes`` (e.g. ``backend=("native", "compile")``)."""
+    solvers = {phase: s.replace(**changes) for phase, s in method.solvers().items()}
+    return dataclasses.replace(method, solver=method.solver.replace(**changes), **solvers)

@@ -3,12 +3,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Tuple
 
 import torch
 
-from ..solvers import SolveResult, SolverStats
+from ..errors import ConfigError
+from ..solvers import Euler, Field, SolveResult, Solver, SolveStats, Status
 from ..systems.base import EquilibriumSystem
-from .base import EquilibriumMethod, Method, MethodOutput, two_phase_stats
+from .base import EquilibriumMethod, Method, MethodOutput, _check_number, phase_stats
+
+
+def _exact(batch: int, steps: int) -> SolveStats:
+    """The stats of an unrolled pass that reaches the equilibrium exactly in ``steps`` steps."""
+    return SolveStats(steps, torch.full((batch,), int(Status.CONVERGED)), torch.full((batch,), steps),
+                      torch.zeros(batch, dtype=torch.float64))
 
 
 @dataclass
@@ -57,35 +65,42 @@ class BP(Method):
     def free_equilibrium(self, system, x) -> SolveResult:
         x = system.prepare_input(x)
         steps = self._steps(system)
-        return SolveResult(self._unroll(system, x), SolverStats(steps, 0.0, True, 1.0))
+        return SolveResult(self._unroll(system, x), _exact(x.shape[0], steps))
 
 
 @dataclass
 class BPTT(EquilibriumMethod):
     """Backpropagation through time over a fixed number of Euler steps.
 
-    Unrolls ``max_iter`` steps of the free dynamics from the zero state with
-    autograd and differentiates the mean loss at the last state. Memory grows
-    linearly with the number of steps (every intermediate state is stored) —
-    the cost that implicit differentiation and LCP avoid; kept as a baseline.
+    Unrolls ``steps`` Euler steps of size ``dt`` of the free dynamics from the zero state with
+    autograd and differentiates the mean loss at the last state. Memory grows linearly with the
+    number of steps (every intermediate state is stored) — the cost that implicit differentiation
+    and LCP avoid; kept as a baseline. Prediction settles the free dynamics with ``free``.
     """
 
     name = "bptt"
-    max_iter: int = 100
+    steps: int = 100
+    dt: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        _check_number("dt", self.dt)
 
     def gradients(self, system, x, y):
         named = [(n, p) for n, p in system.named_parameters() if p.requires_grad]
         with torch.enable_grad():
             drive = system.encode(x)
             s = system.init_state(x.shape[0])
-            for _ in range(self.max_iter):
+            for _ in range(self.steps):
                 f = system.dynamics(s, drive)
                 s = {k: s[k] + self.dt * f[k] for k in s}
             out = system.readout(s)
             grads = torch.autograd.grad(self._loss.value(out, y).mean(), [p for _, p in named], allow_unused=True)
         grads = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, grads)}
         loss, acc = self._summary(out.detach(), y)
-        return MethodOutput(loss, acc, grads, {"iterations": self.max_iter, "iterations_free": self.max_iter,
+        return MethodOutput(loss, acc, grads, {"iterations": self.steps, "iterations_free": self.steps,
                                                "converged": True})
 
 
@@ -98,26 +113,30 @@ class RBP(EquilibriumMethod):
        kept across iterations), so ``(∂_s f)ᵀ λ* = −∇_s L``;
     3. one VJP in θ: ``∇_θ L(s°) = (∂_θ f(s°))ᵀ λ*``.
 
-    Defaults are the published RNN settings (tol 1e-4, max 200 steps). With ``solver="anderson"``
-    the adjoint phase, linear in λ, is accelerated from its first step (``start_below`` ∞ unless
-    ``solver_options`` set it); the free phase keeps the solver's ``start_below``.
+    Defaults are the published RNN settings (Euler, tol 1e-4, at most 200 steps). The adjoint
+    dynamics are linear in λ: with an Anderson ``solver`` and no ``adjoint`` of its own, the adjoint
+    phase is accelerated from its first step (``start_below`` ∞).
     """
 
     name = "rbp"
-    tol: float = 1e-4
-    max_iter: int = 200
+    adjoint: Solver | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
+    phases: ClassVar[Tuple[str, ...]] = ("free", "adjoint")
+
+    def default_solver(self) -> Solver:
+        return Euler(tol=1e-4, max_steps=200)
+
+    def phase_default(self, phase):
         # The adjoint dynamics are linear in λ: there is no basin for the plain dynamics to choose,
         # so Anderson accelerates them from the first step (start_below ∞). That also settles the
         # adjoint at a fixed point whose Euler dynamics are unstable (Anderson can settle the free
         # phase on one), where the plain adjoint dynamics grow without end.
-        self._adjoint_solver = (self._make_solver(self.tol, start_below=math.inf) if self.solver == "anderson"
-                                else self._solver)
+        if phase == "adjoint" and hasattr(self.solver, "start_below"):
+            return self.solver.replace(start_below=math.inf)
+        return super().phase_default(phase)
 
     @torch.no_grad()
-    def adjoint(self, system: EquilibriumSystem, x: torch.Tensor, state, y: torch.Tensor) -> SolveResult:
+    def adjoint_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, state, y: torch.Tensor) -> SolveResult:
         """Solve ``(∂_s f(s°))ᵀ λ = −∇_s L(s°)`` by the adjoint dynamics; ``state`` is ``s°``."""
         B = x.shape[0]
         # The per-sample loss gradient; dividing by B makes λ the adjoint of the batch mean.
@@ -127,15 +146,14 @@ class RBP(EquilibriumMethod):
         dL_flat = torch.cat([s.new_zeros(B, op.n_state - dL.shape[1]), dL], dim=1)  # output population last
         drive = op.drive(x)
         # The state is fixed during the adjoint dynamics: its slopes are computed once, not per step.
-        res = self._solve_flat(lambda lam, c: op.vjp_at(c["lin"], c["drive"], lam).add_(c["dL"]),
-                               torch.zeros_like(s), {"drive": drive, "dL": dL_flat, "lin": op.linearize(s, drive)},
-                               self._adjoint_solver, populations=op.sizes,
-                               native_steps=self._native_steps(system, op, "adjoint"))
+        field = Field(lambda lam, c: op.vjp_at(c["lin"], c["drive"], lam).add_(c["dL"]), op.sizes,
+                      self._kernels(system, op, "adjoint"))
+        res = self.adjoint.solve(field, torch.zeros_like(s), {"drive": drive, "dL": dL_flat, "lin": op.linearize(s, drive)})
         return SolveResult(op.unpack(res.state), res.stats)
 
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)
-        adj = self.adjoint(system, x, free.state, y)
+        adj = self.adjoint_equilibrium(system, x, free.state, y)
         grads = system.param_vjp(free.state, x, adj.state)
         loss, acc = self._summary(system.readout(free.state), y)
-        return MethodOutput(loss, acc, grads, two_phase_stats(free, "adjoint", adj))
+        return MethodOutput(loss, acc, grads, phase_stats({"free": free, "adjoint": adj}))

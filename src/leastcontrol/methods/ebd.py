@@ -14,14 +14,15 @@ Reference: Meulemans et al., NeurIPS 2022, §3 (energy-based dynamics).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Tuple
 
 import torch
 
-from ..errors import ConfigError, SolverDivergedError
-from ..solvers import SolveResult, SolverStats
+from ..errors import ConfigError
+from ..solvers import Adam, Field, SolveResult, Solver
 from ..systems.base import EquilibriumSystem
-from .base import EquilibriumMethod, MethodOutput, _check_number, two_phase_stats
-from .lcp import ControlledEquilibrium, local_update
+from .base import EquilibriumMethod, MethodOutput, _check_number, phase_stats
+from .lcp import ControlledEquilibrium, energy_descent_field, local_update
 
 
 @dataclass
@@ -30,28 +31,36 @@ class LCPEBD(EquilibriumMethod):
 
     Args:
         alpha: control strength is ``β = 1/α``.
-        ebd_optim: ``adam`` or ``sgd`` on the state.
-        ebd_lr: its learning rate.
-        ebd_steps: number of optimiser steps.
-        ff_init: start from the free equilibrium (else from the zero state).
-        dt, tol, max_iter, solver: settings of the free solve (prediction, ``ff_init``).
+        controlled: the minimiser of the energy, a step rule on its negative gradient: ``Adam``
+            (default: the published feedforward set-up, lr 0.01 for 800 steps, every sample the
+            full budget; on the recurrent network lr 1e-3 for 200 steps) or ``Euler`` (gradient
+            descent with step ``dt``).
+        ff_init: start from the free equilibrium (else from the zero state; on the recurrent
+            network the published set-up starts from it).
+        solver, free: the free solve (prediction, ``ff_init``), see :class:`EquilibriumMethod`.
     """
 
     name = "lcp-ebd"
+    # The published recurrent set-up: Adam lr 1e-3 for 200 steps from the free equilibrium.
+    model_defaults: ClassVar[Dict[str, Dict[str, Any]]] = {
+        "rnn": {"ff_init": True, "controlled": {"name": "adam", "lr": 1e-3, "max_steps": 200, "tol": 0.0}}}
     alpha: float = 0.1
-    ebd_optim: str = "adam"
-    ebd_lr: float = 0.01
-    ebd_steps: int = 800
     ff_init: bool = False
+    controlled: Solver | None = None
+
+    phases: ClassVar[Tuple[str, ...]] = ("free", "controlled")
+    descent_phases: ClassVar[Tuple[str, ...]] = ("controlled",)
+
+    def phase_default(self, phase):
+        if phase == "controlled":
+            return Adam(lr=0.01, tol=0.0, max_steps=800)
+        return super().phase_default(phase)
 
     def __post_init__(self):
         super().__post_init__()
         _check_number("alpha", self.alpha)
-        _check_number("ebd_lr", self.ebd_lr)
-        if self.ebd_optim not in ("adam", "sgd"):
-            raise ConfigError(f"unknown ebd_optim '{self.ebd_optim}'; valid: adam, sgd")
-        if not (isinstance(self.ebd_steps, int) and self.ebd_steps >= 1):
-            raise ConfigError(f"ebd_steps must be a positive integer, got {self.ebd_steps!r}")
+        if not isinstance(self.ff_init, bool):
+            raise ConfigError(f"ff_init must be True or False, got {self.ff_init!r}")
 
     @property
     def beta(self) -> float:
@@ -64,36 +73,23 @@ class LCPEBD(EquilibriumMethod):
         x = system.prepare_input(x)
         free = free if free is not None else self.free_equilibrium(system, x)
         op = self._flat_operator(system)
-        drive = op.drive(x)
         B, n_e = x.shape[0], op.n_state - op.sizes[system.output_population]
-        z = (op.pack(free.state) if self.ff_init else x.new_zeros(B, op.n_state)).clone()
-        target = self._loss.dense_target(y, z[:, n_e:])
-        opt = (torch.optim.Adam([z], lr=self.ebd_lr) if self.ebd_optim == "adam"
-               else torch.optim.SGD([z], lr=self.ebd_lr))
+        z0 = op.pack(free.state) if self.ff_init else x.new_zeros(B, op.n_state)
 
-        def energy_grad():
-            # ∇_s E = (∂_s f)ᵀ f + (1/α) ∇_s L, with L the batch-mean loss (output population last).
-            f = op.f(z, drive)
-            grad = op.vjp(z, drive, f)
-            grad[:, n_e:] += self._loss.dense_grad(z[:, n_e:], target) / (B * self.alpha)
-            return f, grad
-
-        for step in range(1, self.ebd_steps + 1):
-            z.grad = energy_grad()[1]
-            opt.step()
-            if step % 50 == 0 and not bool(torch.isfinite(z).all()):
-                bad = next(k for k, v in op.unpack(z).items() if not torch.isfinite(v).all())
-                raise SolverDivergedError(bad, step, "lcp-ebd optimiser")
-        f, grad = energy_grad()
-        residual = float(grad.norm() / z.norm().clamp_min(1e-30))
-        stats = SolverStats(self.ebd_steps, residual, residual < self.tol, float(residual < self.tol), [residual])
-        return ControlledEquilibrium(op.unpack(z.detach().clone()), op.unpack(-f), stats, free)
+        # −∇_s E = −(∂_s f)ᵀ f − (1/α) ∇_o L, with L the batch-mean loss (output population last).
+        descent = energy_descent_field(lambda z, c: op.f(z, c["drive"]), lambda z, c, a: op.vjp(z, c["drive"], a),
+                                       lambda o, c: self._loss.dense_grad(o, c["target"]) / (B * self.alpha),
+                                       slice(n_e, None))
+        context = {"drive": op.drive(x), "target": self._loss.dense_target(y, z0[:, n_e:])}
+        res = self.controlled.solve(Field(descent, op.sizes), z0, context)
+        z = res.state
+        return ControlledEquilibrium(op.unpack(z), op.unpack(op.f(z, context["drive"]).neg_()), res.stats, free)
 
     def gradients(self, system, x, y):
         free = self.free_equilibrium(system, x)
         ctrl = self.controlled_equilibrium(system, x, y, free)
         grads = local_update(system, x, ctrl)
         loss, acc = self._summary(system.readout(free.state), y)
-        stats = two_phase_stats(free, "controlled", SolveResult(ctrl.state, ctrl.stats))
+        stats = phase_stats({"free": free, "controlled": SolveResult(ctrl.state, ctrl.stats)})
         stats["control_norm"] = float(0.5 * sum(c.pow(2).sum() for c in ctrl.control.values()))
         return MethodOutput(loss, acc, grads, stats)

@@ -34,7 +34,7 @@ class LCPKP(LCPDI):
 
     Args:
         kappa: per-step multiplicative decay of every weight matrix.
-        alpha, k_i, k_p, dt, tol, max_iter, solver: as :class:`LCPDI`.
+        alpha, k_i, k_p, solver, free, controlled: as :class:`LCPDI`.
     """
 
     name = "lcp-kp"

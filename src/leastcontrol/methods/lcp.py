@@ -26,14 +26,91 @@ Reference: Meulemans et al., NeurIPS 2022, §3 and Appendix on dynamic inversion
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import torch
 
 from ..errors import ConfigError
-from ..solvers import SolveResult, SolverStats, check_controlled_residual
+from ..solvers import Field, SolveResult, Solver, SolveStats
 from ..systems.base import EquilibriumSystem, State
-from .base import EquilibriumMethod, MethodOutput, _check_number, two_phase_stats
+from .base import EquilibriumMethod, MethodOutput, _check_number, phase_stats
+
+# How the controlled dynamics count as settled: each population by its own relative residual, or
+# one relative residual over the whole controlled state.
+CONTROLLED_RESIDUALS = ("per-population", "joint")
+
+
+def check_controlled_residual(rule: str) -> str:
+    """``rule`` if it is one of :data:`CONTROLLED_RESIDUALS`, else a :class:`ConfigError` naming them."""
+    if rule not in CONTROLLED_RESIDUALS:
+        raise ConfigError(f"unknown controlled_residual '{rule}'; valid: {', '.join(CONTROLLED_RESIDUALS)}")
+    return rule
+
+
+def integral_control_field(f_and_vjp, grad_o, n_state: int, n_out: int, alpha: float, k_i: float, k_p: float):
+    """The controlled dynamics with an integral controller on the output population (the published
+    LCP-DI), on one flat buffer ``z = [s | e | u_int]`` (widths ``N``, ``N − K``, ``K``, the output
+    population last in ``s``)::
+
+        u = k_i u_int − k_p ∇_o L,   ψ = [e | u]
+        ż = [f(s) + ψ,  ((∂_s f)ᵀ ψ)_hidden,  −∇_o L − α u_int]
+
+    Args:
+        f_and_vjp: ``(s, context, a) -> (f(s), (∂_s f)ᵀ a)``, flat ``(B, N)``.
+        grad_o: ``(o, context) -> ∇_o L`` on the output block (a fresh tensor).
+    Returns:
+        The field ``(z, context) -> ż``.
+    """
+    N, n_e = n_state, n_state - n_out
+    plain = k_i == 1.0 and not k_p   # ψ is then the tail of z itself, a view
+
+    def field(z, c):
+        s, u_int = z[:, :N], z[:, N + n_e:]
+        g = grad_o(s[:, n_e:], c)
+        psi = z[:, N:] if plain else torch.cat([z[:, N:N + n_e], output_control(u_int, g, k_i, k_p)], dim=1)
+        f, back = f_and_vjp(s, c, psi)
+        return torch.cat([f.add_(psi), back[:, :n_e], g.add_(u_int, alpha=alpha).neg_()], dim=1)
+    return field
+
+
+def output_control(u_int: torch.Tensor, grad_o: torch.Tensor, k_i: float, k_p: float) -> torch.Tensor:
+    """The integral controller's output control ``u = k_i u_int − k_p ∇_o L``."""
+    u = k_i * u_int
+    return u - k_p * grad_o if k_p else u
+
+
+def direct_control_field(f_and_vjp, loss_grad, n_state: int, beta: float):
+    """The controlled dynamics with the loss gradient driving the inversion population directly, for a
+    loss that reads the whole state (the meta-learning form), on ``z = [s | e]``::
+
+        ṡ = f(s) + e,    ė = (∂_s f)ᵀ e − β ∇_s L(s),      ψ = e
+
+    At rest ``ψ* = −f(s*)`` and ``(∂_s f)ᵀ ψ* = β ∇_s L``: the stationarity of ``½‖f‖² + β L``, as
+    for the integral controller.
+    """
+    N = n_state
+
+    def field(z, c):
+        s, e = z[:, :N], z[:, N:]
+        f, back = f_and_vjp(s, c, e)
+        return torch.cat([f + e, back - beta * loss_grad(s, c)], dim=1)
+    return field
+
+
+def energy_descent_field(f, vjp, loss_term, read: slice):
+    """``−∇_s E`` of the relaxed least-control energy ``E(s) = ½‖f(s)‖² + β L(s)`` (the energy route)::
+
+        −∇_s E = −(∂_s f)ᵀ f − β ∇_s L
+
+    Args:
+        f: ``(s, context) -> f(s)``. vjp: ``(s, context, a) -> (∂_s f)ᵀ a`` (a fresh tensor).
+        loss_term: ``(s_read, context) -> β ∇L`` on the columns ``read`` of the state the loss reads.
+    """
+    def field(z, c):
+        grad = vjp(z, c, f(z, c))
+        grad[:, read] += loss_term(z[:, read], c)
+        return grad.neg_()
+    return field
 
 
 def local_update(system: EquilibriumSystem, x: torch.Tensor, ctrl: "ControlledEquilibrium") -> Dict[str, torch.Tensor]:
@@ -58,7 +135,7 @@ class ControlledEquilibrium:
 
     state: State
     control: State
-    stats: SolverStats
+    stats: SolveStats
     free: SolveResult
 
 
@@ -67,30 +144,28 @@ class LCPDI(EquilibriumMethod):
     """LCP with dynamic inversion.
 
     Args:
-        alpha: leak α of the integral controller (Euler needs ``|1 − dt·α| < 1``).
+        alpha: leak α of the integral controller (an Euler controlled phase needs ``|1 − dt·α| < 1``).
         k_i: integral gain. k_p: proportional gain. Control strength ``β = k_i/α + k_p``.
             The controlled equilibrium and the update depend on the gains only through β; the
             gains shape the path there. Where the control of each sample is weak (``β/B`` small:
             the published batch of 64), the Euler-stepped controller settles at about ``1 − dt·α``
             per step, so α 0.1, k_i 1 needs ≈130 steps to 1e-6 however fast the network settles;
-            α 1, k_i 10 (the same β) needs far fewer (``docs/performance.md``).
-        warm_start_tol: tolerance of the free solve that starts the controlled dynamics
-            (and gives the reported training loss); ``None`` (default): ``tol``. The
-            controlled solve still reaches ``tol``; a loose warm start (e.g. 1e-4) saves
-            steps but, where the trained dynamics have several attractors, can settle a
-            sample elsewhere (bundled-digits job: 0.900 with 1e-4 against 0.914).
+            α 1, k_i 10 (the same β) needs far fewer.
         controlled_residual: when the controlled dynamics count as settled. ``per-population``
             (default): the state ``s``, the hidden control ``e`` and the controller ``u_int`` each
-            reach ``tol`` in their own relative residual. ``joint``: one relative residual over
-            all three, the research code's criterion; from the free equilibrium, where ``e`` and
-            ``u_int`` start at zero beside a large settled ``s``, that one can pass ``tol`` before
-            the control has grown (a trained DEQ at tol 1e-4: after 10 steps, with an update at
-            cosine 0.74 with the settled one).
-        dt, tol, max_iter, solver: settings of the free and the controlled solves.
+            reach the controlled solver's ``tol`` in their own relative residual. ``joint``: one
+            relative residual over all three, the research code's criterion; from the free
+            equilibrium, where ``e`` and ``u_int`` start at zero beside a large settled ``s``, that
+            one can pass ``tol`` before the control has grown.
+        solver, free, controlled: the solvers of the phases (:class:`EquilibriumMethod`); the
+            controlled dynamics start from the free equilibrium, solved by ``free`` (a looser ``free``
+            tolerance saves steps, but where the trained dynamics have several attractors it can
+            settle a sample elsewhere).
 
     >>> from leastcontrol.systems import RecurrentEquilibrium
+    >>> from leastcontrol.solvers import Euler
     >>> net = RecurrentEquilibrium(4, 6, 3)
-    >>> out = LCPDI(max_iter=50)(net, torch.rand(2, 4), torch.tensor([0, 2]))
+    >>> out = LCPDI(solver=Euler(max_steps=50))(net, torch.rand(2, 4), torch.tensor([0, 2]))
     >>> net.W.grad.shape
     torch.Size([6, 6])
     """
@@ -99,22 +174,20 @@ class LCPDI(EquilibriumMethod):
     alpha: float = 0.1
     k_i: float = 1.0
     k_p: float = 0.0
-    warm_start_tol: float | None = None
     controlled_residual: str = "per-population"
+    controlled: Solver | None = None
+
+    phases: ClassVar[Tuple[str, ...]] = ("free", "controlled")
 
     def __post_init__(self):
         super().__post_init__()
         _check_number("alpha", self.alpha)
-        if self.warm_start_tol is not None:
-            _check_number("warm_start_tol", self.warm_start_tol, allow_zero=True)
-        self._warm_solver = (self._solver if self.warm_start_tol is None
-                             else self._make_solver(max(self.warm_start_tol, self.tol)))
         check_controlled_residual(self.controlled_residual)
         _check_number("k_i", self.k_i)
         _check_number("k_p", self.k_p, allow_zero=True)
-        if self.solver == "euler" and not abs(1.0 - self.dt * self.alpha) < 1.0:
+        if type(self.controlled).plain_euler_steps and not abs(1.0 - self.controlled.dt * self.alpha) < 1.0:
             raise ConfigError(
-                f"alpha={self.alpha} with dt={self.dt} makes the Euler-stepped controller diverge "
+                f"alpha={self.alpha} with dt={self.controlled.dt} makes the Euler-stepped controller diverge "
                 "(needs |1 − dt·alpha| < 1); reach a small beta by lowering k_i instead of raising alpha"
             )
 
@@ -130,17 +203,12 @@ class LCPDI(EquilibriumMethod):
         """Matrices replacing the weight transposes on the way back (``None``: the exact transposes)."""
         return None
 
-    def _control(self, u_int, grad_o):
-        """The output control ``u = k_i u_int − k_p ∇_o L``."""
-        u = self.k_i * u_int
-        return u - self.k_p * grad_o if self.k_p else u
-
     @torch.no_grad()
     def controlled_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
                                free: SolveResult | None = None) -> ControlledEquilibrium:
         """Run the controlled dynamics from the free equilibrium to ``(s*, ψ*)``."""
         x = system.prepare_input(x)
-        free = free if free is not None else self.warm_start(system, x)
+        free = free if free is not None else self.free_equilibrium(system, x)
         # One flat buffer z = [s | e | u_int]. With the output population last in s,
         # ψ = [e | u] is the tail of z (a view when u = u_int), and the step is
         #     ż = [f(s) + ψ,  ((∂_s f)ᵀ ψ)_hidden,  −∇_o L − α u_int].
@@ -149,55 +217,42 @@ class LCPDI(EquilibriumMethod):
         n_out = op.sizes[system.output_population]
         n_e = N - n_out
         inv_B = 1.0 / x.shape[0]   # ∇_o of the batch-mean loss, B the full batch
-        plain_control = self.k_i == 1.0 and not self.k_p
 
-        def field(z, c):
-            s, u_int = z[:, :N], z[:, N + n_e:]
-            grad_o = self._loss.dense_grad(s[:, n_e:], c["target"]).mul_(inv_B)
-            if plain_control:
-                psi = z[:, N:]
-            else:
-                psi = torch.cat([z[:, N:N + n_e], self._control(u_int, grad_o)], dim=1)
-            f, back = op.f_and_vjp(s, c["drive"], psi)
-            return torch.cat([f.add_(psi), back[:, :n_e], grad_o.add_(u_int, alpha=self.alpha).neg_()], dim=1)
+        def grad_o(o, c):
+            return self._loss.dense_grad(o, c["target"]).mul_(inv_B)
+        field = integral_control_field(lambda s, c, a: op.f_and_vjp(s, c["drive"], a), grad_o, N, n_out,
+                                       self.alpha, self.k_i, self.k_p)
 
         s0 = op.pack(free.state)
         z0 = torch.cat([s0, s0.new_zeros(s0.shape[0], N)], dim=1)
         context = {"drive": op.drive(x), "target": self._loss.dense_target(y, s0[:, n_e:])}
         populations = {**op.sizes, **{"e_" + k: w for k, w in op.sizes.items() if k != system.output_population},
                        "u_int": n_out}
-        native = self._native_steps(system, op, "controlled", loss=self._loss.name, alpha=self.alpha, k_i=self.k_i,
-                                    k_p=self.k_p, inv_B=inv_B)
-        res = self._solve_flat(field, z0, context, self._controlled_solver((N, n_e, n_out)), populations=populations,
-                               native_steps=native)
+        kernels = self._kernels(system, op, "controlled", loss=self._loss.name, alpha=self.alpha, k_i=self.k_i,
+                                k_p=self.k_p, inv_B=inv_B)
+        res = self.controlled.solve(Field(field, populations, kernels), z0, context, groups=self._groups(N, n_e, n_out))
         z = res.state
         state = op.unpack(z[:, :N])
-        grad_o = self._loss.dense_grad(z[:, n_e:N], context["target"]).mul_(inv_B)
-        control = op.unpack(torch.cat([z[:, N:N + n_e], self._control(z[:, N + n_e:], grad_o)], dim=1))
+        u = output_control(z[:, N + n_e:], grad_o(z[:, n_e:N], context), self.k_i, self.k_p)
+        control = op.unpack(torch.cat([z[:, N:N + n_e], u], dim=1))
         return ControlledEquilibrium(state, control, res.stats, free)
 
-    def _controlled_solver(self, groups):
-        """The solver of the controlled phase: under ``per-population``, each of ``groups`` to tol.
+    def _groups(self, *widths):
+        """The residual groups of the controlled solve: each population on its own under ``per-population``.
 
         The control starts at zero beside a settled free state: judged by one residual over the
         whole state (``joint``), its growth hides behind ‖s‖ and a loose tol stops it early.
         """
-        if self.controlled_residual == "per-population":
-            return self._make_solver(self.tol, groups=groups)
-        return self._solver
-
-    def warm_start(self, system: EquilibriumSystem, x: torch.Tensor) -> SolveResult:
-        """The free equilibrium to ``warm_start_tol``: where the controlled dynamics start."""
-        return self.free_equilibrium(system, x, self._warm_solver)
+        return widths if self.controlled_residual == "per-population" else None
 
     def gradients(self, system, x, y):
-        free = self.warm_start(system, x)
+        free = self.free_equilibrium(system, x)
         ctrl = self.controlled_equilibrium(system, x, y, free)
         self._after_controlled(system, x, y, ctrl)
         # ∇_θ H_β = −(∂_θ f(s*))ᵀ ψ*, summed over the batch (L is already a batch mean).
         grads = local_update(system, x, ctrl)
         loss, acc = self._summary(system.readout(free.state), y)
         control_norm = 0.5 * sum(c.pow(2).sum() for c in ctrl.control.values())
-        stats = two_phase_stats(free, "controlled", SolveResult(ctrl.state, ctrl.stats))
+        stats = phase_stats({"free": free, "controlled": SolveResult(ctrl.state, ctrl.stats)})
         stats["control_norm"] = float(control_norm)
         return MethodOutput(loss, acc, grads, stats)

@@ -32,7 +32,8 @@ import torch
 from ..errors import ConfigError
 from ..systems.base import EquilibriumSystem
 from .base import _check_number
-from .lcp import ControlledEquilibrium, LCPDI
+from ..solvers import Field
+from .lcp import LCPDI, ControlledEquilibrium, output_control
 
 
 @dataclass
@@ -45,7 +46,7 @@ class LCPLF(LCPDI):
         noise_steps: length of the noisy phase (Euler steps); 0 disables learning Q.
         tau_q: time constant of Q's learning. wd_q: its weight decay.
         timescale: factor by which the noisy phase runs faster than Q's learning (enters squared).
-        alpha, k_i, k_p, dt, tol, max_iter: as :class:`LCPDI`.
+        alpha, k_i, k_p, solver, free, controlled: as :class:`LCPDI`.
     """
 
     name = "lcp-lf"
@@ -58,9 +59,9 @@ class LCPLF(LCPDI):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.native:
-            raise ConfigError("native=True covers the free phase, RBP and LCP-DI/KP; LCP-LF's controlled field "
-                              "(feedback through Q) has no native steps; run without native")
+        if any(b.name == "native" for b in self.controlled._backends):
+            raise ConfigError("the native backend covers the free phase, RBP and LCP-DI/KP; LCP-LF's controlled field "
+                              "(feedback through Q) has no native steps; drop 'native' from the controlled solver")
         for key in ("sigma", "tau_noise", "tau_q", "timescale"):
             _check_number(key, getattr(self, key))
         _check_number("wd_q", self.wd_q, allow_zero=True)
@@ -118,13 +119,13 @@ class LCPLF(LCPDI):
     def _output_control(self, s, u_int, target, n_out, inv_B):
         """``∇_o L`` (batch mean) at the output block of ``s``, and the control ``u``."""
         grad_o = self._loss.dense_grad(s[:, -n_out:], target).mul_(inv_B)
-        return grad_o, self._control(u_int, grad_o)
+        return grad_o, output_control(u_int, grad_o, self.k_i, self.k_p)
 
     @torch.no_grad()
     def controlled_equilibrium(self, system, x, y, free=None) -> ControlledEquilibrium:
         """Controlled dynamics with linear feedback, from the free equilibrium."""
         x = system.prepare_input(x)
-        free = free if free is not None else self.warm_start(system, x)
+        free = free if free is not None else self.free_equilibrium(system, x)
         hid = self._hidden(system)
         op, n_out, drive, target, P = self._flat(system, x, y)
         N, inv_B = op.n_state, 1.0 / x.shape[0]
@@ -138,9 +139,9 @@ class LCPLF(LCPDI):
         s0 = op.pack(free.state)
         z0 = torch.cat([s0, s0.new_zeros(s0.shape[0], n_out)], dim=1)
         # Each population (v, o, u_int) settles to tol in its own relative residual.
-        groups = tuple(op.sizes.values()) + (n_out,)
-        res = self._solve_flat(field, z0, {"drive": drive, "target": target}, self._controlled_solver(groups),
-                               populations={**op.sizes, "u_int": n_out})
+        field = Field(field, {**op.sizes, "u_int": n_out})
+        res = self.controlled.solve(field, z0, {"drive": drive, "target": target},
+                                    groups=self._groups(*op.sizes.values(), n_out))
         s, u_int = res.state[:, :N], res.state[:, N:]
         _, u = self._output_control(s, u_int, target, n_out, inv_B)
         state = op.unpack(s)
@@ -164,16 +165,17 @@ class LCPLF(LCPDI):
         s = op.pack(ctrl.state)
         grad_o = self._loss.dense_grad(s[:, n_h:], target).mul_(inv_B)
         u_int = (u_ref + self.k_p * grad_o) / self.k_i
-        u = self._control(u_int, grad_o)
-        a = math.exp(-self.dt / self.tau_noise)
+        u = output_control(u_int, grad_o, self.k_i, self.k_p)
+        dt = self.controlled.dt
+        a = math.exp(-dt / self.tau_noise)
         eps = torch.randn((B, n_h), generator=generator, dtype=s.dtype).to(s.device)
         acc = torch.zeros_like(self._Q(system))
         for _ in range(self.noise_steps):
             eta = self.sigma * eps
             ds = op.f(s, drive).addmm_(u, P)
             ds[:, :n_h] += eta
-            u_int = u_int - self.dt * (grad_o + self.alpha * u_int)
-            s = s.add_(ds, alpha=self.dt)
+            u_int = u_int - dt * (grad_o + self.alpha * u_int)
+            s = s.add_(ds, alpha=dt)
             # u at the new state: read by the covariance now and by the next step's field.
             grad_o, u = self._output_control(s, u_int, target, n_out, inv_B)
             acc.addmm_(eta.t(), u - u_ref)
@@ -185,7 +187,7 @@ class LCPLF(LCPDI):
     def learn_feedback(self, system, x, y, ctrl: ControlledEquilibrium) -> torch.Tensor:
         """One local update of Q from a noisy phase; returns the covariance estimate C."""
         C = self.feedback_covariance(system, x, y, ctrl)
-        rate = self.noise_steps * self.dt * self.timescale ** 2 / self.tau_q
+        rate = self.noise_steps * self.controlled.dt * self.timescale ** 2 / self.tau_q
         Q = self._Q(system)
         Q += rate * (C - self.wd_q * Q)
         return C

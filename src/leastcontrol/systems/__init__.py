@@ -1,4 +1,9 @@
 """Equilibrium systems: state, dynamics ``f``, readout."""
+import inspect
+from dataclasses import dataclass
+
+from ..config import check_number
+from ..errors import ConfigError
 from ..registry import Registry
 from .base import EquilibriumSystem, State
 from .conv import DEQ, ConvFeedforwardEquilibrium
@@ -14,14 +19,61 @@ SYSTEMS.register("conv-ff", lambda n_in, n_out, hidden=256, input_shape=None, **
 SYSTEMS.register("deq", lambda n_in, n_out, hidden=256, input_shape=None, **kw: DEQ(input_shape, n_out, **kw))
 
 
+def register_system(name: str, factory=None, *, overwrite: bool = False):
+    """Make a system available by name (``--model name``, ``[model] name``).
+
+    ``factory(n_in, n_out, **options)`` builds it; it receives those of ``hidden``, ``input_shape``
+    (per-sample shape of the data) and ``generator`` (of the initialisation) that it accepts.
+    Usable as a decorator on a class whose ``__init__`` takes ``(n_in, n_out, ...)``.
+    """
+    if factory is None:
+        return lambda f: register_system(name, f, overwrite=overwrite)
+    SYSTEMS.register(name, factory, overwrite=overwrite)
+    return factory
+
+
 def get_system(name: str, n_in: int, n_out: int, hidden: int = 256, input_shape=None, **kwargs) -> EquilibriumSystem:
     """Build a registered system by name.
 
     ``ff``: 784-256-256-10 layout; ``rnn``: 256 recurrent units; ``conv-ff`` and ``deq``:
-    convolutional, sized from ``input_shape`` ``(C, H, W)`` (``hidden`` is not used).
+    convolutional, sized from ``input_shape`` ``(C, H, W)`` (``hidden`` is not used). A factory gets
+    the options its signature accepts.
     """
-    return SYSTEMS.create(name, n_in, n_out, hidden=hidden, input_shape=input_shape, **kwargs)
+    factory = SYSTEMS.factory(name)
+    options = dict(hidden=hidden, input_shape=input_shape, **kwargs)
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    return factory(n_in, n_out, **options)
 
 
-__all__ = ["EquilibriumSystem", "State", "FeedforwardEquilibrium", "RecurrentEquilibrium", "ConvFeedforwardEquilibrium",
+@dataclass
+class ModelConfig:
+    """The ``[model]`` section of a run.
+
+    Args:
+        name: a registered system (``ff``, ``rnn``, ``conv-ff``, ``deq``, or a user's).
+        hidden: hidden units (per layer for ``ff``); the conv systems are sized from the images.
+        recurrent_bias: ``rnn`` only: give ``W φ(v)`` its own bias besides the input's, as the
+            paper's research code does (the published configs turn it on).
+    """
+
+    name: str = "rnn"
+    hidden: int = 256
+    recurrent_bias: bool = False
+
+    def __post_init__(self):
+        SYSTEMS.factory(self.name)   # an unknown name raises, listing the valid ones
+        check_number("model.hidden", self.hidden, low=1, strict=False, integer=True)
+        if self.recurrent_bias and self.name != "rnn":
+            raise ConfigError(f"model.recurrent_bias is an option of the rnn model, not of '{self.name}'")
+
+    def build(self, n_in: int, n_out: int, input_shape=None, generator=None) -> EquilibriumSystem:
+        """The system, sized for the data, initialised from ``generator``."""
+        extra = {"recurrent_bias": True} if self.recurrent_bias else {}
+        return get_system(self.name, n_in, n_out, hidden=self.hidden, input_shape=input_shape, generator=generator,
+                          **extra)
+
+
+__all__ = ["ModelConfig", "register_system", "EquilibriumSystem", "State", "FeedforwardEquilibrium", "RecurrentEquilibrium", "ConvFeedforwardEquilibrium",
            "DEQ", "SYSTEMS", "get_system"]

@@ -23,14 +23,18 @@ from typing import Dict, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 State = Dict[str, torch.Tensor]
 
 
 class EquilibriumSystem(nn.Module):
     """Base class of equilibrium systems ``ṡ = f(s, θ, x)``.
 
-    Subclasses set :attr:`n_in`, :attr:`n_out`, implement
-    :meth:`population_sizes`, :meth:`encode` and :meth:`dynamics`.
+    Subclasses set :attr:`n_in` and :attr:`n_out` (integers) and their parameters in ``__init__``
+    and implement :meth:`population_sizes`, :meth:`encode` and :meth:`dynamics`; the output
+    population (``"o"``, or set :attr:`output_population`) is what the loss reads. Everything else
+    has a generic default (:meth:`check_protocol` says what is missing).
 
     Attributes:
         output_population: name of the population the loss reads (``"o"``).
@@ -81,6 +85,33 @@ class EquilibriumSystem(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def check_protocol(self) -> None:
+        """Check, once, that this system has what the library reads of it: ``n_in`` and ``n_out``
+        (positive integers), parameters, ``population_sizes()`` naming the ``output_population``, and
+        its own ``encode`` and ``dynamics``.
+
+        Raises:
+            ConfigError: naming what is missing and where to set it.
+        """
+        if getattr(self, "_protocol_checked", False):
+            return
+        cls = type(self).__name__
+        guide = "(docs/guide.md, 'A new system')"
+        for attr, what in (("n_in", "input features per sample"), ("n_out", "output units the loss reads")):
+            value = getattr(self, attr, None)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ConfigError(f"{cls} must set self.{attr} ({what}, a positive integer) in __init__ {guide}")
+        for method in ("encode", "dynamics", "population_sizes"):
+            if getattr(type(self), method) is getattr(EquilibriumSystem, method):
+                raise ConfigError(f"{cls} must define {method}() {guide}")
+        if next(iter(self.parameters()), None) is None:
+            raise ConfigError(f"{cls} has no parameters: the methods learn its nn.Parameters {guide}")
+        sizes = self.population_sizes()
+        if not isinstance(sizes, Mapping) or self.output_population not in sizes:
+            raise ConfigError(f"{cls}.population_sizes() must map population names to widths and include the output "
+                              f"population '{self.output_population}' (or set output_population) {guide}")
+        self._protocol_checked = True
+
     def prepare_input(self, x) -> torch.Tensor:
         """Validate an input batch and flatten it to ``(B, n_in)`` in the system's dtype.
 
@@ -89,7 +120,9 @@ class EquilibriumSystem(nn.Module):
 
         Raises:
             ValueError: wrong type, non-floating dtype, wrong feature size, NaN/Inf.
+            ConfigError: the system lacks what the library needs (:meth:`check_protocol`).
         """
+        self.check_protocol()
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"input must be a torch.Tensor of shape (batch, {self.n_in}), got {type(x).__name__}")
         if not x.is_floating_point():
@@ -256,11 +289,6 @@ class FlatOperator:
         self.sizes = {n: widths[n] for n in system.flat_order()}
         self.shapes = {n: tuple(shapes[n]) for n in self.sizes}
         self.n_state = sum(self.sizes.values())
-
-    def native_steps(self, phase: str, **settings):
-        """The Euler steps in C of one of this system's fields (``phase``: ``free``, ``adjoint`` or
-        ``controlled``; :mod:`leastcontrol.native`), or ``None`` where there are none."""
-        return None
 
     def drive(self, x: torch.Tensor):
         """The input drive the other methods read (here: whatever ``encode`` returns)."""

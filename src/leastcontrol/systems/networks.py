@@ -162,10 +162,6 @@ class _RecurrentFlat(FlatOperator):
         vjp[:, :self.H] += (a @ self.back).mul_(slope)
         return vjp
 
-    def native_steps(self, phase, **settings):
-        from ..native import PHASES
-        return PHASES[phase](self, **settings)
-
 
 class FeedforwardEquilibrium(EquilibriumSystem):
     """A layered tanh network written as an equilibrium system.
