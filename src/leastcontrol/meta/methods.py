@@ -27,7 +27,8 @@ import torch
 
 from ..errors import ConfigError, SolverDivergedError
 from ..registry import Registry
-from ..solvers import SolverStats, check_controlled_residual
+from ..methods.lcp import check_controlled_residual, direct_control_field, energy_descent_field
+from ..solvers import Adam, Field, SolveStats
 from .problem import INNER_STEP_HINT, InnerProblem, InnerSettings, inner_divergence_hint
 
 
@@ -74,9 +75,9 @@ class MetaMethod:
         with torch.no_grad():
             val = problem.losses(free.state, batch.xq, batch.yq)
         if not bool(torch.isfinite(val).all()):
-            raise SolverDivergedError("phi", free.stats.iterations, f"inner {self.inner.solver}", INNER_STEP_HINT)
+            raise SolverDivergedError("phi", free.stats.steps, f"inner {self.inner.solver}", INNER_STEP_HINT)
         grad, grad_lam, stats = self.meta_gradient(problem, omega, batch, free.state)
-        stats.update(inner_iterations=free.stats.iterations, inner_residual=free.stats.residual,
+        stats.update(inner_iterations=free.stats.steps, inner_residual=free.stats.residual,
                      inner_converged=free.stats.converged_fraction)
         return MetaOutput(grad, float(val.mean()), stats, grad_lam if self.learn_lam else None)
 
@@ -156,11 +157,16 @@ class IMAML(MetaMethod):
                                                           "cg_truncated": int(truncated.sum())}
 
 
+def _time_scaled(field):
+    """``field`` times the context's per-task time scale ``scale`` ``(T, 1)`` (the curvature step rule)."""
+    return lambda z, c: field(z, c) * c["scale"]
+
+
 @dataclass
 class ControlledMetaEquilibrium:
     phi: torch.Tensor
     psi: torch.Tensor
-    stats: SolverStats
+    stats: SolveStats
 
 
 @dataclass
@@ -204,50 +210,36 @@ class LCPMeta(MetaMethod):
             raise ConfigError(f"beta must be > 0, got {self.beta!r}")
 
     def controlled_equilibrium(self, problem: InnerProblem, omega, batch: TaskBatch, phi_free) -> ControlledMetaEquilibrium:
-        """``(φ*, ψ*)`` from the free equilibrium: no inner trajectory is kept."""
-        T = phi_free.shape[0]
-        omega_t = omega.detach().expand(T, -1)
+        """``(φ*, ψ*)`` from the free equilibrium: no inner trajectory is kept. The controlled dynamics are
+        LCP's (:mod:`leastcontrol.methods.lcp`): the direct controller for a loss that reads every weight
+        (``di``), or the energy descent (``energy``), on the inner problem's field."""
+        T, P = phi_free.shape
+        context = {"omega": omega.detach().expand(T, -1), "x": batch.x, "y": batch.y, "xq": batch.xq, "yq": batch.yq}
         if self.route == "energy":
-            return self._energy(problem, omega_t, batch, phi_free)
-
-        def field(s, c):
-            phi, psi = s["phi"], s["psi"]
-            # f = −∇L − λ(φ − ω) and (∂_φ f)ᵀ ψ = −(H + λ)ψ from one double backward.
-            g, hpsi = problem.grad_and_hvp(phi, c["x"], c["y"], psi)
-            f = -g - problem.lam * (phi - c["omega"])
-            back = -hpsi - problem.lam * psi
-            out = {"phi": f + psi, "psi": back - self.beta * problem.grads(phi, c["xq"], c["yq"])}
-            # Both populations relax through −(H + λ): the curvature rule's per-task time scale fits both.
-            return {k: v * c["scale"] for k, v in out.items()} if "scale" in c else out
-
-        context = {"omega": omega_t, "x": batch.x, "y": batch.y, "xq": batch.xq, "yq": batch.yq}
+            field = energy_descent_field(problem.f, problem.vjp,
+                                         lambda phi, c: self.beta * problem.grads(phi, c["xq"], c["yq"]), slice(None))
+            solver = Adam(lr=self.energy_lr, tol=0.0, max_steps=self.energy_steps, check_every=50)
+            res = solver.solve(Field(field, {"phi": P}), phi_free.detach().clone(), context)
+            phi = res.state
+            with torch.no_grad():
+                # ψ* = −f(φ*), measured against the free equilibrium's own residual.
+                psi = problem.f(phi_free, context) - problem.f(phi, context)
+            return ControlledMetaEquilibrium(phi, psi, res.stats)
+        field = direct_control_field(problem.f_and_vjp, lambda phi, c: problem.grads(phi, c["xq"], c["yq"]), P,
+                                     self.beta)
         scale = problem.step_scale(phi_free, batch.x, batch.y, self.inner)
         if scale is not None:
+            # Both populations relax through −(H + λ): the curvature rule's per-task time scale fits both.
             context["scale"] = scale
-        groups = "entries" if self.controlled_residual == "per-population" else None
-        solver = self.inner.fixed_point_solver(problem.scaled_tol(self.tol, scale), self.max_iter, groups)
-        with torch.no_grad(), inner_divergence_hint(self.inner):
-            res = solver.solve(field, {"phi": phi_free.clone(), "psi": torch.zeros_like(phi_free)}, context)
+            field = _time_scaled(field)
+        groups = (P, P) if self.controlled_residual == "per-population" else None
+        solver = self.inner.fixed_point_solver(problem.scaled_tol(self.tol, scale), self.max_iter)
+        z0 = torch.cat([phi_free, torch.zeros_like(phi_free)], dim=1)
+        with inner_divergence_hint(self.inner):
+            res = solver.solve(Field(field, {"phi": P, "psi": P}), z0, context, groups=groups)
         # At the equilibrium ψ* = −f(φ*). The controller's own state is used: it starts at zero, so an
         # inexact free equilibrium (f(φ°) ≠ 0) does not leak into the control.
-        return ControlledMetaEquilibrium(res.state["phi"], res.state["psi"], res.stats)
-
-    def _energy(self, problem, omega_t, batch, phi_free) -> ControlledMetaEquilibrium:
-        phi = phi_free.detach().clone()
-        opt = torch.optim.Adam([phi], lr=self.energy_lr)
-        with torch.no_grad():
-            for step in range(1, self.energy_steps + 1):
-                f = problem.field(phi, omega_t, batch.x, batch.y)
-                # ∇E = (∂f)ᵀ f + β ∇L_val = −(H + λI) f + β ∇L_val
-                phi.grad = (-problem.hvp(phi, batch.x, batch.y, f) - problem.lam * f
-                            + self.beta * problem.grads(phi, batch.xq, batch.yq))
-                opt.step()
-            if not bool(torch.isfinite(phi).all()):
-                raise SolverDivergedError("phi", step, "lcp energy route (lower --energy-lr)")
-            # ψ* = −f(φ*), measured against the free equilibrium's own residual.
-            psi = problem.field(phi_free, omega_t, batch.x, batch.y) - problem.field(phi, omega_t, batch.x, batch.y)
-        r = float(phi.grad.norm(dim=1).max())
-        return ControlledMetaEquilibrium(phi, psi, SolverStats(self.energy_steps, r, False, 0.0, [r]))
+        return ControlledMetaEquilibrium(res.state[:, :P], res.state[:, P:], res.stats)
 
     @staticmethod
     def local_update(problem: InnerProblem, omega: torch.Tensor, ctrl: ControlledMetaEquilibrium, beta: float):
@@ -264,7 +256,7 @@ class LCPMeta(MetaMethod):
 
     def meta_gradient(self, problem, omega, batch, phi):
         ctrl = self.controlled_equilibrium(problem, omega, batch, phi)
-        stats = {"controlled_iterations": ctrl.stats.iterations, "controlled_residual": ctrl.stats.residual,
+        stats = {"controlled_iterations": ctrl.stats.steps, "controlled_residual": ctrl.stats.residual,
                  "control_norm": float(ctrl.psi.norm(dim=1).mean())}
         return (*self.local_update(problem, omega, ctrl, self.beta), stats)
 
@@ -282,7 +274,7 @@ class Contrastive(MetaMethod):
         phi_b = nudged.state
         grad = (problem.lam * (phi - phi_b) / self.beta).mean(0)
         grad_lam = (0.5 * ((phi_b - omega).pow(2) - (phi - omega).pow(2)) / self.beta).mean(0)
-        return grad, grad_lam, {"nudged_iterations": nudged.stats.iterations}
+        return grad, grad_lam, {"nudged_iterations": nudged.stats.steps}
 
 
 META_METHODS: Registry[MetaMethod] = Registry("meta method")

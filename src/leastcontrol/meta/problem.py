@@ -26,18 +26,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..errors import ConfigError, SolverDivergedError
-from ..solvers import SolveResult, SolverStats, get_solver
-
-
-def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (out - y).pow(2).mean()
-
-
-def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(out, y)
-
-
-LOSSES = {"mse": _mse, "cross_entropy": _cross_entropy}
+from ..losses import get_loss
+from ..solvers import Adam, Anderson, Euler, Solver, SolveResult
 
 
 INNER_SOLVERS = ("gd", "anderson", "adam")
@@ -84,15 +74,15 @@ class InnerSettings:
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ConfigError(f"inner steps must be a positive integer, got {self.steps!r}")
 
-    def fixed_point_solver(self, tol: float, max_iter: int, groups=None):
-        """The solver of the gradient dynamics with step ``lr``: Euler (``gd`` and ``adam``) or Anderson.
-
-        ``groups`` as in :class:`~leastcontrol.solvers.Solver` (``"entries"``: each population of
-        the state judged by its own relative residual).
-        """
+    def fixed_point_solver(self, tol: float, max_steps: int) -> Solver:
+        """The solver of the gradient dynamics with step ``lr``: Euler (``gd`` and ``adam``) or Anderson."""
         if self.solver == "anderson":
-            return get_solver("anderson", dt=self.lr, tol=tol, max_iter=max_iter, groups=groups)
-        return get_solver("euler", dt=self.lr, tol=tol, max_iter=max_iter, check_every=5, groups=groups)
+            return Anderson(dt=self.lr, tol=tol, max_steps=max_steps, check_every=1)
+        return Euler(dt=self.lr, tol=tol, max_steps=max_steps, check_every=5)
+
+    def descent_solver(self) -> Solver:
+        """``adam``: Adam with step ``lr`` on the inner objective, ``steps`` steps for every task."""
+        return Adam(lr=self.lr, tol=0.0, max_steps=self.steps, check_every=20)
 
 
 INNER_STEP_HINT = ("Lower --inner-lr, or use --inner-step-rule curvature: gradient dynamics with step lr are "
@@ -134,21 +124,21 @@ class InnerProblem:
 
     Args:
         model: the learner (its current weights only give the shapes and the default ω).
-        loss: ``mse`` or ``cross_entropy``.
+        loss: a per-sample loss of the library's registry (:mod:`leastcontrol.losses`):
+            ``mean_squared_error`` (regression) or ``cross_entropy``; a task's loss is its mean over
+            the task's samples.
         lam: strength λ of the pull towards ω: a float, or a ``(P,)`` tensor (one per weight).
 
     >>> net = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
-    >>> problem = InnerProblem(net, "mse", lam=1.0)
+    >>> problem = InnerProblem(net, "mean_squared_error", lam=1.0)
     >>> problem.n_params
     13
     """
 
-    def __init__(self, model: nn.Module, loss: str = "mse", lam: float | torch.Tensor = 1.0):
-        if loss not in LOSSES:
-            raise ConfigError(f"unknown meta loss '{loss}'; valid: {', '.join(LOSSES)}")
+    def __init__(self, model: nn.Module, loss: str = "mean_squared_error", lam: float | torch.Tensor = 1.0):
         self.model = model
         self.loss_name = loss
-        self._loss = LOSSES[loss]
+        self._loss = get_loss(loss)   # the library's registry: an unknown name lists the valid ones
         named = [(n, p) for n, p in model.named_parameters()]
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]
@@ -168,7 +158,7 @@ class InnerProblem:
     def task_loss(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of one task's weights ``(P,)`` on its data ``(K, ...)``."""
         out = functional_call(self.model, (self.unflatten(phi), self.buffers), (x,))
-        return self._loss(out, y)
+        return self._loss.value(out, y).mean()
 
     # --- batched over tasks ------------------------------------------------------
     def forward(self, phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -194,10 +184,8 @@ class InnerProblem:
     def losses(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-task losses ``(T,)``."""
         out = self.forward(phi, x)
-        if self.loss_name == "mse":
-            return (out - y).pow(2).flatten(1).mean(1)
         T, K = y.shape[:2]
-        return nn.functional.cross_entropy(out.reshape(T * K, -1), y.reshape(-1), reduction="none").reshape(T, K).mean(1)
+        return self._loss.value(out.reshape(T * K, *out.shape[2:]), y.reshape(T * K, *y.shape[2:])).reshape(T, K).mean(1)
 
     def grads(self, phi: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-task loss gradients ``∇_φ L(φ_t)``, shape ``(T, P)`` (tasks share no weights, so one backward)."""
@@ -255,6 +243,24 @@ class InnerProblem:
         """
         return tol if scale is None else tol * float(scale.min())
 
+    # --- the inner problem as a system on the flat state φ (T, P); context: omega, x, y (batch-aligned)
+    def f(self, phi: torch.Tensor, c) -> torch.Tensor:
+        """``f(φ) = −∇L_train(φ) − λ(φ − ω)`` (:meth:`field` with the context's ``omega``, ``x``, ``y``)."""
+        return self.field(phi, c["omega"], c["x"], c["y"])
+
+    def f_and_vjp(self, phi: torch.Tensor, c, a: torch.Tensor):
+        """``(f(φ), (∂_φ f)ᵀ a)`` with ``(∂_φ f)ᵀ a = −(H + λ) a`` (H symmetric), from one double backward."""
+        g, ha = self.grad_and_hvp(phi, c["x"], c["y"], a)
+        return -g - self.lam * (phi - c["omega"]), -ha - self.lam * a
+
+    def vjp(self, phi: torch.Tensor, c, a: torch.Tensor) -> torch.Tensor:
+        """``(∂_φ f)ᵀ a = −(H + λ) a``."""
+        return -self.hvp(phi, c["x"], c["y"], a) - self.lam * a
+
+    def param_vjp(self, phi: torch.Tensor, omega: torch.Tensor, cotangent: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``(∂_θ f)ᵀ c`` per task in the parameters ``θ = (ω, λ)``: ``∂_ω f = diag(λ)``, ``∂_λ f = −diag(φ − ω)``."""
+        return {"omega": self.lam * cotangent, "lam": -(phi - omega) * cotangent}
+
     def field(self, phi, omega, x, y, nudge: float = 0.0, xq=None, yq=None) -> torch.Tensor:
         """``f(φ) = −∇L_train(φ) − λ(φ − ω)``, plus ``−β ∇L_val(φ)`` when nudged (``nudge = β``)."""
         f = -self.grads(phi, x, y) - self.lam * (phi - omega)
@@ -282,22 +288,8 @@ class InnerProblem:
             f = self.field(s["phi"], c["omega"], c["x"], c["y"], nudge, c.get("xq"), c.get("yq"))
             return {"phi": f * c["scale"] if "scale" in c else f}
 
-        with torch.no_grad():
-            if settings.solver == "adam":
-                return self._adam(field, phi0, context, settings)
-            tol = self.scaled_tol(settings.tol, scale)
-            with inner_divergence_hint(settings):
-                res = settings.fixed_point_solver(tol, settings.steps).solve(field, {"phi": phi0}, context)
-            return SolveResult(res.state["phi"], res.stats)
-
-    def _adam(self, field, phi0, context, settings: InnerSettings) -> SolveResult:
-        phi = phi0.clone()
-        opt = torch.optim.Adam([phi], lr=settings.lr)
-        for step in range(1, settings.steps + 1):
-            phi.grad = -field({"phi": phi}, context)["phi"]
-            opt.step()
-            if step % 20 == 0 and not bool(torch.isfinite(phi).all()):
-                raise SolverDivergedError("phi", step, "inner adam")
-        g = field({"phi": phi}, context)["phi"]
-        r = float((g.norm(dim=1) / phi.norm(dim=1).clamp_min(1e-30)).max())
-        return SolveResult(phi, SolverStats(settings.steps, r, r < settings.tol, float(r < settings.tol), [r]))
+        tol = self.scaled_tol(settings.tol, scale)
+        solver = settings.descent_solver() if settings.solver == "adam" else settings.fixed_point_solver(tol, settings.steps)
+        with inner_divergence_hint(settings):
+            res = solver.solve(field, {"phi": phi0}, context)
+        return SolveResult(res.state["phi"], res.stats)

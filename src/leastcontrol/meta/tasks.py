@@ -55,7 +55,7 @@ class Sinusoid:
     shots: int = 10
     queries: int = 10
     activation: str = "relu"
-    loss = "mse"
+    loss = "mean_squared_error"
 
     def __post_init__(self):
         _check_positive(self, ("shots", "queries"))

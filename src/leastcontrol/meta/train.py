@@ -5,16 +5,14 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from tqdm import tqdm
 
-from ..atomic import write_json
-from ..checkpoint import META_FORMAT, check_resume, resume_state, save_checkpoint
+from ..checkpoint import META_FORMAT, check_resume
 from ..errors import ConfigError
-from ..solvers import check_controlled_residual
+from ..methods.lcp import check_controlled_residual
+from ..run import Run
 from .learners import check_activation
 from .methods import META_METHODS, get_meta_method
 from .problem import InnerProblem, InnerSettings
@@ -129,12 +127,12 @@ def evaluate(problem: InnerProblem, omega: torch.Tensor, task, settings: InnerSe
         phi = free.state
         converged.append(free.stats.converged_fraction)
         with torch.no_grad():
-            if task.loss == "mse":
+            if task.loss == "mean_squared_error":
                 values.append(problem.losses(phi, batch.xq, batch.yq))
             else:
                 values.append((problem.forward(phi, batch.xq).argmax(-1) == batch.yq).double().mean(1))
     v = torch.cat(values).double()
-    return {"metric": "mse" if task.loss == "mse" else "accuracy", "mean": float(v.mean()),
+    return {"metric": "mse" if task.loss == "mean_squared_error" else "accuracy", "mean": float(v.mean()),
             "ci95": float(1.96 * v.std() / math.sqrt(len(v))), "tasks": int(len(v)),
             "inner_converged_fraction": sum(converged) / len(converged)}
 
@@ -226,7 +224,9 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     opt = torch.optim.Adam([omega, log_lam] if config.learn_lam else [omega], lr=config.meta_lr)
     history, window, settled, window_stats = [], [], [], []
     first_step, seconds_before = 1, 0.0
-    state = resume_state(config.checkpoint, config.resume, META_FORMAT, asdict(config), _RESUME_KEYS)
+    run = Run(META_FORMAT, asdict(config), _RESUME_KEYS, checkpoint=config.checkpoint, resume=config.resume,
+              json_out=config.json_out, progress=config.progress)
+    state = run.state
     if state is not None:
         with torch.no_grad():
             omega.copy_(state["omega"])
@@ -240,8 +240,8 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     else:
         untrained = held_out()
     start = time.perf_counter() - seconds_before
-    bar = tqdm(range(first_step, config.meta_steps + 1), desc=f"meta {config.method}", disable=not config.progress,
-               initial=first_step - 1, total=config.meta_steps)
+    bar = run.bar(range(first_step, config.meta_steps + 1), desc=f"meta {config.method}", initial=first_step - 1,
+                  total=config.meta_steps)
     for step in bar:
         inner = problem()
         out = method(inner, omega.detach(), task.sample(config.meta_batch, g))
@@ -261,13 +261,11 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
             history.append(entry)
             bar.set_postfix(val=f"{entry['val_loss']:.3f}")
             window, window_stats = [], []
-        if config.checkpoint and (step % config.checkpoint_every == 0 or step == config.meta_steps):
-            save_checkpoint(config.checkpoint, {
-                "format": META_FORMAT, "config": asdict(config), "step": step,
-                "omega": omega.detach(), "log_lam": log_lam.detach(), "optimizer": opt.state_dict(),
-                "task_rng": g.get_state(), "torch_rng": torch.get_rng_state(),
-                "untrained": untrained, "history": history, "settled": settled,
-                "window": window, "window_stats": window_stats, "train_seconds": time.perf_counter() - start})
+        if step % config.checkpoint_every == 0 or step == config.meta_steps:
+            run.save(step=step, omega=omega.detach(), log_lam=log_lam.detach(), optimizer=opt.state_dict(),
+                     task_rng=g.get_state(), torch_rng=torch.get_rng_state(), untrained=untrained, history=history,
+                     settled=settled, window=window, window_stats=window_stats,
+                     train_seconds=time.perf_counter() - start)
     train_seconds = time.perf_counter() - start
     test = held_out()
     settled_fractions = {"train": sum(settled) / len(settled), "test": test.pop("inner_converged_fraction"),
@@ -281,6 +279,4 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     message = unsolved_cg_message(history[-1]["method_stats"].get("cg_residual"), config.cg_steps)
     if message:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-    if config.json_out:
-        write_json(Path(config.json_out), result)
-    return result
+    return run.finish(result)
