@@ -63,7 +63,7 @@ def largest_stable_dt(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 def settle(system, x, solver: str, tol: float, max_iter: int):
     """The state after a free solve from zero (the ``rbp`` method's free phase)."""
-    return get_method("rbp", solver=solver, tol=tol, max_iter=max_iter).free_equilibrium(system, x).state
+    return get_method("rbp", solver={"name": solver, "tol": tol, "max_steps": max_iter}).free_equilibrium(system, x).state
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from leastcontrol.atomic import write_json  # noqa: E402
 from leastcontrol.methods import get_method  # noqa: E402
+from leastcontrol.solvers import Anderson, Euler  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
@@ -44,17 +45,18 @@ SETTINGS = {
 }
 LONG = 150
 HYBRID = {"warmup": 100, "memory": 10, "start_below": math.inf, "restart": 1e6}
+WARM = {"tol": 1e-4}   # the free phase, where the controlled dynamics start
 
 
 def settling(net, batches, gains, dtype, cap):
     """Per-sample controlled step counts (``cap + 1`` for a sample that never reached tol)."""
-    method = get_method("lcp-di", **gains, warm_start_tol=1e-4, max_iter=cap, check_every=1)
+    method = get_method("lcp-di", **gains, solver=Euler(max_steps=cap, check_every=1), free=WARM)
     net = copy.deepcopy(net).to(dtype)
     steps, slowest = [], []
     for x, y in batches:
         x, y = method._inputs(net, x.to(dtype), y)
-        stats = method.controlled_equilibrium(net, x, y, method.warm_start(net, x)).stats
-        n = torch.where(stats.sample_residuals < method.tol, stats.sample_iterations, cap + 1)
+        stats = method.controlled_equilibrium(net, x, y, method.free_equilibrium(net, x)).stats
+        n = torch.where(stats.sample_residual < method.controlled.tol, stats.sample_steps, cap + 1)
         steps += n.tolist()
         slowest.append(int(n.max()))
     return steps, slowest
@@ -62,20 +64,20 @@ def settling(net, batches, gains, dtype, cap):
 
 def anderson_tail(net, batches):
     """Euler's controlled phase (cap 5000) against Anderson's after an Euler warm-up, float64."""
-    gains = {"alpha": 1.0, "k_i": 10.0, "warm_start_tol": 1e-4}
-    euler = get_method("lcp-di", **gains, max_iter=5000)
-    hybrid = get_method("lcp-di", **gains, solver="anderson", solver_options=HYBRID)
+    gains = {"alpha": 1.0, "k_i": 10.0, "free": WARM}
+    euler = get_method("lcp-di", **gains, solver=Euler(max_steps=5000))
+    hybrid = get_method("lcp-di", **gains, solver=Anderson(**HYBRID))
     net = copy.deepcopy(net).double()
     out = {"steps_per_batch": [], "unsettled": 0, "settled_by_euler_off": 0}
     for x, y in batches:
         x, y = euler._inputs(net, x.double(), y)
-        free = euler.warm_start(net, x)
+        free = euler.free_equilibrium(net, x)
         a, b = (m.controlled_equilibrium(net, x, y, free) for m in (euler, hybrid))
         psi_a, psi_b = (torch.cat(list(c.control.values()), 1) for c in (a, b))
         off = (psi_a - psi_b).norm(dim=1) > 1e-2 * psi_a.norm(dim=1)
-        out["steps_per_batch"].append(b.stats.iterations)
-        out["unsettled"] += int((b.stats.sample_residuals >= hybrid.tol).sum())
-        out["settled_by_euler_off"] += int((off & (a.stats.sample_residuals < euler.tol)).sum())
+        out["steps_per_batch"].append(b.stats.steps)
+        out["unsettled"] += int((b.stats.sample_residual >= hybrid.controlled.tol).sum())
+        out["settled_by_euler_off"] += int((off & (a.stats.sample_residual < euler.controlled.tol)).sum())
     out["mean_steps_per_batch"] = statistics.mean(out["steps_per_batch"])
     print(f"anderson after 100 Euler steps, float64: {out['mean_steps_per_batch']:.0f} controlled steps per batch; "
           f"{out['unsettled']} samples above tol; {out['settled_by_euler_off']} that Euler settles end > 1 % away")

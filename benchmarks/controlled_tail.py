@@ -30,29 +30,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from leastcontrol.atomic import write_json  # noqa: E402
 from leastcontrol.bench import BenchConfig, _batches, _pretrained  # noqa: E402
 from leastcontrol.methods import get_method  # noqa: E402
-from leastcontrol.solvers import _relative_residual  # noqa: E402
+from leastcontrol.solvers import Anderson, CheckMix, Euler, relative_residual  # noqa: E402
 
 TAIL = 10.0   # a sample ending above TAIL·tol counts as not settled
 HYBRID = {"warmup": 100, "memory": 10, "start_below": math.inf, "restart": 1e6}
 LONG = 150    # controlled steps above which a sample counts as part of the tail
 # The bench's fastest LCP-DI setting (-gains-stall), without and with Euler's check-level mixing.
-TAIL_SETTINGS = {"gains-stall": {"alpha": 1.0, "k_i": 10.0, "warm_start_tol": 1e-4, "patience": 100},
-                 "gains-stall-accel": {"alpha": 1.0, "k_i": 10.0, "warm_start_tol": 1e-4, "patience": 100,
-                                       "solver_options": {"anderson_memory": 3, "anderson_after": 60}}}
+TAIL_SETTINGS = {"gains-stall": {"alpha": 1.0, "k_i": 10.0, "solver": Euler(patience=100), "free": {"tol": 1e-4}},
+                 "gains-stall-accel": {"alpha": 1.0, "k_i": 10.0, "free": {"tol": 1e-4},
+                                       "solver": Euler(patience=100, mix=CheckMix(memory=3, after=60))}}
 
 
 def tail_composition(net, batches, settings):
     """How the samples that take more than ``LONG`` controlled steps end: at tol, stalled, or at max_iter."""
     m = get_method("lcp-di", **settings)
+    tol, cap = m.controlled.tol, m.controlled.max_steps
     out = {"long": 0, "reached_tol": 0, "stalled": 0, "at_max_iter": 0, "steps_per_batch": []}
     for x, y in batches:
         x, y = m._inputs(net, x, y)
-        st = m.controlled_equilibrium(net, x, y, m.warm_start(net, x)).stats
-        out["steps_per_batch"].append(st.iterations)
-        long = st.sample_iterations > LONG
+        st = m.controlled_equilibrium(net, x, y, m.free_equilibrium(net, x)).stats
+        out["steps_per_batch"].append(st.steps)
+        long = st.sample_steps > LONG
         out["long"] += int(long.sum())
-        out["reached_tol"] += int((long & (st.sample_residuals < m.tol)).sum())
-        out["at_max_iter"] += int((long & (st.sample_residuals >= m.tol) & (st.sample_iterations >= m.max_iter)).sum())
+        out["reached_tol"] += int((long & (st.sample_residual < tol)).sum())
+        out["at_max_iter"] += int((long & (st.sample_residual >= tol) & (st.sample_steps >= cap)).sum())
     out["stalled"] = out["long"] - out["reached_tol"] - out["at_max_iter"]
     out["steps_per_batch"] = statistics.mean(out["steps_per_batch"])
     return out
@@ -77,7 +78,7 @@ def explicit_field(net, x, y, alpha, k_i):
 
 def relative_residuals(z, g, widths):
     """The per-population relative residual of one sample, the largest over ``widths`` (the solvers' rule)."""
-    return float(_relative_residual({"z": g[None]}, {"z": z[None]}, widths))
+    return float(relative_residual(g[None], z[None], widths))
 
 
 def newton(field, z0, B, widths, steps=40):
@@ -112,25 +113,25 @@ def main(argv=None):
             write_json(Path(args.json_out), {"config": {"batches": args.batches}, "tail_composition": composition})
         return composition
     euler = get_method("lcp-di")
-    hybrid = get_method("lcp-di", solver="anderson", solver_options=HYBRID)
+    hybrid = get_method("lcp-di", solver=Anderson(**HYBRID))
     H, O = net.n_hidden, net.n_out
     widths = [H + O, H, O]
     tail, summary = [], {"euler": [], "hybrid": []}
     for i, (x, y) in enumerate(batches[:args.batches]):
         x, y = euler._inputs(net, x, y)
-        free = euler.warm_start(net, x)
+        free = euler.free_equilibrium(net, x)
         for name, m in (("euler", euler), ("hybrid", hybrid)):
             ctrl = m.controlled_equilibrium(net, x, y, free)
-            summary[name].append({"batch": i, "iterations": ctrl.stats.iterations,
+            summary[name].append({"batch": i, "iterations": ctrl.stats.steps,
                                   "converged_fraction": ctrl.stats.converged_fraction,
-                                  "sample_iterations": ctrl.stats.mean_sample_iterations})
+                                  "sample_iterations": ctrl.stats.mean_sample_steps})
             if name != "euler":
                 continue
             z = torch.cat([ctrl.state["v"], ctrl.state["o"], ctrl.control["v"], ctrl.control["o"] / m.k_i], 1).double()
             for j in range(x.shape[0]):
                 field = explicit_field(net, x[j], y[j], m.alpha, m.k_i)
                 r = relative_residuals(z[j], field(z[j], x.shape[0]), widths)
-                if r < TAIL * m.tol:   # settled (up to the last step's float32 rounding)
+                if r < TAIL * m.controlled.tol:   # settled (up to the last step's float32 rounding)
                     continue
                 z0 = torch.cat([free.state["v"][j], free.state["o"][j], z.new_zeros(H + O)]).double()
                 root, root_res, modulus = newton(field, z0, x.shape[0], widths)
@@ -146,7 +147,7 @@ def main(argv=None):
     for name, rows in summary.items():
         conv = statistics.mean(r["converged_fraction"] for r in rows)
         print(f"{name:6s}: converged fraction {conv:.4f}, batches at max_iter "
-              f"{sum(r['iterations'] >= euler.max_iter for r in rows)}/{len(rows)}, "
+              f"{sum(r['iterations'] >= euler.controlled.max_steps for r in rows)}/{len(rows)}, "
               f"steps per sample {statistics.mean(r['sample_iterations'] for r in rows):.1f}")
     outside = sum(t["newton_residual"] < 1e-10 and t["euler_map_max_modulus_at_root"] > 1 for t in tail)
     print(f"{len(tail)} samples end above tol under Euler; Newton finds a root for "

@@ -7,7 +7,7 @@ tolerance, and prints iterations, seconds and the ratios to Euler; --json-out wr
     python benchmarks/deq_solvers.py --data-dir ../shared/data/mnist --json-out docs/runs/deq_solvers.json
 """
 import argparse
-import json
+
 import statistics
 import time
 
@@ -43,11 +43,11 @@ def main() -> None:
             its, secs, conv = [], [], []
             for b in range(args.batches):
                 xb = x[b * args.batch_size:(b + 1) * args.batch_size].to(args.device)
-                solver = get_solver(name, tol=tol, max_iter=args.max_iter, check_every=1 if name != "euler" else 10)
+                solver = get_solver(name, tol=tol, max_steps=args.max_iter, check_every=1 if name != "euler" else 10)
                 t0 = time.perf_counter()
                 res = RBP().free_equilibrium(deq, xb, solver=solver)
                 secs.append(time.perf_counter() - t0)
-                its.append(res.stats.mean_sample_iterations or res.stats.iterations)
+                its.append(res.stats.mean_sample_steps)
                 conv.append(res.stats.converged_fraction)
             rows.append({"tol": tol, "solver": name, "mean_sample_iterations": statistics.mean(its),
                          "seconds_per_batch": statistics.mean(secs), "converged_fraction": statistics.mean(conv)})

@@ -13,7 +13,7 @@ import dataclasses
 
 from leastcontrol.atomic import write_json
 from leastcontrol.bench import BenchConfig, Row, _batches, _pretrained, paired_iterations
-from leastcontrol.solvers import CONTROLLED_RESIDUALS
+from leastcontrol.methods.lcp import CONTROLLED_RESIDUALS
 
 
 def main() -> None:
@@ -27,8 +27,8 @@ def main() -> None:
     batches = _batches(config, max(config.pretrain, args.batches))
     net = _pretrained("rnn", config, batches)
     options = {"controlled_residual": args.controlled_residual}
-    result = paired_iterations(Row("rnn", "lcp-di", options=options),
-                               Row("rnn", "lcp-di", impl="autograd", options=options), net, batches[:args.batches])
+    method = {"name": "lcp-di", **options}
+    result = paired_iterations(Row("rnn", method), Row("rnn", method, impl="autograd"), net, batches[:args.batches])
     for i, (a, b) in enumerate(zip(result["iterations"], result["reference_iterations"])):
         print(f"batch {i:2d}: fast {a:6.0f}  autograd {b:6.0f}")
     print(f"iterations autograd / fast: {result['ratio']:.4f}")

@@ -3,10 +3,10 @@
 On the bench's starting RNN (``leastcontrol bench``'s pretraining, MNIST batches of 64), with the
 weights held fixed, each bench row named on the command line computes its update on the same
 batches; the wall time of the free solve and of the second solve are taken around the method's
-own calls (``free_equilibrium``, ``adjoint`` / ``controlled_equilibrium``). Printed and written:
-medians over the timed batches of the seconds per phase and of the iterations per phase (the
-batch's, which its slowest sample sets, and the mean over its samples, which sets the arithmetic:
-a free or adjoint step is one matrix product per sample, a controlled step two).
+own calls (``free_equilibrium``, ``adjoint_equilibrium`` / ``controlled_equilibrium``). Printed
+and written: medians over the timed batches of the seconds per phase and of the iterations per
+phase (the batch's, which its slowest sample sets, and the mean over its samples, which sets the
+arithmetic: a free or adjoint step is one matrix product per sample, a controlled step two).
 
     python benchmarks/phase_profile.py --data-dir ../shared/data/mnist --json-out FILE \\
         rnn-rbp-compile rnn-lcp-di-gains-tol1e-4-stall-accel-compile
@@ -25,7 +25,7 @@ from leastcontrol import bench  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
-PHASES = ("free_equilibrium", "adjoint", "controlled_equilibrium", "feedback_covariance")
+PHASES = ("free_equilibrium", "adjoint_equilibrium", "controlled_equilibrium", "feedback_covariance")
 
 
 def _timed(method, name, seconds):

@@ -2,16 +2,17 @@
 
 On the bench's starting RNN (``leastcontrol bench``'s pretraining, MNIST batches of 64), with the
 weights held fixed, each bench row named on the command line computes its update on the same
-batches. Wall-clock timers around the Euler solver's own calls split each batch into:
-- ``steps``: the runs of ``check_every`` steps between two convergence checks (compiled or not),
-  also by the number of samples still active (``steps_active_le_N``: at most N samples);
-- ``mix``: the check-level Anderson mixes (rows with ``-accel``; under ``-compile`` they run inside
-  the steps' graph and count as steps);
-- ``checks``: the rest of the Euler solves, the bookkeeping at the convergence checks (residual
-  read, stall rule, freezing converged samples, subsetting);
+batches. Wall-clock timers around the solver driver's calls (``leastcontrol.solvers.driver``) split
+each batch into:
+- ``steps``: the runs of ``check_every`` steps between two convergence checks, on whichever backend
+  runs them (eager, compiled, C), also by the number of samples still active
+  (``steps_active_le_N``: at most N samples);
+- ``mix``: the check-level Anderson mixes (rows with ``-accel``; compiled under ``-compile``);
+- ``checks``: the rest of the solves, the bookkeeping at the convergence checks (residual read,
+  stall rule, freezing converged samples, subsetting);
 - ``outside``: everything outside the solves (encoding, local update, readout).
 Printed and written: per row, milliseconds per batch (mean over the timed batches) and calls per
-batch. Euler rows only (the other solvers have no check-level split).
+batch. Euler rows only (the other step rules have no check-level split).
 
     python benchmarks/solve_profile.py --data-dir ../shared/data/mnist --threads 2 --json-out FILE \\
         rnn-rbp-compile rnn-lcp-di-gains-stall-accel-compile
@@ -28,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from leastcontrol import bench, solvers  # noqa: E402
+from leastcontrol import bench  # noqa: E402
+from leastcontrol.methods.base import EquilibriumMethod  # noqa: E402
+from leastcontrol.solvers import backends, driver  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
@@ -41,15 +44,16 @@ def _add(name: str, t0: float) -> None:
     calls[name] += 1
 
 
-def _timed(owner, name: str, key: str, bucket_of_active=None) -> None:
-    """Replace ``owner.name`` by a call that adds its wall time to ``seconds[key]``.
+def _timed(owner, name: str, key: str, bucket_of_active=None, when=None) -> None:
+    """Replace ``owner.name`` by a call that adds its wall time to ``seconds[key]`` (only the calls for
+    which ``when(args)`` holds, if given).
 
     ``bucket_of_active(args)`` gives the number of active samples, for the per-size buckets.
     """
     inner = getattr(owner, name)
 
     def call(*args, **kwargs):
-        if torch.compiler.is_compiling():   # traced into a compiled graph: no timer there
+        if torch.compiler.is_compiling() or (when is not None and not when(args)):   # no timer in a graph
             return inner(*args, **kwargs)
         t0 = time.perf_counter()
         try:
@@ -63,16 +67,21 @@ def _timed(owner, name: str, key: str, bucket_of_active=None) -> None:
 
 
 def _instrument() -> None:
-    # args: (steps, field, state, ...) compiled, (field, state, ...) eager
-    _timed(solvers, "_run_compiled", "steps", lambda args: next(iter(args[2].values())).shape[0])
-    _timed(solvers, "_euler_steps", "steps", lambda args: next(iter(args[1].values())).shape[0])
-    _timed(solvers, "_check_mix", "mix")
-    _timed(solvers.Euler, "solve", "solve")
+    # A backend's advance(solver, field, z, ...) runs the steps to the next check (Native has its own);
+    # the driver runs the check-level mix as backend.run(check_mix, ...) (Compiled has its own run).
+    for cls in (backends.Backend, backends.Native):
+        _timed(cls, "advance", "steps", lambda args: args[3].shape[0])
+    mix = driver.check_mix
+    for cls in (backends.Backend, backends.Compiled):
+        _timed(cls, "run", "mix", when=lambda args: args[1] is mix)
+    _timed(driver, "solve", "solve")
 
 
 def _not_euler(rows):
-    """The refusal of rows whose method solves with another solver than Euler (``None``: all Euler)."""
-    other = [row.name for row in rows if getattr(row.build(), "solver", "euler") != "euler"]
+    """The refusal of rows whose method solves a phase with another step rule than Euler (``None``: all Euler)."""
+    def euler(method):
+        return isinstance(method, EquilibriumMethod) and all(s.name == "euler" for s in method.solvers().values())
+    other = [row.name for row in rows if not euler(row.build())]
     if other:
         return (f"solve_profile splits Euler solves only; row(s) {', '.join(other)} use another solver "
                 "(time them with benchmarks/phase_profile.py)")

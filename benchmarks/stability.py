@@ -55,7 +55,7 @@ def profile(config):
             op = method._flat_operator(system)
             drive, s = op.drive(x), op.pack(free.state)
             t0 = time.perf_counter()
-            radius = euler_map_radius(lambda z, c: op.f(z, c["drive"]), s, {"drive": drive}, dt=method.dt)
+            radius = euler_map_radius(lambda z, c: op.f(z, c["drive"]), s, {"drive": drive}, dt=method.free.dt)
             check_s.append(time.perf_counter() - t0)
             dense = _dense_radius(op, s, drive)
             flagged += [(b, int(i)) for i in (radius > UNSTABLE_RADIUS).nonzero().squeeze(1)]
@@ -63,14 +63,14 @@ def profile(config):
             worst_err = max(worst_err, float((radius - dense).abs().max()))
             top = max(top, float(dense.max()))
         out[label] = {
-            "solver": method.solver, "batches": len(solve_s), "samples": len(solve_s) * config.batch_size,
+            "solver": method.free.name, "batches": len(solve_s), "samples": len(solve_s) * config.batch_size,
             "unstable_samples": len(flagged), "unstable_samples_dense": dense_flagged,
             "unstable_at_batch_sample": flagged, "largest_radius_dense": top,
             "largest_estimate_error": worst_err,
             "seconds_free_solve_median": statistics.median(solve_s),
             "seconds_check_median": statistics.median(check_s),
         }
-        print(f"{label} ({method.solver}): unstable {len(flagged)} of {out[label]['samples']} samples "
+        print(f"{label} ({method.free.name}): unstable {len(flagged)} of {out[label]['samples']} samples "
               f"(dense Jacobian: {dense_flagged}) at {flagged}; largest radius {top:.4f}; estimate error "
               f"≤ {worst_err:.2e}; free solve {1e3 * out[label]['seconds_free_solve_median']:.1f} ms, "
               f"check {1e3 * out[label]['seconds_check_median']:.1f} ms", flush=True)

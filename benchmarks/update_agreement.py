@@ -32,10 +32,11 @@ from leastcontrol import bench  # noqa: E402
 from leastcontrol.atomic import write_json  # noqa: E402
 from leastcontrol.methods import get_method  # noqa: E402
 from leastcontrol.methods.lcp import LCPDI, ControlledEquilibrium, local_update  # noqa: E402
+from leastcontrol.solvers import Euler  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
-REFERENCE = {"tol": 1e-6, "max_iter": 5000}
+REFERENCE = {"tol": 1e-6, "max_steps": 5000}   # Euler, every phase
 OFF = 1e-2          # a sample's control differs when its relative error exceeds this
 SETTLED = 10.0      # the reference's sample counts as settled below SETTLED·tol
 
@@ -58,9 +59,9 @@ def agreement(rows, batches, net):
     refs = {}
     for row in rows:
         method = row.build()
-        if row.method not in refs:
-            reference = get_method(row.method, **REFERENCE)
-            refs[row.method] = []
+        if row.method_name not in refs:
+            reference = get_method(row.method_name, solver=Euler(**REFERENCE))
+            refs[row.method_name] = []
             for x, y in batches:
                 torch.manual_seed(0)
                 grads = reference.gradients(copy.deepcopy(net), *reference._inputs(net, x, y)).grads
@@ -69,12 +70,12 @@ def agreement(rows, batches, net):
                     xs, ys = reference._inputs(net, x, y)
                     ctrl = reference.controlled_equilibrium(net, xs, ys)
                     entry["psi"] = _controls(ctrl, len(x))
-                    entry["settled"] = ctrl.stats.sample_residuals < SETTLED * reference.tol
+                    entry["settled"] = ctrl.stats.sample_residual < SETTLED * reference.controlled.tol
                     entry["settled_update"] = _settled_update(net, xs, ctrl, entry["settled"])
-                refs[row.method].append(entry)
+                refs[row.method_name].append(entry)
         r = out[row.name] = {"cosines": [], "settled_cosines": [], "samples_off_settled": 0, "samples_off_unsettled": 0,
                              "reference_unsettled": 0, "samples": 0}
-        for (x, y), ref in zip(batches, refs[row.method]):
+        for (x, y), ref in zip(batches, refs[row.method_name]):
             torch.manual_seed(0)
             grads = method.gradients(copy.deepcopy(net), *method._inputs(net, x, y)).grads
             update = bench.flat_update(grads).double()

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from leastcontrol import bench  # noqa: E402
 from leastcontrol.atomic import write_json  # noqa: E402
+from leastcontrol.config import merge  # noqa: E402
 from leastcontrol.methods.lcp import local_update  # noqa: E402
-from leastcontrol.solvers import SolveResult, SolverStats  # noqa: E402
+from leastcontrol.solvers import SolveResult, SolveStats  # noqa: E402
 
 import _fixed_network  # noqa: E402  (benchmarks/, on the path as the script's folder)
 
@@ -37,8 +38,10 @@ STARTS = (("free 1e-4", 1e-4), ("free 1e-3", 1e-3), ("free 1e-2", 1e-2), ("zero"
 
 def _zero_start(method, net, x) -> SolveResult:
     """The zero state as a 'free equilibrium' of no steps: the controlled dynamics start there."""
-    op = method._flat_operator(net)
-    return SolveResult(op.unpack(x.new_zeros(x.shape[0], op.n_state)), SolverStats(0, 0.0, True, 1.0, mean_sample_iterations=0.0))
+    op, B = method._flat_operator(net), x.shape[0]
+    none = torch.zeros(B, dtype=torch.int64)
+    stats = SolveStats(0, none, none, torch.zeros(B, dtype=torch.float64))
+    return SolveResult(op.unpack(x.new_zeros(B, op.n_state)), stats)
 
 
 def _update(method, net, x, y, zero: bool):
@@ -49,7 +52,7 @@ def _update(method, net, x, y, zero: bool):
         grads, steps = out.grads, out.stats["sample_iterations"]
     else:
         ctrl = method.controlled_equilibrium(net, x, y, _zero_start(method, net, x))
-        grads, steps = local_update(net, x, ctrl), ctrl.stats.mean_sample_iterations
+        grads, steps = local_update(net, x, ctrl), ctrl.stats.mean_sample_steps
     return bench.flat_update(grads).double(), float(steps)
 
 
@@ -59,9 +62,10 @@ def measure(config: bench.BenchConfig):
     net = bench._pretrained("rnn", config, batches)
     settings = {RBP_ROW: (rows[RBP_ROW].build(), False)}
     for name, tol in STARTS:
-        # The zero start runs no free phase, so it takes the row's options as they are.
-        options = dict(rows[LCP_ROW].options, **({} if tol is None else {"warm_start_tol": tol}))
-        settings[name] = (bench.Row("rnn", "lcp-di", options=options).build(), tol is None)
+        # The zero start runs no free phase, so it takes the row's settings as they are.
+        row = rows[LCP_ROW]
+        path = row.path if tol is None else merge(row.path, {"free": {"tol": tol}})
+        settings[name] = (bench.Row(row.model, row.method, row.impl, path).build(), tol is None)
     records = {name: [] for name in settings}
     for i, (x, y) in enumerate(batches):
         for name, (method, zero) in settings.items():

@@ -1,17 +1,22 @@
 """Speed and memory benchmark of the learning methods: ``leastcontrol bench``.
 
-Every row (model × method × implementation × solver settings) trains its own
-copy of the same starting network on the same MNIST-sized batches. The rows
-are timed interleaved — batch ``i`` of every row before batch ``i + 1`` of
-any — so a slow spell of a noisy machine hits all rows alike and the ratios
-stay fair. Peak memory of one training batch is measured in a fresh
-subprocess per setting on the CPU (peak resident set size); on CUDA the
-allocator's own peak (``torch.cuda.max_memory_allocated``) is exact per step,
-so it is read in the bench's process, around each timed batch.
+The rows and ratios are data, ``configs/bench.toml`` (shipped with the package; the repository's
+``benchmarks/bench.toml`` links to it), read by :func:`load_plan`; this module runs them. A row is a
+model, a method table as :func:`~leastcontrol.methods.method_from_dict` reads it (its solvers and
+their backends included), laid over the published set-up of ``configs/mnist-<model>-<method>.toml``,
+and the path settings that change how the method reaches its equilibrium but not the equilibrium.
+
+Every row trains its own copy of the same starting network on the same MNIST-sized batches. The
+rows are timed interleaved — batch ``i`` of every row before batch ``i + 1`` of any — so a slow
+spell of a noisy machine hits all rows alike and the ratios stay fair. Peak memory of one training
+batch is measured in a fresh subprocess per setting on the CPU (peak resident set size); on CUDA
+the allocator's own peak (``torch.cuda.max_memory_allocated``) is exact per step, so it is read in
+the bench's process, around each timed batch.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import statistics
@@ -19,152 +24,219 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from .atomic import write_json
+from .config import merge, read_file
 from .errors import ConfigError, SolverDivergedError
-from .methods import get_method
+from .methods import method_from_dict
 from .methods.base import EquilibriumMethod, Method
-from .systems import get_system
-from .train import clip_gradients, gradient_clip_groups
+from .reproduce import available_rows
+from .systems import SYSTEMS, get_system
+from .train import DEFAULT_GRAD_CLIP, clip_gradients, gradient_clip_groups
 
-# Published settings (docs/LCP.md §4) for every row; bench rows add their own overrides.
-PUBLISHED = {
-    "bp": {}, "bptt": {}, "rbp": {"tol": 1e-4, "max_iter": 200},
-    "lcp-di": {}, "lcp-kp": {}, "lcp-lf": {},
-    ("ff", "lcp-ebd"): {"ebd_lr": 0.01, "ebd_steps": 800, "ff_init": False},
-    ("rnn", "lcp-ebd"): {"ebd_lr": 1e-3, "ebd_steps": 200, "ff_init": True},
-}
-GRAD_CLIP = {"rnn": 10.0, "ff": 0.0}
-STALL_PATIENCE = 100
-LONG_PATIENCE = 300
-# The same β = k_i/α = 10 as the published α 0.1, k_i 1, so the same controlled equilibrium and
-# update; the leak no longer caps the controller's rate at 1 − α = 0.9 per step.
-FAST_GAINS = {"alpha": 1.0, "k_i": 10.0}
-COMPILE = {"compile": True}
-# Euler with Anderson mixing at each convergence check (the map of check_every steps), from
-# step 60 for LCP-DI (past the bulk of its controlled phase) and 30 for RBP. For LCP-DI a sample
-# whose residual jumps stops mixing at once (anderson_restarts 0): some trajectories pass a saddle,
-# where returning to the best point and mixing again traps them (solvers._check_mix).
-ACCEL_LCP = {"solver_options": {"anderson_memory": 3, "anderson_after": 60, "anderson_restarts": 0}}
-ACCEL_RBP = {"solver_options": {"anderson_memory": 3, "anderson_after": 30}}
-# The steps of the last few active samples of each solve in C (leastcontrol.native), the bulk compiled.
-NATIVE = {"native": True, **COMPILE}
-# Options that change the path to the controlled equilibrium, not the equilibrium: the update
-# cosine of a row compares with the research-code path at the published settings without them.
-PATH_OPTIONS = ("solver", "solver_options", "patience", "alpha", "k_i", "warm_start_tol", "compile", "native")
+# What a ratio can divide (see the header of configs/bench.toml), and the result columns a pick may name.
+MEASURES = ("seconds", "iterations", "iterations_same_network", "memory")
+PICK_KEYS = ("model", "method", "impl", "tol", "max_iter", "solver")
+
+
+@functools.lru_cache(maxsize=None)
+def _published(model: str, method: str) -> str:
+    path = available_rows("mnist").get(f"{model}-{method}")
+    return json.dumps({} if path is None else read_file(path).get("method", {}))
+
+
+def published_method(model: str, method: str) -> Dict[str, Any]:
+    """The ``[method]`` table of the shipped ``configs/mnist-<model>-<method>.toml`` (``{}`` where there is none)."""
+    return json.loads(_published(model, method))
 
 
 @dataclass
 class Row:
-    """One benchmarked setting."""
+    """One benchmarked setting.
+
+    Args:
+        model: the system (``ff``, ``rnn``).
+        method: a method table (``name``, settings, solvers as tables) or a method's name, laid over the
+            published ``[method]`` table of ``configs/mnist-<model>-<name>.toml`` where that file exists.
+        impl: ``fast`` or ``autograd`` (the research-code path).
+        path: settings laid over ``method`` that change the path to the method's equilibrium, not the
+            equilibrium; the row's :meth:`reference` leaves them out.
+        label: the row's name in the report (default ``<model>-<method>``, then ``-<impl>`` unless fast).
+    """
 
     model: str
-    method: str
+    method: Any
     impl: str = "fast"
-    options: Dict[str, Any] = field(default_factory=dict)
+    path: Dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
-    def build(self) -> Method:
-        key = (self.model, self.method)
-        settings = dict(PUBLISHED.get(key, PUBLISHED.get(self.method, {})))
-        settings.update(self.options)
-        if self.impl != "fast":
-            settings["impl"] = self.impl
-        return get_method(self.method, **settings)
+    def __post_init__(self):
+        self.method = {"name": self.method} if isinstance(self.method, str) else dict(self.method)
+        self.path = dict(self.path)
+
+    @property
+    def method_name(self) -> str:
+        return self.method.get("name", "lcp-di")
 
     @property
     def name(self) -> str:
-        return self.label or f"{self.model}-{self.method}" + ("" if self.impl == "fast" else f"-{self.impl}")
+        return self.label or f"{self.model}-{self.method_name}" + ("" if self.impl == "fast" else f"-{self.impl}")
+
+    def table(self) -> Dict[str, Any]:
+        """The method table the row builds: the published one, ``method`` over it, ``path`` over that, and ``impl``."""
+        table = merge(merge(published_method(self.model, self.method_name), self.method), self.path)
+        return table if self.impl == "fast" else {**table, "impl": self.impl}
+
+    def build(self) -> Method:
+        """A fresh method of this row; a ConfigError names the row and the setting at fault."""
+        try:
+            return method_from_dict(self.table(), model=self.model)
+        except ConfigError as err:
+            raise ConfigError(f"bench row '{self.name}': {err}") from None
+
+    def reference(self) -> Optional["Row"]:
+        """The research-code path this row's update is compared with (None: nothing to compare).
+
+        A fast row whose update comes out of a solve after the free one (an equilibrium method with a
+        second phase) is compared with its ``method`` without the ``path`` settings at impl ``autograd``:
+        Euler, every step to the tolerance or the step cap, one ``torch.autograd.grad`` per step.
+        """
+        method = self.build()
+        if self.impl != "fast" or not (isinstance(method, EquilibriumMethod) and len(method.phases) > 1):
+            return None
+        return Row(self.model, self.method, "autograd", label=f"{self.name} (reference)")
+
+    def uses_backend(self, backend: str) -> bool:
+        """Whether a solver of the row's method may run steps on ``backend`` (``compile``, ``native``)."""
+        method = self.build()
+        return isinstance(method, EquilibriumMethod) and method.uses_backend(backend)
+
+
+@dataclass
+class Ratio:
+    """``of`` the numerator over ``of`` the denominator. A term is a row label (a probe's name for
+    ``memory``) or a pick, ``{"best": name}`` or ``{"fastest": name}`` (see ``configs/bench.toml``)."""
+
+    name: str
+    numerator: Any
+    denominator: Any
+    of: str = "seconds"
+    headline: bool = False
+
+
+@dataclass
+class Plan:
+    """A bench's rows, memory probes, pretraining rows, picks and ratios (``configs/bench.toml``)."""
+
+    rows: Dict[str, Row]
+    probes: Dict[str, Row]
+    pretrain: Dict[str, str]
+    picks: Dict[str, Dict[str, Any]]
+    ratios: Dict[str, Ratio]
+
+
+def _table(data: Mapping[str, Any], key: str, where: str, valid=None) -> Dict[str, Any]:
+    """``data[key]`` (default ``{}``), checked to be a table whose keys are in ``valid``."""
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}.{key} must be a table, got {value!r}")
+    unknown = sorted(set(value) - set(valid or value))
+    if unknown:
+        raise ConfigError(f"{where}.{key}: unknown key '{unknown[0]}'; valid keys: {', '.join(valid)}")
+    return dict(value)
+
+
+def _row(label: str, data: Mapping[str, Any], paths: Mapping[str, Any], where: str) -> Row:
+    spec = _table(data, label, where, ("model", "method", "path", "impl"))
+    if spec.get("model") not in SYSTEMS:
+        raise ConfigError(f"{where}.{label}.model: unknown model {spec.get('model')!r}; "
+                          f"valid: {', '.join(SYSTEMS.names())}")
+    names = spec.get("path", [])
+    path: Dict[str, Any] = {}
+    for name in names if isinstance(names, list) else [names]:
+        if name not in paths:
+            raise ConfigError(f"{where}.{label}.path: {name!r} is no [path] table's name; valid: {', '.join(paths)}")
+        path = merge(path, paths[name])
+    row = Row(spec.get("model"), _table(spec, "method", f"{where}.{label}"), spec.get("impl", "fast"), path, label)
+    try:
+        method_from_dict(row.table(), model=row.model)   # every setting is checked when the plan is read
+    except ConfigError as err:
+        raise ConfigError(f"{where}.{label}: {err}") from None
+    return row
+
+
+def _term(value, plan: Plan, of: str, where: str):
+    known = plan.probes if of == "memory" else plan.rows
+    if isinstance(value, str) and value in known:
+        return value
+    if (of in ("seconds", "iterations") and isinstance(value, Mapping) and len(value) == 1
+            and set(value) <= {"best", "fastest"} and next(iter(value.values())) in plan.picks):
+        return dict(value)
+    raise ConfigError(f"{where}: {value!r} is no {'probe' if of == 'memory' else 'row'} "
+                      f"({', '.join(known)}) nor {{ best | fastest = PICK }} of a seconds or iterations ratio "
+                      f"(picks: {', '.join(plan.picks)})")
+
+
+def load_plan(path: str | Path | None = None) -> Plan:
+    """The bench's rows and ratios from a TOML file (default: the shipped ``configs/bench.toml``).
+
+    Raises:
+        ConfigError: an unknown section, key, path, row, probe or pick, or a row whose method does not
+            build; the message names the file and the key.
+    """
+    if path is None:
+        return _default_plan()
+    where = str(path)
+    data = read_file(path)
+    sections = ("pretrain", "path", "row", "probe", "pick", "ratio")
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section '{unknown[0]}'; valid: {', '.join(sections)}")
+    paths, rows, probes = (_table(data, key, where) for key in ("path", "row", "probe"))
+    plan = Plan({label: _row(label, rows, paths, f"{where}: row") for label in rows},
+                {name: _row(name, probes, {}, f"{where}: probe") for name in probes},
+                _table(data, "pretrain", where), {}, {})
+    for model, label in plan.pretrain.items():
+        if label not in plan.rows or plan.rows[label].model != model:
+            raise ConfigError(f"{where}: pretrain.{model} must name a row of model '{model}', got {label!r}")
+    picks = _table(data, "pick", where)
+    plan.picks = {name: _table(picks, name, f"{where}: pick", PICK_KEYS) for name in picks}
+    ratios = _table(data, "ratio", where)
+    for name in ratios:
+        spec = _table(ratios, name, f"{where}: ratio", ("numerator", "denominator", "of", "headline"))
+        of, headline = spec.get("of", "seconds"), spec.get("headline", False)
+        if of not in MEASURES or headline not in (True, False) or (headline and of != "seconds"):
+            raise ConfigError(f"{where}: ratio.{name}: `of` is one of {', '.join(MEASURES)}; `headline` is true "
+                              f"or false, true for seconds ratios only; got of={of!r}, headline={headline!r}")
+        terms = [_term(spec.get(side), plan, of, f"{where}: ratio.{name}.{side}")
+                 for side in ("numerator", "denominator")]
+        plan.ratios[name] = Ratio(name, *terms, of=of, headline=headline)
+    same = [r for r in plan.ratios.values() if r.of == "iterations_same_network"]
+    if len(same) > 1 or any(isinstance(t, Mapping) for r in same for t in (r.numerator, r.denominator)):
+        raise ConfigError(f"{where}: the report has one iteration_agreement: at most one ratio of "
+                          f"'iterations_same_network', between two rows")
+    return plan
+
+
+@functools.lru_cache(maxsize=1)
+def _default_plan() -> Plan:
+    return load_plan(Path(str(resources.files("leastcontrol") / "configs" / "bench.toml")))
 
 
 def default_rows() -> List[Row]:
-    """The ten published rows, plus the rows the ratios need."""
-    rows = [Row("ff", "bp")] + [Row("ff", m) for m in ("lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")]
-    rows += [Row("rnn", "rbp")] + [Row("rnn", m) for m in ("lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd")]
-    rows += [
-        Row("rnn", "lcp-di", impl="autograd"),
-        Row("rnn", "lcp-di", options={"tol": 1e-4}, label="rnn-lcp-di-tol1e-4"),
-        Row("rnn", "rbp", options={"solver": "anderson"}, label="rnn-rbp-anderson"),
-        # The same tolerances with the stall rule: samples whose controlled dynamics keep
-        # oscillating stop once their residual has not fallen by 10 % in STALL_PATIENCE steps.
-        Row("rnn", "lcp-di", options={"patience": STALL_PATIENCE}, label="rnn-lcp-di-stall"),
-        Row("rnn", "lcp-di", options={"tol": 1e-4, "patience": STALL_PATIENCE}, label="rnn-lcp-di-tol1e-4-stall"),
-        # The same β with faster controller gains, then also a 1e-4 warm start and the stall rule.
-        Row("rnn", "lcp-di", options=dict(FAST_GAINS), label="rnn-lcp-di-gains"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4}, label="rnn-lcp-di-gains-tol1e-4"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": STALL_PATIENCE},
-            label="rnn-lcp-di-gains-stall"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE},
-            label="rnn-lcp-di-gains-tol1e-4-stall"),
-        # RBP's tolerance and RBP's cap of 200 steps per phase: the like-for-like cost of the two.
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "max_iter": 200}, label="rnn-lcp-di-gains-tol1e-4-max200"),
-        # The Euler steps between two convergence checks as one torch.compile graph, for both methods.
-        Row("ff", "lcp-di", options=dict(COMPILE), label="ff-lcp-di-compile"),
-        Row("rnn", "rbp", options=dict(COMPILE), label="rnn-rbp-compile"),
-        Row("rnn", "lcp-di", options=dict(COMPILE), label="rnn-lcp-di-compile"),
-        Row("rnn", "lcp-di", options={"tol": 1e-4, **COMPILE}, label="rnn-lcp-di-tol1e-4-compile"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": STALL_PATIENCE, **COMPILE},
-            label="rnn-lcp-di-gains-stall-compile"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE, **COMPILE},
-            label="rnn-lcp-di-gains-tol1e-4-stall-compile"),
-        # The fast gains and warm start alone, then with a patience that lets slow samples settle:
-        # at 100 the stall rule also stops samples that would settle, and the update moves.
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **COMPILE}, label="rnn-lcp-di-gains-compile"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": LONG_PATIENCE, **COMPILE},
-            label="rnn-lcp-di-gains-stall300-compile"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": LONG_PATIENCE, **COMPILE},
-            label="rnn-lcp-di-gains-tol1e-4-stall300-compile"),
-    ]
-    # RBP at LCP-DI's tolerance and cap (1e-6, 800): the other reading of "equal tolerance".
-    rbp_tight = {"tol": 1e-6, "max_iter": 800}
-    rows += [
-        Row("rnn", "rbp", options={**rbp_tight, **COMPILE}, label="rnn-rbp-tol1e-6-compile"),
-        Row("rnn", "rbp", options={**rbp_tight, **ACCEL_RBP, **COMPILE}, label="rnn-rbp-tol1e-6-accel-compile"),
-        Row("rnn", "rbp", options={**rbp_tight, "patience": STALL_PATIENCE, **ACCEL_RBP, **COMPILE},
-            label="rnn-rbp-tol1e-6-stall-accel-compile"),
-    ]
-    # Check-level Anderson mixing of the Euler steps, eager and compiled.
-    for suffix, extra in (("", {}), ("-compile", COMPILE)):
-        rows += [
-            Row("rnn", "rbp", options={**ACCEL_RBP, **extra}, label=f"rnn-rbp-accel{suffix}"),
-            # Without the stall rule: every sample runs until it settles or reaches max_iter.
-            Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **ACCEL_LCP, **extra},
-                label=f"rnn-lcp-di-gains-accel{suffix}"),
-            Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": STALL_PATIENCE, **ACCEL_LCP,
-                                          **extra}, label=f"rnn-lcp-di-gains-stall-accel{suffix}"),
-            Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": STALL_PATIENCE, **ACCEL_LCP, **extra},
-                label=f"rnn-lcp-di-gains-tol1e-4-stall-accel{suffix}"),
-            Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, "patience": LONG_PATIENCE, **ACCEL_LCP,
-                                          **extra}, label=f"rnn-lcp-di-gains-stall300-accel{suffix}"),
-            Row("rnn", "lcp-di", options={**FAST_GAINS, "tol": 1e-4, "patience": LONG_PATIENCE, **ACCEL_LCP, **extra},
-                label=f"rnn-lcp-di-gains-tol1e-4-stall300-accel{suffix}"),
-        ]
-    # The tail of every solve in C (free phase, RBP's adjoint, LCP's controlled phase), the bulk
-    # compiled: RBP as published and at LCP's tolerance, LCP-DI with the settings of the fastest
-    # compiled rows above.
-    stall300 = {**FAST_GAINS, "patience": LONG_PATIENCE}
-    rows += [
-        Row("rnn", "rbp", options=dict(NATIVE), label="rnn-rbp-native"),
-        Row("rnn", "rbp", options={**rbp_tight, **NATIVE}, label="rnn-rbp-tol1e-6-native"),
-        Row("rnn", "lcp-di", options={**FAST_GAINS, "warm_start_tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-native"),
-        Row("rnn", "lcp-di", options={**stall300, "warm_start_tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-stall300-native"),
-        Row("rnn", "lcp-di", options={**stall300, "tol": 1e-4, **NATIVE}, label="rnn-lcp-di-gains-tol1e-4-stall300-native"),
-        Row("rnn", "lcp-di", options={**stall300, "warm_start_tol": 1e-4, **ACCEL_LCP, **NATIVE},
-            label="rnn-lcp-di-gains-stall300-accel-native"),
-        Row("rnn", "lcp-di", options={**stall300, "tol": 1e-4, **ACCEL_LCP, **NATIVE},
-            label="rnn-lcp-di-gains-tol1e-4-stall300-accel-native"),
-    ]
-    return rows
+    """The rows of the shipped plan, in its order (copies)."""
+    return copy.deepcopy(list(_default_plan().rows.values()))
 
 
 def rows_for_device(rows: List[Row], device: str) -> List[Row]:
-    """The rows that run on ``device``: the C steps (``native``) are the CPU's."""
-    return rows if device == "cpu" else [r for r in rows if not r.options.get("native")]
+    """The rows that run on ``device``: the C steps (the ``native`` backend) are the CPU's."""
+    return rows if device == "cpu" else [r for r in rows if not r.uses_backend("native")]
 
 
 def rows_named(labels: List[str]) -> List[Row]:
@@ -263,7 +335,7 @@ class _Trainer:
         self.seed, self.steps_taken = config.seed, 0
         self.method.prepare(net, torch.Generator().manual_seed(config.seed))
         self.opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        self.clip = GRAD_CLIP[row.model]
+        self.clip = DEFAULT_GRAD_CLIP.get(row.model, 0.0)   # as `train` clips each model
         self.clip_groups = gradient_clip_groups(net)   # after prepare(): KP's feedback is its own group
         self.seconds: List[float] = []
         self.rounds: List[int] = []       # the bench round of each timed batch, for paired comparisons
@@ -332,28 +404,16 @@ def _flat_grads(method: Method, net, x, y) -> torch.Tensor:
 
 
 # A row gives its method's update when its cosine with the reference path's update is above this
-# on every timed batch where the reference settles; only such rows compete for the headline ratios.
+# on every timed batch where the reference settles; only such rows compete for the `best` picks.
 AGREEMENT = 0.9999
-
-
-def reference_row(row: Row) -> Optional[Row]:
-    """The research-code path a row's update is compared with (None: nothing to compare).
-
-    Euler, every step to ``tol`` or ``max_iter``, no stall rule, at the published controller gains and
-    warm start (``PATH_OPTIONS`` dropped: they change the path to the controlled equilibrium, not the
-    equilibrium), one ``torch.autograd.grad`` per step.
-    """
-    if row.impl != "fast" or row.method == "bptt" or not isinstance(row.build(), EquilibriumMethod):
-        return None
-    return Row(row.model, row.method, "autograd", {k: v for k, v in row.options.items() if k not in PATH_OPTIONS})
 
 
 class References:
     """The reference paths' updates on fixed weights and batches, each reference computed once.
 
-    A batch where the reference's solve does not settle (some sample at ``max_iter``) or diverges
-    has no update to agree with: the reference there is one snapshot of a sample's orbit, and any
-    other path or step count gives another. It is ``None`` in :meth:`updates`.
+    A batch where the reference's solves do not settle (some sample at its step cap) or diverge has no
+    update to agree with: the reference there is one snapshot of a sample's orbit, and any other path
+    or step count gives another. It is ``None`` in :meth:`updates`.
     """
 
     def __init__(self, nets: Dict[str, Any], batches):
@@ -361,7 +421,7 @@ class References:
         self._cache: Dict[str, List[Optional[torch.Tensor]]] = {}
 
     def updates(self, reference: Row) -> List[Optional[torch.Tensor]]:
-        key = json.dumps([reference.model, reference.method, reference.options], sort_keys=True, default=str)
+        key = json.dumps([reference.model, reference.table()], sort_keys=True, default=str)
         if key not in self._cache:
             method, net = reference.build(), self.nets[reference.model]
             updates = []
@@ -378,11 +438,12 @@ class References:
 
 
 def _settled(method: Method, stats: Dict[str, Any]) -> bool:
-    """Whether a reference's solves settled. LCP-EBD's second phase is a fixed budget of optimizer
-    steps, whose end is its answer whatever the residual there: only its free phase is a solve."""
-    if method.name == "lcp-ebd":
-        return stats.get("converged_free", True)
-    return stats.get("converged", True)
+    """Whether a method's solves settled: every phase whose solver has a tolerance converged. A phase at
+    tol 0 runs a fixed budget of steps (LCP-EBD's optimizer), whose end is its answer whatever the
+    residual there."""
+    if not isinstance(method, EquilibriumMethod):
+        return stats.get("converged", True)
+    return all(stats.get(f"converged_{phase}", True) for phase, s in method.solvers().items() if s.tol > 0)
 
 
 def update_agreement(row: Row, references: References) -> Dict[str, Any]:
@@ -394,7 +455,7 @@ def update_agreement(row: Row, references: References) -> Dict[str, Any]:
         the row diverged; the smallest over the ``n`` batches that have one (``None`` when none has, or
         the row has no reference); whether that smallest one exceeds ``AGREEMENT`` (``None``: no reference).
     """
-    reference = reference_row(row)
+    reference = row.reference()
     if reference is None:
         return {"update_cosines": [], "update_cosine_vs_autograd": None, "agreement_batches": 0, "agrees": None}
     method, net = row.build(), references.nets[row.model]
@@ -439,11 +500,15 @@ def paired_iterations(row: Row, reference: Row, net, batches) -> Dict[str, Any]:
     return {"batches": len(batches), **counts, "ratio": _ratio(ref, mean)}
 
 
-def _pretrained(model: str, config: BenchConfig, batches) -> Any:
-    """The starting network of every row of ``model``: ``pretrain`` batches of its baseline (bp / lcp-di)."""
+def _pretrained(model: str, config: BenchConfig, batches, plan: Optional[Plan] = None) -> Any:
+    """The starting network of every row of ``model``: ``pretrain`` batches of the plan's pretraining row
+    for that model (``[pretrain]``: bp for ff, lcp-di for rnn in the shipped plan)."""
+    plan = plan or load_plan()
     net = _network(model, config)
     if config.pretrain:
-        trainer = _Trainer(Row(model, "bp" if model == "ff" else "lcp-di"), net, config)
+        if model not in plan.pretrain:
+            raise ConfigError(f"the bench plan names no row to pretrain '{model}' with ([pretrain] {model} = LABEL)")
+        trainer = _Trainer(plan.rows[plan.pretrain[model]], net, config)
         for i in tqdm(range(config.pretrain), desc=f"pretrain {model}", disable=not config.progress, leave=False):
             x, y = batches[i % len(batches)]
             trainer.step(x, y, record=False)
@@ -498,12 +563,21 @@ def _memory_probe(spec: str) -> None:
     print(max(_rss_mb("VmHWM") - base, 0.0))
 
 
-def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str, Any]:
-    """Time every row interleaved and return ``{"config", "rows", "ratios"}`` (see ``docs/performance.md``)."""
-    rows = rows or rows_for_device(default_rows(), config.device)
+def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None, plan: Optional[Plan] = None) -> Dict[str, Any]:
+    """Time every row interleaved and return the report: ``config``, ``environment``, ``rows``,
+    ``memory_probes_mb``, ``ratio_rows``, ``iteration_agreement``, ``ratios``, ``ratio_intervals_95``
+    (see ``docs/performance.md``). ``rows``: default, every row of ``plan`` (the shipped plan) that
+    runs on the device; the ratios, probes and pretraining come from ``plan``."""
+    plan = plan or load_plan()
+    rows = rows or rows_for_device(list(copy.deepcopy(plan.rows).values()), config.device)
+    for row in rows:   # every method and reference builds before minutes of timing
+        row.build()
+        reference = row.reference()
+        if reference is not None:
+            reference.build()
     n = config.warmup + config.batches
     batches, pretraining = split_batches(config, max(n, 8))
-    start = {m: _pretrained(m, config, pretraining) for m in sorted({r.model for r in rows})}
+    start = {m: _pretrained(m, config, pretraining, plan) for m in sorted({r.model for r in rows})}
     trainers = [_Trainer(r, copy.deepcopy(start[r.model]), config) for r in rows]
     for i in tqdm(range(n), desc="bench rounds", disable=not config.progress):
         x, y = batches[i % len(batches)]
@@ -516,10 +590,11 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
         timed = bool(t.seconds)
         med = statistics.median(t.seconds) if timed else None
         iters = statistics.mean(t.iterations) if timed else None
+        solver = t.method.solver if isinstance(t.method, EquilibriumMethod) else None
         results.append({
-            "model": t.row.model, "method": t.row.method, "impl": t.row.impl, "label": t.row.name,
-            "solver": _solver_label(t.method), "tol": getattr(t.method, "tol", None),
-            "max_iter": getattr(t.method, "max_iter", None),
+            "model": t.row.model, "method": t.row.method_name, "impl": t.row.impl, "label": t.row.name,
+            "solver": _solver_label(t.method),
+            "tol": None if solver is None else solver.tol, "max_iter": None if solver is None else solver.max_steps,
             "seconds_per_batch_median": med, "seconds_per_batch_min": min(t.seconds) if timed else None,
             # Every timed batch, by bench round (a diverged batch has none): what the intervals resample.
             "seconds_per_batch": dict(zip(t.rounds, t.seconds)),
@@ -534,34 +609,29 @@ def run_bench(config: BenchConfig, rows: Optional[List[Row]] = None) -> Dict[str
             **update_agreement(t.row, references),
         })
     by = {r["label"]: r for r in results}
-    agreement = {}
-    if {"rnn-lcp-di", "rnn-lcp-di-autograd"} <= set(by):
-        agreement = paired_iterations(Row("rnn", "lcp-di"), Row("rnn", "lcp-di", impl="autograd"),
-                                      start["rnn"], batches[:config.batches])
+    agreement: Dict[str, Any] = {}
+    ran = {r.name: r for r in rows}
+    for ratio in plan.ratios.values():
+        if ratio.of == "iterations_same_network" and {ratio.numerator, ratio.denominator} <= set(ran):
+            agreement = paired_iterations(ran[ratio.denominator], ran[ratio.numerator],
+                                          start[ran[ratio.denominator].model], batches[:config.batches])
     memory: Dict[str, float] = {}
     if config.memory:
-        probes = {"lcp_di_100": Row("rnn", "lcp-di", options={"tol": 0.0, "max_iter": 100}),
-                  "lcp_di_800": Row("rnn", "lcp-di", options={"tol": 0.0, "max_iter": 800}),
-                  "bptt_100": Row("rnn", "bptt", options={"max_iter": 100}),
-                  "bptt_800": Row("rnn", "bptt", options={"max_iter": 800})}
-        for key, row in tqdm(probes.items(), desc="memory", disable=not config.progress, leave=False):
+        for key, row in tqdm(plan.probes.items(), desc="memory", disable=not config.progress, leave=False):
             memory[key] = peak_memory_mb(row, config)
-        # On CUDA every row already has its peak from its timed batches.
-        cpu_rows = results if config.device == "cpu" else []
-        for r in tqdm(cpu_rows, desc="memory per row", disable=not config.progress, leave=False):
-            options = _row_options(rows, r["label"])
-            # On the CPU a compiled row's first batch measures the compiler (hundreds of MB), a later
-            # one only the buffers left from the first; neither compares with the eager rows: none given.
-            if not options.get("compile"):
-                r["peak_memory_mb"] = peak_memory_mb(Row(r["model"], r["method"], r["impl"], options), config)
-    pairs = _ratio_rows(by)
-    ratios = _ratios(by, pairs, memory)
-    ratios["rnn_lcp_di_iterations_autograd_over_fast_same_network"] = agreement.get("ratio")
+        # On CUDA every row already has its peak from its timed batches. On the CPU a compiled row's first
+        # batch measures the compiler (hundreds of MB), a later one only the buffers left from the first;
+        # neither compares with the eager rows: none given.
+        cpu_rows = [t.row for t in trainers if not t.row.uses_backend("compile")] if config.device == "cpu" else []
+        for row in tqdm(cpu_rows, desc="memory per row", disable=not config.progress, leave=False):
+            by[row.name]["peak_memory_mb"] = peak_memory_mb(row, config)
+    pairs = ratio_rows(plan, by)
     intervals = {key: ratio_interval(by[a]["seconds_per_batch"], by[b]["seconds_per_batch"], seed=config.seed)
                  for key, (a, b) in pairs.items() if a in by and b in by}
     return {"config": asdict(config), "environment": environment(config), "rows": results, "memory_probes_mb": memory,
             "ratio_rows": {key: list(pair) for key, pair in pairs.items()},
-            "iteration_agreement": agreement, "ratios": ratios, "ratio_intervals_95": intervals}
+            "iteration_agreement": agreement, "ratios": ratios(plan, by, memory, agreement),
+            "ratio_intervals_95": intervals}
 
 
 def environment(config: BenchConfig) -> Dict[str, Any]:
@@ -597,113 +667,64 @@ def ratio_interval(numerator: Dict[int, float], denominator: Dict[int, float], d
 
 
 def _solver_label(method: Method) -> str:
-    """The solver a row runs, with Euler's check-level Anderson memory when it mixes and ``+native``
-    when the tail of every solve (free, adjoint, controlled) runs in C."""
-    name = getattr(method, "solver", "-")
-    memory = (getattr(method, "solver_options", None) or {}).get("anderson_memory")
-    name = f"{name}+anderson{memory}" if memory else name
-    return name + "+native" if getattr(method, "native", False) else name
-
-
-def _row_options(rows: List[Row], label: str) -> Dict[str, Any]:
-    return next(r.options for r in rows if r.name == label)
+    """The solver of every phase that has none of its own (``-``: no solver), with ``+anderson<m>`` when
+    it mixes at its checks (memory m) and ``+native`` when the tail of its solves may run in C."""
+    if not isinstance(method, EquilibriumMethod):
+        return "-"
+    solver = method.solver
+    name = solver.name + (f"+anderson{solver.mix.memory}" if solver.mix is not None else "")
+    return name + ("+native" if any(b.name == "native" for b in solver._backends) else "")
 
 
 def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
-# Ratio key -> the LCP-DI row it divides by the fastest RBP row (the "equal_tol" rows run at RBP's 1e-4).
-LCP_DI_OVER_RBP = {
-    "rnn_lcp_di_over_rbp": "rnn-lcp-di",
-    "rnn_lcp_di_over_rbp_equal_tol": "rnn-lcp-di-tol1e-4",
-    "rnn_lcp_di_stall_over_rbp": "rnn-lcp-di-stall",
-    "rnn_lcp_di_stall_over_rbp_equal_tol": "rnn-lcp-di-tol1e-4-stall",
-    "rnn_lcp_di_gains_over_rbp": "rnn-lcp-di-gains",
-    "rnn_lcp_di_gains_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4",
-    "rnn_lcp_di_gains_stall_over_rbp": "rnn-lcp-di-gains-stall",
-    "rnn_lcp_di_gains_stall_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall",
-    "rnn_lcp_di_gains_over_rbp_equal_tol_and_cap": "rnn-lcp-di-gains-tol1e-4-max200",
-    "rnn_lcp_di_compile_over_rbp": "rnn-lcp-di-compile",
-    "rnn_lcp_di_compile_over_rbp_equal_tol": "rnn-lcp-di-tol1e-4-compile",
-    "rnn_lcp_di_gains_stall_compile_over_rbp": "rnn-lcp-di-gains-stall-compile",
-    "rnn_lcp_di_gains_stall_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall-compile",
-    "rnn_lcp_di_gains_stall_accel_over_rbp": "rnn-lcp-di-gains-stall-accel",
-    "rnn_lcp_di_gains_stall_accel_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall-accel",
-    "rnn_lcp_di_gains_stall_accel_compile_over_rbp": "rnn-lcp-di-gains-stall-accel-compile",
-    "rnn_lcp_di_gains_stall_accel_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall-accel-compile",
-    "rnn_lcp_di_gains_compile_over_rbp": "rnn-lcp-di-gains-compile",
-    "rnn_lcp_di_gains_stall300_compile_over_rbp": "rnn-lcp-di-gains-stall300-compile",
-    "rnn_lcp_di_gains_stall300_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-compile",
-    "rnn_lcp_di_gains_accel_over_rbp": "rnn-lcp-di-gains-accel",
-    "rnn_lcp_di_gains_accel_compile_over_rbp": "rnn-lcp-di-gains-accel-compile",
-    "rnn_lcp_di_gains_stall300_accel_compile_over_rbp": "rnn-lcp-di-gains-stall300-accel-compile",
-    "rnn_lcp_di_gains_stall300_accel_compile_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-accel-compile",
-    "rnn_lcp_di_gains_native_over_rbp": "rnn-lcp-di-gains-native",
-    "rnn_lcp_di_gains_stall300_native_over_rbp": "rnn-lcp-di-gains-stall300-native",
-    "rnn_lcp_di_gains_stall300_native_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-native",
-    "rnn_lcp_di_gains_stall300_accel_native_over_rbp": "rnn-lcp-di-gains-stall300-accel-native",
-    "rnn_lcp_di_gains_stall300_accel_native_over_rbp_equal_tol": "rnn-lcp-di-gains-tol1e-4-stall300-accel-native",
-}
-
-
-def _fastest(by: Dict[str, Dict[str, Any]], method: str, tol: float, max_iter: int,
-             agreeing: bool = True) -> Optional[str]:
-    """The label of the fastest RNN row of ``method`` at this tolerance and cap, any solver; with
-    ``agreeing``, among the rows that give the method's update (``agrees`` not False)."""
-    timed = [r for r in by.values() if r["model"] == "rnn" and r["method"] == method and r["impl"] == "fast"
-             and r["tol"] == tol and r["max_iter"] == max_iter and r["seconds_per_batch_median"] is not None
-             and not (agreeing and r.get("agrees") is False)]
+def _pick(by: Dict[str, Dict[str, Any]], values: Dict[str, Any], agreeing: bool) -> Optional[str]:
+    """The label of the fastest timed row with ``values`` in its columns; with ``agreeing``, among the rows
+    whose update agrees with their reference's or that have none (``agrees`` not False)."""
+    timed = [r for r in by.values() if all(r.get(k) == v for k, v in values.items())
+             and r["seconds_per_batch_median"] is not None and not (agreeing and r.get("agrees") is False)]
     return min(timed, key=lambda r: r["seconds_per_batch_median"])["label"] if timed else None
 
 
-def _ratio_rows(by: Dict[str, Dict[str, Any]]) -> Dict[str, tuple]:
-    """The headline time ratios as (numerator row, denominator row); a row the run lacks is None."""
-    # RBP at its published 1e-4 / 200 serves the published comparison and the one at 1e-4.
-    rbp = _fastest(by, "rbp", 1e-4, 200)
-    return {
-        "rnn_lcp_di_autograd_over_fast": ("rnn-lcp-di-autograd", "rnn-lcp-di"),
-        # The fastest LCP-DI setting at each tolerance (cap 800) over the fastest RBP setting.
-        "rnn_lcp_di_best_over_rbp": (_fastest(by, "lcp-di", 1e-6, 800), rbp),
-        "rnn_lcp_di_best_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800), rbp),
-        # Equal tolerance the other way: RBP brought to LCP-DI's 1e-6 and cap 800.
-        "rnn_lcp_di_best_over_rbp_equal_tol_1e-6": (_fastest(by, "lcp-di", 1e-6, 800), _fastest(by, "rbp", 1e-6, 800)),
-        # The same three with every row competing, also those whose update differs from the method's.
-        "rnn_lcp_di_fastest_over_rbp": (_fastest(by, "lcp-di", 1e-6, 800, False), _fastest(by, "rbp", 1e-4, 200, False)),
-        "rnn_lcp_di_fastest_over_rbp_equal_tol": (_fastest(by, "lcp-di", 1e-4, 800, False),
-                                                  _fastest(by, "rbp", 1e-4, 200, False)),
-        "rnn_lcp_di_fastest_over_rbp_equal_tol_1e-6": (_fastest(by, "lcp-di", 1e-6, 800, False),
-                                                       _fastest(by, "rbp", 1e-6, 800, False)),
-        "ff_lcp_di_over_bp": ("ff-lcp-di", "ff-bp"),
-        "ff_lcp_di_compile_over_bp": ("ff-lcp-di-compile", "ff-bp"),
-    }
+def _label(term, plan: Plan, by: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """A ratio's term as a row label (a pick that matches no row: None)."""
+    if isinstance(term, str):
+        return term
+    (rule, name), = term.items()
+    return _pick(by, plan.picks[name], agreeing=rule == "best")
 
 
-def _ratios(by: Dict[str, Dict[str, Any]], pairs: Dict[str, tuple], memory: Dict[str, float]) -> Dict[str, Any]:
-    def sec(label):
-        return by[label]["seconds_per_batch_median"] if label in by else None
+def ratio_rows(plan: Plan, by: Dict[str, Dict[str, Any]]) -> Dict[str, Tuple[Optional[str], Optional[str]]]:
+    """The headline ratios' rows, ``(numerator, denominator)`` labels; a pick with no row is None."""
+    return {r.name: (_label(r.numerator, plan, by), _label(r.denominator, plan, by))
+            for r in plan.ratios.values() if r.headline}
 
-    def its(label):
-        return by[label]["mean_iterations"] if label in by else None
 
-    def over(key):
-        numerator, denominator = pairs[key]
-        return _ratio(sec(numerator), sec(denominator))
+def ratios(plan: Plan, by: Dict[str, Dict[str, Any]], memory: Dict[str, float],
+           agreement: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    """Every ratio of the plan, in its order; None where a term's row or probe did not run."""
+    column = {"seconds": "seconds_per_batch_median", "iterations": "mean_iterations"}
 
-    best_rbp = sec(pairs["rnn_lcp_di_best_over_rbp"][1])
-    return {
-        "rnn_lcp_di_autograd_over_fast": over("rnn_lcp_di_autograd_over_fast"),
-        "rnn_lcp_di_iterations_autograd_over_fast": _ratio(its("rnn-lcp-di-autograd"), its("rnn-lcp-di")),
-        **{key: _ratio(sec(label), best_rbp) for key, label in LCP_DI_OVER_RBP.items()},
-        **{key: over(key) for key in pairs if key != "rnn_lcp_di_autograd_over_fast"},
-        "lcp_di_memory_800_over_100": _ratio(memory.get("lcp_di_800"), memory.get("lcp_di_100")),
-        "bptt_memory_800_over_100": _ratio(memory.get("bptt_800"), memory.get("bptt_100")),
-    }
+    def value(term, of):
+        if of == "memory":
+            return memory.get(term)
+        label = _label(term, plan, by)
+        return by[label][column[of]] if label in by else None
+
+    out: Dict[str, Optional[float]] = {}
+    for r in plan.ratios.values():
+        if r.of == "iterations_same_network":
+            out[r.name] = agreement.get("ratio")
+        else:
+            out[r.name] = _ratio(value(r.numerator, r.of), value(r.denominator, r.of))
+    return out
 
 
 def _agreement_cell(r: Dict[str, Any]) -> str:
     """``0.999999 (12)``: the smallest cosine and the batches compared; ``*`` marks a row whose update
-    differs from its method's (below ``AGREEMENT``), which the headline ratios leave out."""
+    differs from its method's (below ``AGREEMENT``), which the ``best`` picks leave out."""
     cos = r.get("update_cosine_vs_autograd")
     if cos is None:
         return "–"
