@@ -16,7 +16,6 @@ solvers as objects, one per phase (:class:`EquilibriumMethod`)::
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, Tuple
@@ -277,16 +276,3 @@ class EquilibriumMethod(Method):
         if system.training:
             system.observe_equilibrium(state)
         return SolveResult(state, res.stats)
-
-
-def solver_settings(method: Method) -> Dict[str, Any]:
-    """Phase -> solver settings of a method (``{}`` for one without solvers), for reports."""
-    if not isinstance(method, EquilibriumMethod):
-        return {}
-    return {phase: s.to_dict() for phase, s in method.solvers().items()}
-
-
-def replace_solvers(method: EquilibriumMethod, **changes) -> EquilibriumMethod:
-    """A copy of ``method`` whose every phase's solver has ``changes`` (e.g. ``backend=("native", "compile")``)."""
-    solvers = {phase: s.replace(**changes) for phase, s in method.solvers().items()}
-    return dataclasses.replace(method, solver=method.solver.replace(**changes), **solvers)

@@ -21,7 +21,6 @@ import torch
 from ..errors import ConfigError
 from ..registry import Registry
 from .backends import check_backends
-from .field import relative_residual
 from .mixing import CheckMix
 from .stopping import StoppingRule
 
@@ -284,8 +283,3 @@ def hold_first_nonfinite(res: torch.Tensor, point: torch.Tensor, probe: torch.Te
     if not bool(bad.any()):
         return probe, seen
     return torch.where((bad & ~seen)[:, None], point, probe), seen | bad
-
-
-def plain_step_residual(g: torch.Tensor, z: torch.Tensor, dt: float, groups) -> torch.Tensor:
-    """The relative residual of the step ``z → z + dt·g``: ``dt·‖g‖ / ‖z‖`` (per group with ``groups``)."""
-    return dt * relative_residual(g, z, groups)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Solver, plain_step_residual, register_solver
+from .base import Solver, register_solver
+from .field import relative_residual
 
 
 def euler_steps(fn, z, context, dt: float, n: int, groups):
@@ -15,7 +16,7 @@ def euler_steps(fn, z, context, dt: float, n: int, groups):
     for _ in range(n - 1):
         z = z.add(fn(z, context), alpha=dt)
     g = fn(z, context)
-    return z.add(g, alpha=dt), plain_step_residual(g, z, dt, groups)
+    return z.add(g, alpha=dt), dt * relative_residual(g, z, groups)
 
 
 @register_solver("euler")
