@@ -144,9 +144,10 @@ def test_short_lcp_run_on_real_omniglot_beats_chance():
     if not (directory / "images_background_small1.zip").is_file():
         pytest.skip(f"Omniglot small splits not found in {directory}")
     from leastcontrol.meta.train import MetaConfig, meta_train
-    result = meta_train(MetaConfig(task="omniglot", method="lcp", learner="mlp", ways=5, shots=1, queries=5,
-                                   data_dir=str(directory), meta_batch=8, meta_steps=30, meta_lr=1e-2,
-                                   inner_lr=0.5, inner_steps=10, lam=0.5, eval_tasks=200, progress=False))
+    result = meta_train(MetaConfig(task="omniglot", method="lcp", learner="mlp", activation="relu", ways=5, shots=1,
+                                   queries=5, data_dir=str(directory), meta_batch=8, meta_steps=30, meta_lr=1e-2,
+                                   inner_solver="gd", inner_step_rule="fixed", inner_lr=0.5, inner_steps=10, lam=0.5,
+                                   eval_tasks=200, progress=False))
     test = result["test"]
     assert test["metric"] == "accuracy" and test["tasks"] == 200
     assert test["mean"] - test["ci95"] > 0.3  # chance is 0.2

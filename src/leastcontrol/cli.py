@@ -180,24 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support examples per class (omniglot, 1) or per task (sinusoid, 10)")
     m.add_argument("--queries", type=_positive_int, default=None,
                    help="query examples per class / task while meta-training (omniglot 15, sinusoid 10)")
-    m.add_argument("--learner", default="conv", choices=["conv", "mlp"],
-                   help="omniglot learner: 4-block conv net, 64 channels (conv) or a faster MLP")
-    m.add_argument("--activation", default="relu", choices=sorted(ACTIVATIONS),
-                   help="the learner's rate function (omniglot and sinusoid): relu (published) or a smooth one")
+    m.add_argument("--learner", default=None, choices=["conv", "mlp"],
+                   help="omniglot learner: a faster MLP (default) or the 4-block conv net, 64 channels (conv)")
+    m.add_argument("--activation", default=None, choices=sorted(ACTIVATIONS),
+                   help="the learner's rate function: relu (published; sinusoid default) or a smooth one "
+                        "(softplus: omniglot default)")
     m.add_argument("--data-dir", default=None, help="omniglot: directory holding the zip archives")
-    m.add_argument("--meta-batch", type=_positive_int, default=25, help="tasks per meta-step (25)")
-    m.add_argument("--meta-steps", type=_positive_int, default=1000)
+    m.add_argument("--meta-batch", type=_positive_int, default=None, help="tasks per meta-step (sinusoid 25, omniglot 16)")
+    m.add_argument("--meta-steps", type=_positive_int, default=None, help="(sinusoid 500, omniglot 150)")
     m.add_argument("--meta-lr", type=float, default=1e-3)
-    m.add_argument("--inner-solver", default="gd", choices=INNER_SOLVERS,
-                   help="gradient steps (gd), Anderson-accelerated gradient steps, or Adam")
-    m.add_argument("--inner-lr", type=float, default=0.01, help="inner step size (0.01)")
+    m.add_argument("--inner-solver", default=None, choices=INNER_SOLVERS,
+                   help="gradient steps (gd), Anderson-accelerated gradient steps (default), or Adam")
+    m.add_argument("--inner-lr", type=float, default=None, help="inner step size (0.1)")
     m.add_argument("--inner-steps", type=_positive_int, default=300, help="inner solver steps (300)")
     m.add_argument("--inner-tol", type=float, default=1e-5, help="relative-residual tolerance of the inner solves")
-    m.add_argument("--inner-step-rule", choices=STEP_RULES, default="fixed",
-                   help="fixed: every task steps with --inner-lr; curvature: each task's step is capped at "
+    m.add_argument("--inner-step-rule", choices=STEP_RULES, default=None,
+                   help="fixed: every task steps with --inner-lr; curvature (default): each task's step is capped at "
                         "1/λ_max of its inner Hessian (estimated by power iteration), so the gradient "
                         "dynamics stay stable as meta-training sharpens the inner loss")
-    m.add_argument("--lam", type=float, default=1.0, help="pull λ of the adapted weights towards ω (1.0)")
+    m.add_argument("--lam", type=float, default=None, help="pull λ of the adapted weights towards ω (sinusoid 2, omniglot 1)")
     m.add_argument("--learn-lam", action="store_true", help="also meta-learn one λ per weight (not fomaml)")
     m.add_argument("--beta", type=float, default=0.1, help="control strength (lcp) / nudging (contrastive)")
     m.add_argument("--route", default="di", choices=["di", "energy"], help="lcp: dynamic inversion or energy")
