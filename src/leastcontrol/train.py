@@ -124,7 +124,7 @@ class TrainConfig:
             if value is None or isinstance(value, Mapping):
                 setattr(self, key, cfg.section(cls, value, key))
         if isinstance(self.method, Mapping):
-            self.method = method_from_dict(self.method, model=self.model.name)
+            self.method = method_from_dict(self.method, model=self.model.name, dataset=self.data.name)
         if not isinstance(self.method, Method):
             raise ConfigError(f"method must be a Method or a table of its settings, got {self.method!r}")
         PRESETS.factory(self.preset)

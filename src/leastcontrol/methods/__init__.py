@@ -52,9 +52,10 @@ def get_method(name: str, **settings) -> Method:
     return METHODS.create(name, **settings)
 
 
-def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, where: str = "method") -> Method:
+def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, dataset: str | None = None,
+                     where: str = "method") -> Method:
     """A method from a config table: ``name`` and its settings (solvers as tables), over the method's
-    per-model defaults for ``model`` (``Method.model_defaults``).
+    defaults for ``model`` and then for ``(model, dataset)`` (``Method.model_defaults``).
 
     Raises:
         ConfigError: an unknown method, key or solver setting, or a wrongly typed value, naming it and
@@ -65,8 +66,9 @@ def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, wher
     if not isinstance(name, str) or name not in METHODS:
         raise ConfigError(f"{where}.name: unknown method {name!r}; valid methods: {', '.join(METHODS.names())}")
     cls = METHODS.factory(name)
+    defaults = getattr(cls, "model_defaults", {})
     if model is not None:
-        settings = merge(dict(getattr(cls, "model_defaults", {}).get(model, {})), settings)
+        settings = merge(merge(dict(defaults.get(model, {})), defaults.get((model, dataset), {})), settings)
     if dataclasses.is_dataclass(cls):
         check_table(cls, settings, where, of=f" of method '{name}'", extra=("name",))
     return cls(**settings)

@@ -107,9 +107,10 @@ class Method:
     name = "method"
     loss: str = "cross_entropy"
 
-    # Settings that differ by system in the published set-ups: model name -> {setting: value}
-    # (tables for solvers), applied by the configuration layer under the user's own settings.
-    model_defaults: ClassVar[Dict[str, Dict[str, Any]]] = {}
+    # Settings that differ by system (and data set) in the published or documented set-ups:
+    # model name, or (model, dataset), -> {setting: value} (tables for solvers), applied by the
+    # configuration layer under the user's own settings, the (model, dataset) entry last.
+    model_defaults: ClassVar[Dict[Any, Dict[str, Any]]] = {}
 
     def __post_init__(self):
         self._loss: Loss = get_loss(self.loss)
@@ -181,8 +182,8 @@ class EquilibriumMethod(Method):
     the solver it would have (``{"tol": 1e-4}``; ``{"name": "anderson", "memory": 6}`` keeps the
     driver settings, tolerances included, and changes the step rule), as a config file writes it.
 
-    Per-model defaults (``model_defaults``: model name -> settings) are the published set-ups where a
-    rule's differ between systems; the configuration layer applies them.
+    Per-model defaults (``model_defaults``: model name, or (model, dataset), -> settings) are the
+    published set-ups where a rule's differ between systems; the configuration layer applies them.
     """
 
     solver: Solver | None = None
