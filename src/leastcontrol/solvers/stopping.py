@@ -1,8 +1,9 @@
 """The stopping rule, and the per-sample record of a solve that applies it.
 
-This is the one place where a sample is declared done. At every convergence check each running
-sample gets a :class:`~leastcontrol.solvers.Status`: ``DIVERGED`` if its residual is not finite,
-``CONVERGED`` if it is below ``tol``, ``STALLED`` if the stall rule stops it, else it runs on.
+This is the one place where a sample is declared done. At every convergence check a running sample
+stops if its residual is not finite (``DIVERGED``), below ``tol`` (``CONVERGED``) or the stall rule
+stops it (``STALLED``); one still running at ``max_steps`` ends ``MAX_STEPS``
+(:class:`~leastcontrol.solvers.Status`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from ..errors import SolverDivergedError
 from .field import Field
 from .result import SolveStats, Status
 
-RUNNING = -1
 # The stall rule: a sample stalls when its residual has not fallen below this fraction of its
 # last mark in `patience` steps (chatter at a floor moves it by a few per cent).
 STALL_RATIO = 0.9
@@ -37,20 +37,29 @@ class StoppingRule:
     patience: int | None = None
     stall_tol: float = math.inf
 
-    def decide(self, res: torch.Tensor, step: int, mark_res: torch.Tensor, mark_step: torch.Tensor):
-        """``(status, mark_res, mark_step)`` of rows with residuals ``res`` (float64) at ``step``;
-        ``status`` is a :class:`Status` code, or ``RUNNING``."""
-        status = torch.where(torch.isfinite(res), RUNNING, int(Status.DIVERGED))
+    def done(self, res: torch.Tensor, step: int, mark_res: torch.Tensor, mark_step: torch.Tensor):
+        """``(done, mark_res, mark_step)`` of rows with residuals ``res`` (float64) at ``step``: ``done``
+        where a row converged, stalled or diverged; the stall rule's marks updated."""
+        done = (res < self.tol) | ~torch.isfinite(res)
         if self.patience:
             fell = res < STALL_RATIO * mark_res
             mark_res = torch.where(fell, res, mark_res)
             mark_step = torch.where(fell, step, mark_step)
-            stalled = step - mark_step >= self.patience
-            if self.stall_tol < math.inf:
-                stalled &= res < self.stall_tol
-            status = torch.where(stalled & (status == RUNNING), int(Status.STALLED), status)
+            done |= self._stalled(res, step, mark_step)
+        return done, mark_res, mark_step
+
+    def _stalled(self, res: torch.Tensor, step: int, mark_step: torch.Tensor) -> torch.Tensor:
+        stalled = step - mark_step >= self.patience
+        return stalled & (res < self.stall_tol) if self.stall_tol < math.inf else stalled
+
+    def status(self, res: torch.Tensor, step: int, mark_step: torch.Tensor) -> torch.Tensor:
+        """The :class:`Status` of rows that stopped at ``step`` with residuals ``res`` (``MAX_STEPS`` for
+        a row that did not): diverged before converged before stalled."""
+        status = torch.full(res.shape, int(Status.MAX_STEPS), dtype=torch.int64, device=res.device)
+        if self.patience:
+            status = torch.where(self._stalled(res, step, mark_step), int(Status.STALLED), status)
         status = torch.where(res < self.tol, int(Status.CONVERGED), status)
-        return status, mark_res, mark_step
+        return torch.where(torch.isfinite(res), status, int(Status.DIVERGED))
 
 
 class Tracker:
@@ -70,10 +79,10 @@ class Tracker:
         self.status = torch.full((B,), int(Status.MAX_STEPS), dtype=torch.int64, device=device)
         self.sample_steps = torch.zeros(B, dtype=torch.int64, device=device)
         self.sample_residual = torch.full((B,), math.inf, **f64)
-        # Of the running rows: the stall rule's marks, and the outcome of the last check.
+        # Of the running rows: the stall rule's marks, and their residuals at the last check (and its step).
         self.mark_res = torch.full((B,), math.inf, **f64)
         self.mark_step = torch.zeros(B, **f64)
-        self.last = (torch.full((B,), RUNNING, dtype=torch.int64, device=device), self.sample_residual.clone(), 0)
+        self.last = (self.sample_residual.clone(), 0)
         self.diverged: Tuple[str, int] | None = None
 
     def check(self, res: torch.Tensor, step: int, outcome: torch.Tensor, current, field: Field,
@@ -88,12 +97,14 @@ class Tracker:
             SolverDivergedError: a row diverged and ``throw``.
         """
         res = res.double()
-        status, self.mark_res, self.mark_step = self.rule.decide(res, step, self.mark_res, self.mark_step)
-        done = status != RUNNING
-        self.last = (status, res, step)
+        done, self.mark_res, self.mark_step = self.rule.done(res, step, self.mark_res, self.mark_step)
+        self.last = (res, step)
         stop = done.nonzero().squeeze(1)   # one read of the mask answers "all?", "any?" and "which?"
-        if stop.numel() and self.diverged is None:
-            bad = (status[stop] == int(Status.DIVERGED)).nonzero()
+        if stop.numel() == 0:
+            return False, None
+        status = self.rule.status(res[stop], step, self.mark_step[stop])
+        if self.diverged is None:
+            bad = (status == int(Status.DIVERGED)).nonzero()
             if bad.numel():
                 row = stop[bad[0, 0]]
                 self.diverged = (field.culprit(current()[row:row + 1]), step)
@@ -101,26 +112,26 @@ class Tracker:
                     raise SolverDivergedError(self.diverged[0], step, solver)
         if stop.numel() == done.numel():
             return True, None
-        if not self.freeze or stop.numel() == 0:
+        if not self.freeze:
             return False, None
         keep = (~done).nonzero().squeeze(1)
         rows = self.active[stop]
         self.out[rows] = outcome[stop]
-        self._record(rows, status[stop], res[stop], step)
+        self._record(rows, status, res[stop], step)
         self.active = self.active[keep]
         self.mark_res, self.mark_step = self.mark_res[keep], self.mark_step[keep]
-        self.last = (status[keep], res[keep], step)
+        self.last = (res[keep], step)
         return False, keep
 
     def _record(self, rows, status, res, step: int) -> None:
-        self.status[rows] = torch.where(status == RUNNING, int(Status.MAX_STEPS), status)
+        self.status[rows] = status
         self.sample_residual[rows] = res
         self.sample_steps[rows] = step
 
     def finish(self, outcome: torch.Tensor) -> torch.Tensor:
         """The final flat state of every sample; the running rows end at ``outcome``."""
-        status, res, step = self.last
-        self._record(self.active, status, res, step)
+        res, step = self.last
+        self._record(self.active, self.rule.status(res, step, self.mark_step), res, step)
         if not self.freeze:
             return outcome
         self.out[self.active] = outcome
