@@ -189,7 +189,7 @@ def test_skip_diverged_counts_the_batches_it_skips(monkeypatch):
     monkeypatch.setattr(RBP, "gradients", first_batch_diverges)
     config = flat_config(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50, progress=False)
     with pytest.raises(SolverDivergedError, match=r"epoch 1, batch 1: euler diverged: population 'v'.*"
-                                                  r"smaller dt.*Or pass --skip-diverged"):
+                                                  r"smaller dt.*Or set loop.skip_diverged = true"):
         train(config)
     calls.clear()
     result = train(flat_config(model="rnn", method="rbp", epochs=1, limit_train=192, limit_test=50,

@@ -1,22 +1,43 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Writing outputs without destroying what is at the path, and checking them before a run starts.
+
+Every file the library writes for a user (result JSON, checkpoints, reports, plots, data files)
+goes through :func:`write_bytes`:
+
+- a regular file (or a new one) is replaced atomically: the bytes go to a temporary file beside
+  it, which is then renamed onto it, so a reader never sees half a file and a failed write leaves
+  the previous file; an existing file keeps its permission bits;
+- a symbolic link is written through: its target is replaced as above, the link stays a link;
+- anything else that exists at the path (a FIFO, a character device such as ``/dev/stdout``) is
+  opened and written in place, as ``cat > path`` would; it is never replaced by a file;
+- a directory is refused.
+
+:func:`check_outputs` runs the same rules before any work (the path is not a directory, its folder
+can be written, two outputs are not one file), so a run does not train for hours and then fail.
+Failures raise :class:`~leastcontrol.errors.OutputError` with the option and the reason.
+"""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Mapping, Optional, Union
+
+from .errors import OutputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 @contextlib.contextmanager
-def atomic_target(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` on success.
+def atomic_target(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temporary path beside the regular file ``path``; rename it onto ``path`` on success.
 
-    The temporary file is removed if the body raises, so a failed write never
-    leaves a partial file under the final name.
+    The temporary file is removed if the body raises, so a failed write never leaves a partial file
+    under the final name. For the library's own files (the data cache, the native build); user
+    outputs go through :func:`write_bytes`.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -24,7 +45,7 @@ def atomic_target(path: PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -32,10 +53,122 @@ def atomic_target(path: PathLike) -> Iterator[Path]:
         raise
 
 
-def write_json(path: PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (creating parent folders)."""
+def _target(path: PathLike) -> Path:
+    """The file a write to ``path`` lands in: a symbolic link's final target, else ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    return path
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def write_bytes(path: PathLike, data: bytes, what: str = "output") -> Path:
+    """Write ``data`` to ``path`` by the rules of this module; return ``path``.
+
+    Args:
+        what: how the user named this output (``--json-out``, ``the checkpoint``), for messages.
+
+    Raises:
+        OutputError: ``path`` is a directory, or the write failed (the reason as the system gives it).
+    """
+    target = _target(path)
+    try:
+        if target.is_dir():
+            raise OutputError(f"{what} {path} is a directory; give a file path")
+        if target.exists() and not target.is_file():
+            with open(target, "wb") as fh:   # a FIFO or device: written in place, never replaced
+                fh.write(data)
+            return Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
+        with atomic_target(target, mode) as tmp:
+            tmp.write_bytes(data)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"could not write {what} to {path}: {_reason(exc)}") from None
+    return Path(path)
+
+
+def write_text(path: PathLike, text: str, what: str = "output") -> Path:
+    """:func:`write_bytes` of ``text`` in UTF-8."""
+    return write_bytes(path, text.encode("utf-8"), what)
+
+
+def write_json(path: PathLike, obj: Any, what: str = "--json-out") -> Path:
+    """:func:`write_bytes` of ``obj`` as indented JSON."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n", what)
+
+
+def save_torch(path: PathLike, obj: Any, what: str = "the checkpoint") -> Path:
+    """:func:`write_bytes` of ``torch.save(obj)`` (serialised in memory first, so a failing disk
+    never leaves half a checkpoint)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getvalue(), what)
+
+
+def _nearest_folder(path: Path) -> Path:
+    """The closest ancestor of ``path`` that exists (what must be writable to create it)."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_output(path: PathLike, what: str, *, regular: bool = False) -> None:
+    """Check, before a run, that :func:`write_bytes` can write ``path``; creates nothing.
+
+    Args:
+        regular: the output must be a regular file (a checkpoint, which is read back).
+
+    Raises:
+        OutputError: ``path`` is a directory, not a regular file where one is needed, read-only,
+            or in a folder that cannot be created or written.
+    """
+    target = _target(path)
+    if target.is_dir():
+        raise OutputError(f"{what} {path} is a directory; give a file path")
+    if target.exists() and not target.is_file():
+        if regular:
+            raise OutputError(f"{what} {path} is not a regular file; give a file path")
+        if not os.access(target, os.W_OK):
+            raise OutputError(f"{what} {path} cannot be written (permission denied)")
+        return
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputError(f"{what} {path} is read-only; make it writable or choose another path")
+    folder = _nearest_folder(target)
+    if not folder.is_dir():
+        raise OutputError(f"{what} {path}: {folder} is not a folder; choose another path")
+    try:   # a trial file tells what permission bits do not (read-only mounts, root, ACLs)
+        fd, trial = tempfile.mkstemp(dir=folder, prefix=".leastcontrol-write-test.")
+        os.close(fd)
+        os.unlink(trial)
+    except OSError as exc:
+        raise OutputError(f"{what} {path} cannot be written: {folder} is not writable ({_reason(exc)}); "
+                          "choose another path") from None
+
+
+def check_outputs(outputs: Mapping[str, Optional[PathLike]], regular: tuple = ()) -> None:
+    """:func:`check_output` for each named output that is set, and that no two of them are one file.
+
+    Args:
+        outputs: option name (``--json-out``) -> path or ``None``.
+        regular: the option names whose output must be a regular file.
+
+    Raises:
+        OutputError: an output that cannot be written, or two outputs at one path.
+    """
+    seen = {}
+    for what, path in outputs.items():
+        if path is None or path == "":
+            continue
+        check_output(path, what, regular=what in regular)
+        key = os.path.realpath(path)
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {what} are the same file ({path}); one would overwrite the other: "
+                              "give them different paths")
+        seen[key] = what

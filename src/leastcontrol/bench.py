@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from .atomic import write_json
+from .atomic import check_outputs, write_json
 from .config import merge, read_file
 from .errors import ConfigError, SolverDivergedError
 from .methods import method_from_dict
@@ -432,18 +432,9 @@ class References:
                 except SolverDivergedError:
                     updates.append(None)
                     continue
-                updates.append(flat_update(out.grads).double() if _settled(method, out.stats) else None)
+                updates.append(flat_update(out.grads).double() if method.settled(out.stats) else None)
             self._cache[key] = updates
         return self._cache[key]
-
-
-def _settled(method: Method, stats: Dict[str, Any]) -> bool:
-    """Whether a method's solves settled: every phase whose solver has a tolerance converged. A phase at
-    tol 0 runs a fixed budget of steps (LCP-EBD's optimizer), whose end is its answer whatever the
-    residual there."""
-    if not isinstance(method, EquilibriumMethod):
-        return stats.get("converged", True)
-    return all(stats.get(f"converged_{phase}", True) for phase, s in method.solvers().items() if s.tol > 0)
 
 
 def update_agreement(row: Row, references: References) -> Dict[str, Any]:
@@ -763,6 +754,7 @@ def format_table(result: Dict[str, Any]) -> str:
 def main_bench(config: BenchConfig) -> Dict[str, Any]:
     """Run the benchmark (the rows ``config.rows`` names, else all), print the table, write
     ``json_out`` atomically. Ratios whose rows did not run are None."""
+    check_outputs({"--json-out": config.json_out})   # before minutes of timing
     result = run_bench(config, None if config.rows is None else rows_named(config.rows))
     print(format_table(result))
     if config.json_out:

@@ -6,8 +6,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 import torch
 
-from .atomic import atomic_target
-from .config import as_tree, get_path
+from .atomic import save_torch
+from .config import as_tree, diff_trees
 from .errors import CheckpointError, ConfigError
 
 TRAIN_FORMAT = "leastcontrol-checkpoint-1"
@@ -15,20 +15,23 @@ META_FORMAT = "leastcontrol-meta-checkpoint-1"
 
 
 def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> None:
-    """``torch.save`` of ``state`` to ``path``, atomically: a crash mid-write leaves the previous file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path) as tmp:
-        torch.save(state, tmp)
+    """``torch.save`` of ``state`` to ``path``, atomically: a crash mid-write leaves the previous file.
+
+    Raises:
+        OutputError: the file cannot be written (the reason as the system gives it).
+    """
+    save_torch(path, state, "the checkpoint")
 
 
 def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT) -> Dict[str, Any]:
     """Read a checkpoint of format ``fmt`` (:func:`leastcontrol.train.train`'s by default).
 
     Raises:
-        CheckpointError: missing, unreadable, or not a checkpoint of that format.
+        CheckpointError: missing, a directory, unreadable, or not a checkpoint of that format.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file's path")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -50,26 +53,44 @@ def check_resume(checkpoint: Optional[str], resume: bool) -> None:
         raise ConfigError("resume needs a checkpoint path (--checkpoint FILE)")
 
 
-def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Mapping[str, Any],
-                 keys: Iterable[str]) -> Optional[Dict[str, Any]]:
+def _shown(value: Any) -> str:
+    return "unset" if value is None else repr(value)
+
+
+def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Mapping[str, Any], *,
+                 free: Iterable[str] = (), may_grow: Iterable[str] = ()) -> Optional[Dict[str, Any]]:
     """The saved state to continue from, or ``None`` for a fresh run.
 
-    A checkpoint that exists is only continued with ``resume`` (never overwritten by a new run),
-    and only if the settings in ``keys`` (dotted paths into the config tree; a flat config of an
-    earlier version is read as its tree) are those of ``config``.
+    A checkpoint that exists is only continued with ``resume`` (never overwritten by a new run);
+    ``resume`` with no checkpoint at ``path`` is an error (a mistyped path must not restart a run).
+    A run continues only with the settings it was started with: every setting of ``config`` must
+    equal the saved one, except those under the dotted prefixes ``free`` (where results go, how
+    often to save) and those in ``may_grow`` (a budget), which may be larger. A flat config of an
+    earlier version is read as its tree.
 
     Raises:
-        CheckpointError: the file exists without ``resume``, is unreadable, or is another run's.
+        CheckpointError: the file exists without ``resume``, is missing with it, is unreadable, or
+            is another run's (the message names each differing setting with both values).
     """
-    if path is None or not Path(path).exists():
+    if path is None:
+        return None
+    if Path(path).is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file's path")
+    if not Path(path).exists():
+        if resume:
+            raise CheckpointError(f"--resume: checkpoint {path} does not exist; check the path, "
+                                  "or leave out --resume to start a new run")
         return None
     if not resume:
         raise CheckpointError(f"checkpoint {path} already exists; pass --resume to continue that run "
                               "or choose another --checkpoint path")
     state = load_checkpoint(path, fmt)
     saved = as_tree(state["config"], f"checkpoint {path}") if fmt == TRAIN_FORMAT else state["config"]
-    changed = [k for k in keys if get_path(saved, k) != get_path(config, k)]
+    may_grow = set(may_grow)
+    changed = [(key, old, new) for key, old, new in diff_trees(saved, config, ignore=tuple(free))
+               if not (key in may_grow and isinstance(old, int) and isinstance(new, int) and new >= old)]
     if changed:
-        raise CheckpointError(f"checkpoint {path} belongs to a run with other settings ({', '.join(changed)}); "
-                              "continue it with its own settings, or remove the file to start afresh")
+        listed = "; ".join(f"{key} = {_shown(old)} (asked: {_shown(new)})" for key, old, new in changed)
+        raise CheckpointError(f"checkpoint {path} belongs to a run with other settings: {listed}. Continue it "
+                              "with its own settings, or choose another --checkpoint path to start afresh")
     return state

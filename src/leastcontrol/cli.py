@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
 from .data import DATASETS
-from .errors import LeastControlError
+from .errors import LeastControlError, ResultNotWrittenError
 from .meta.learners import ACTIVATIONS
 from .meta.problem import INNER_SOLVERS, STEP_RULES
 from .config import _FLAT, parse_override
@@ -95,7 +96,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         if "choices" not in settings and "action" not in settings:
             settings = {"metavar": path.rsplit(".", 1)[1].upper(), **settings}
         p.add_argument(flag, dest="path:" + path, **settings)
-    p.add_argument("--quiet", action="store_const", const=True, help="no progress bars")
+    p.add_argument("--quiet", action="store_const", const=True,
+                   help="no progress bars (the line per epoch stays; --set output.log=false hides it too)")
 
 
 def _run_tree(args) -> dict:
@@ -232,14 +234,29 @@ def _train(args) -> int:
     config = TrainConfig.from_tree(_run_tree(args), where=getattr(args, "config", None) or "command line")
     print(f"leastcontrol train: model={config.model.name} method={config.method.name} dataset={config.data.name} "
           f"epochs={config.loop.epochs} ({config.method!r})", flush=True)
-    result = train(config)
-    last = result["history"][-1] if result["history"] else {}
-    print(f"test accuracy {result['test_accuracy']:.4f}  train time {result['train_seconds']:.1f}s  "
-          f"mean iterations {last.get('mean_iterations', 0):.1f}  "
-          f"converged batches {result['converged_fraction']:.2f}")
+    _reported(train, config, _train_summary)
     if config.output.json_out:
         print(f"results written to {config.output.json_out}")
     return 0
+
+
+def _reported(run, config, summary):
+    """``run(config)``, then ``summary(result)`` printed; also when only the writing of the result failed
+    (the error, which names the path, follows the result it could not write)."""
+    try:
+        result = run(config)
+    except ResultNotWrittenError as err:
+        print(summary(err.result))
+        raise
+    print(summary(result))
+    return result
+
+
+def _train_summary(result) -> str:
+    last = result["history"][-1] if result["history"] else {}
+    accuracy = "-" if result["test_accuracy"] is None else f"{result['test_accuracy']:.4f}"
+    return (f"test accuracy {accuracy}  train time {result['train_seconds']:.1f}s  "
+            f"mean iterations {last.get('mean_iterations', 0):.1f}  converged batches {result['converged_fraction']:.2f}")
 
 
 def _config(args) -> int:
@@ -287,12 +304,15 @@ def _meta(args) -> int:
                         cg_steps=args.cg_steps, eval_tasks=args.eval_tasks, eval_queries=args.eval_queries,
                         seed=args.seed, json_out=args.json_out, checkpoint=args.checkpoint,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.quiet)
-    result = meta_train(config)
-    test, before = result["test"], result["test_untrained"]
-    print(f"{config.task} {config.method}: held-out {test['metric']} {test['mean']:.4f} ± {test['ci95']:.4f} "
-          f"over {test['tasks']} tasks (untrained: {before['mean']:.4f}); meta-training {result['train_seconds']:.1f}s; "
-          f"inner solve settled on {100 * result['inner_converged_fraction']['train']:.0f}% of training tasks")
+    _reported(meta_train, config, _meta_summary)
     return 0
+
+
+def _meta_summary(result) -> str:
+    config, test, before = result["config"], result["test"], result["test_untrained"]
+    return (f"{config['task']} {config['method']}: held-out {test['metric']} {test['mean']:.4f} ± {test['ci95']:.4f} "
+            f"over {test['tasks']} tasks (untrained: {before['mean']:.4f}); meta-training {result['train_seconds']:.1f}s; "
+            f"inner solve settled on {100 * result['inner_converged_fraction']['train']:.0f}% of training tasks")
 
 
 def _eval(args) -> int:
@@ -317,12 +337,18 @@ def _eval(args) -> int:
     return 0
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line each, like the errors (the library's own warnings name their fix)."""
+    return f"leastcontrol: warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("train", "config"):
         _refuse_moved_flags(parser, argv[1:])
     args = parser.parse_args(argv)
+    warnings.formatwarning = _format_warning
     try:
         return {"train": _train, "config": _config, "eval": _eval, "reproduce": _reproduce, "bench": _bench,
                 "meta": _meta}[args.command](args)
@@ -331,6 +357,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except ValueError as exc:  # invalid inputs found by the library carry a readable message
         print(f"leastcontrol: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment: a file or folder that cannot be read or written, a full disk
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"leastcontrol: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leastcontrol: interrupted (completed epochs are in --checkpoint, if given)", file=sys.stderr)

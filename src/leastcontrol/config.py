@@ -21,7 +21,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 from .errors import ConfigError
 
@@ -133,6 +133,26 @@ def get_path(tree: Mapping[str, Any], path: str, default=None):
             return default
         node = node[part]
     return node
+
+
+_MISSING = object()
+
+
+def diff_trees(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ()) -> List[Tuple[str, Any, Any]]:
+    """The leaves where two trees differ: ``[(dotted path, value in a, value in b)]``, in path order.
+
+    A leaf present in one tree only differs (its missing side is ``None``). ``ignore``: dotted
+    prefixes left out (``"output"`` leaves out the whole section, ``"data.dir"`` one key).
+    """
+    def skipped(path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") for p in ignore)
+
+    out = []
+    for path in sorted(set(paths(a)) | set(paths(b))):
+        va, vb = get_path(a, path, _MISSING), get_path(b, path, _MISSING)
+        if not skipped(path) and va != vb:
+            out.append((path, None if va is _MISSING else va, None if vb is _MISSING else vb))
+    return out
 
 
 def set_path(tree: Tree, path: str, value: Any) -> Tree:

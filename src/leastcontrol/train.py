@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint  # noqa: F40
 from .data import DataConfig, Dataset
 from .errors import ConfigError, SolverDivergedError
 from .methods import LCPDI, Method, method_from_dict
+from .methods.base import EquilibriumMethod
 from .presets import PRESETS, apply_preset
 from .run import Run
 from .systems import EquilibriumSystem, ModelConfig
@@ -82,13 +84,14 @@ class OutputConfig:
     Args:
         json_out: write config, history and test accuracy to this JSON file.
         checkpoint: save the run here after every epoch (atomically). resume: continue it.
-        progress: progress bars.
+        progress: progress bars. log: one line per epoch (loss, accuracy, iterations, time).
     """
 
     json_out: Optional[str] = None
     checkpoint: Optional[str] = None
     resume: bool = False
     progress: bool = True
+    log: bool = True
 
     def __post_init__(self):
         check_resume(self.checkpoint, self.resume)
@@ -260,8 +263,23 @@ def restore_system(state: Mapping[str, Any], config: TrainConfig, data: Dataset)
 def init_system(config: TrainConfig, data: Dataset, method: Method, rng: torch.Generator) -> EquilibriumSystem:
     """The configured system with what ``method`` adds to it (e.g. feedback weights), drawn from ``rng``."""
     system = build_system(config, data, rng)
+    method.check_system(system)
     method.prepare(system, rng)  # before the optimizer sees the parameters
     return system
+
+
+def check_compatible(config: TrainConfig, method: Method) -> None:
+    """Whether ``method`` can train the configured system, asked of a stand-in system of the data set's
+    shape before any data loads (where the data set fixes its shape; else once the data is loaded).
+
+    Raises:
+        ConfigError or ValueError: what the method needs, naming the fix.
+    """
+    shape = config.data.shape()
+    if shape is not None:
+        input_shape, n_classes = shape
+        method.check_system(config.model.build(math.prod(input_shape), n_classes, input_shape,
+                                               torch.Generator().manual_seed(0)))
 
 
 def _draw_seed(rng: torch.Generator) -> int:
@@ -310,11 +328,43 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
     return correct / max(len(y), 1)
 
 
-# The settings a resumed run must share with the run it continues (dotted paths; a section's name
-# covers all of it): all that changes the result, except the number of epochs, which may grow.
-_RESUME_KEYS = ("model", "method", "data.name", "data.limit_train", "data.augment", "loop.batch_size", "loop.lr",
-                "loop.optimizer", "loop.weight_decay", "loop.schedule", "loop.grad_clip", "loop.seed",
-                "loop.amp", "loop.skip_diverged", "loop.epochs")
+# The settings a resumed run may change (dotted prefixes): where results go and where the data is
+# read from, and how many test samples are evaluated at once. Every other setting changes the
+# result and must be the checkpoint's; the number of epochs may grow where the learning rate does
+# not depend on it (the cosine schedule decays over the whole budget).
+_RESUME_FREE = ("output", "data.dir", "loop.eval_batch_size")
+
+# A training loss this many times the first batch's is worth a word: the run has gone badly wrong.
+LOSS_GROWTH_WARNING = 100.0
+
+
+class _Watch:
+    """What the training loop watches to warn once per kind: a loss grown by orders of magnitude
+    (likely the learning rate), an epoch in which no batch's solves settled (likely tol or max_steps)."""
+
+    def __init__(self, run: Run, config: "TrainConfig", method: Method):
+        self.run, self.config, self.method = run, config, method
+        self.first_loss: Optional[float] = None
+        self.warned: set = set()
+
+    def batch(self, loss: float, epoch: int, batch: int) -> None:
+        if self.first_loss is None:
+            self.first_loss = loss
+        grown = not math.isfinite(loss) or loss > LOSS_GROWTH_WARNING * max(self.first_loss, 1e-12)
+        if grown and "loss" not in self.warned:
+            self.warned.add("loss")
+            self.run.warn(f"the training loss grew from {self.first_loss:.4g} to {loss:.4g} by epoch {epoch}, "
+                          f"batch {batch}: the learning rate is likely too large (--lr, now {self.config.loop.lr:g}); "
+                          "lower it, or clip the gradients (loop.grad_clip)")
+
+    def epoch(self, settled: int, batches: int, epoch: int) -> None:
+        if batches and not settled and "settle" not in self.warned and isinstance(self.method, EquilibriumMethod):
+            self.warned.add("settle")
+            phases = ", ".join(f"{name} (tol {s.tol:g}, max_steps {s.max_steps})"
+                               for name, s in self.method.solvers().items() if s.tol > 0)
+            self.run.warn(f"no batch of epoch {epoch} settled: in every batch some sample ran to max_steps without "
+                          f"reaching tol in a phase of {phases}; the updates are taken away from the equilibrium. "
+                          "Raise max_steps or loosen tol (method.solver, or the phase's table: method.<phase>)")
 
 
 def gradient_clip_groups(system: torch.nn.Module) -> List[List[torch.nn.Parameter]]:
@@ -349,8 +399,13 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         ConfigError, DatasetNotFoundError, SolverDivergedError, CheckpointError.
     """
     loop, output = config.loop, config.output
+    # Outputs and the checkpoint are checked before the data loads and anything trains.
+    run = Run(TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE,
+              may_grow=("loop.epochs",) if loop.schedule == "none" else (),
+              checkpoint=output.checkpoint, resume=output.resume, json_out=output.json_out, progress=output.progress)
     torch.manual_seed(loop.seed)
     method = config.build_method()
+    check_compatible(config, method)
     data = config.data.load()
     device = resolve_device(loop.device)
     rng = torch.Generator().manual_seed(loop.seed)
@@ -369,8 +424,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
     history: List[Dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
-    run = Run(TRAIN_FORMAT, config.to_dict(), _RESUME_KEYS, checkpoint=output.checkpoint, resume=output.resume,
-              json_out=output.json_out, progress=output.progress)
+    watch = _Watch(run, config, method)
     state = run.state
     if state is not None:
         system.load_state_dict(state["system"])
@@ -385,7 +439,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         order, augment_rng = epoch_order(rng, n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
-                "skipped": 0, "unstable": 0.0, "stability_checked": 0}
+                "skipped": 0, "unstable": 0.0, "stability_checked": 0, "settled": 0}
         seen = 0
         solver_log: List[tuple] = []
         bar = run.bar(range(steps_per_epoch), desc=f"epoch {epoch}/{loop.epochs}", leave=False)
@@ -399,13 +453,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                     out = method(system, x, y)
             except SolverDivergedError as err:
                 if not loop.skip_diverged:
-                    raise SolverDivergedError(
-                        err.population, err.step, f"epoch {epoch}, batch {b + 1}: {err.solver}",
-                        f"{err.hint} Or pass --skip-diverged (skip_diverged=True): such a batch then makes "
-                        "no update and is counted in the history.") from err
-                # Counted and reported in the history: this batch makes no update.
+                    raise err.in_context(f"epoch {epoch}, batch {b + 1}",
+                                         "Or set loop.skip_diverged = true: such a batch then makes no update "
+                                         "and is counted in the history.") from err
+                # Counted and reported in the history: this batch makes no update, but the schedule
+                # moves on (as it would have after the step; PyTorch's warning that the scheduler ran
+                # before any optimizer step is about a mistake this is not).
                 sums["skipped"] += 1
-                scheduler.step()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)` before `optimizer\.step\(\)",
+                                            category=UserWarning)
+                    scheduler.step()
                 continue
             clip_gradients(clip_groups, loop.grad_clip)
             optimizer.step()
@@ -413,6 +471,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             scheduler.step()
             n = len(y)
             seen += n
+            watch.batch(out.loss, epoch, b + 1)
+            sums["settled"] += method.settled(out.stats)
             sums["loss"] += out.loss * n
             sums["correct"] += (out.accuracy or 0.0) * n
             sums["iterations"] += out.stats.get("iterations", 0)
@@ -454,7 +514,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
-        if output.progress:
+        watch.epoch(sums["settled"], steps_per_epoch - sums["skipped"], epoch)
+        if output.log:
             shown = "-" if evaluated is None else f"{evaluated:.4f}"
             tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"
                        f"  test acc {shown}  iters {record['mean_iterations']:.1f}"

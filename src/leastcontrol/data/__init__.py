@@ -12,7 +12,7 @@ The modules import one way, each only from those listed before it:
 >>> ds = load_dataset("digits", limit_train=100)   # doctest: +SKIP
 """
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -24,6 +24,11 @@ from .download import PathArg, resolve_data_dir
 from .idx import read_idx, write_idx
 
 __all__ = ["DATASETS", "DataConfig", "Dataset", "load_dataset", "read_idx", "write_idx", "resolve_data_dir"]
+
+
+# One input's shape and the number of classes of the shipped data sets whose loaders fix them:
+# a training run checks its system against them before it reads any data.
+_SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
 
 
 @dataclass
@@ -50,6 +55,11 @@ class DataConfig:
             check_number(f"data.{key}", getattr(self, key), low=1, strict=False, integer=True, none_ok=True)
         if self.augment and self.name != "cifar10":
             raise ConfigError("data.augment (random crop + flip) is for cifar10 only")
+
+    def shape(self) -> Optional[Tuple[tuple, int]]:
+        """``(input_shape, n_classes)`` where the loader fixes them before reading a file, else ``None``
+        (``idx`` and registered data sets: known once loaded)."""
+        return _SHAPES.get(self.name)
 
     def load(self, limit_train: Optional[int] = None) -> Dataset:
         """The data set (``limit_train`` overrides the section's, e.g. for evaluation)."""

@@ -29,7 +29,7 @@ import torch
 from ..atomic import atomic_target
 from ..errors import DataFormatError, DatasetNotFoundError
 from .base import Dataset
-from .download import OFFLINE_ENV, PathArg, is_offline, resolve_data_dir, sha256_file
+from .download import OFFLINE_ENV, PathArg, download_dir, is_offline, resolve_data_dir, sha256_file
 # Bound here, not called as download.fetch, so a test can stub the network of this loader alone.
 from .download import fetch as _fetch
 
@@ -87,6 +87,16 @@ def _find_batches(directory: Path) -> Optional[Path]:
 
 
 def download_cifar10(directory: Path) -> str:
+    """:func:`_download_into` ``directory``; folders created for a download that stored nothing are
+    removed again."""
+    try:
+        with download_dir(directory):
+            return _download_into(directory)
+    except OSError as exc:
+        return f"cannot create {directory}: {exc}"
+
+
+def _download_into(directory: Path) -> str:
     """Download the official archive into ``directory``, check its SHA-256, unpack the batches.
 
     Returns:

@@ -9,13 +9,14 @@ before they keep it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import urllib.request
 import zlib
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 from ..paths import user_cache_dir
 from .idx import is_gzip_bytes
@@ -54,6 +55,31 @@ def resolve_data_dir(data_dir: PathArg = None, dataset_name: str = "mnist") -> P
 def is_offline() -> bool:
     """True when ``$LEASTCONTROL_OFFLINE`` is 1, true, yes or on: the loaders must not download."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@contextlib.contextmanager
+def download_dir(directory: Path) -> Iterator[Path]:
+    """``directory`` created (with missing parents) for a download; the folders this created are
+    removed again at the end if they are still empty, so a failed download into a mistyped path
+    leaves nothing behind.
+
+    Raises:
+        OSError: the directory cannot be created.
+    """
+    created = []
+    folder = directory
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        yield directory
+    finally:
+        for folder in created:   # deepest first; a folder that holds anything stays, and so do its parents
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def fetch(url: str, dest: Path, timeout: float) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..atomic import atomic_target
 from ..errors import ConfigError, DataFormatError, DatasetNotFoundError
 from .base import Dataset
-from .download import OFFLINE_ENV, PathArg, is_offline, resolve_data_dir, sha256_uncompressed
+from .download import OFFLINE_ENV, PathArg, download_dir, is_offline, resolve_data_dir, sha256_uncompressed
 # Bound here, not called as download.fetch, so a test can stub the network of this loader alone.
 from .download import fetch as _fetch
 from .idx import read_idx
@@ -77,6 +77,16 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
 def download_mnist(
     directory: Path, names: Optional[list[str]] = None, timeout: float = DOWNLOAD_TIMEOUT_S
 ) -> list[str]:
+    """Download MNIST files into ``directory``, verifying their SHA-256 (:func:`_download_into`);
+    folders created for a download that stored nothing are removed again."""
+    try:
+        with download_dir(directory):
+            return _download_into(directory, names, timeout)
+    except OSError as exc:
+        return [f"cannot create {directory}: {exc}"]
+
+
+def _download_into(directory: Path, names: Optional[list[str]], timeout: float) -> list[str]:
     """Download MNIST files into ``directory``, verifying their SHA-256.
 
     Each file goes to a temporary file in ``directory`` and is moved to

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
 import torch
@@ -188,10 +187,9 @@ def _mean_stats(window: list) -> Dict[str, float]:
     return {k: sum(float(s[k]) for s in window) / len(window) for k in keys}
 
 
-# Settings a resumed run must share with the checkpoint it continues (the rest only says where
-# results go and how often to save).
-_RESUME_KEYS = tuple(f.name for f in fields(MetaConfig)
-                     if f.name not in ("data_dir", "json_out", "checkpoint", "checkpoint_every", "resume", "progress"))
+# Settings a resumed run may change (where results go and how often to save); every other setting
+# must be the checkpoint's.
+_RESUME_FREE = ("data_dir", "json_out", "checkpoint", "checkpoint_every", "resume", "progress")
 
 
 def meta_train(config: MetaConfig) -> Dict[str, Any]:
@@ -213,6 +211,9 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
         ConfigError, CheckpointError (a checkpoint that exists without ``resume``, is unreadable,
         or belongs to a run with other settings).
     """
+    # Outputs and the checkpoint are checked before the data loads and anything trains.
+    run = Run(META_FORMAT, asdict(config), free=_RESUME_FREE, checkpoint=config.checkpoint, resume=config.resume,
+              json_out=config.json_out, progress=config.progress)
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     task = config.build_task()
@@ -234,8 +235,6 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     opt = torch.optim.Adam([omega, log_lam] if config.learn_lam else [omega], lr=config.meta_lr)
     history, window, settled, window_stats = [], [], [], []
     first_step, seconds_before = 1, 0.0
-    run = Run(META_FORMAT, asdict(config), _RESUME_KEYS, checkpoint=config.checkpoint, resume=config.resume,
-              json_out=config.json_out, progress=config.progress)
     state = run.state
     if state is not None:
         with torch.no_grad():
@@ -285,8 +284,8 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     for fraction, where in ((settled_fractions["train"], "meta-training"), (settled_fractions["test"], "held-out")):
         message = unsettled_inner_message(fraction, settings, where)
         if message:
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            run.warn(message, RuntimeWarning)
     message = unsolved_cg_message(history[-1]["method_stats"].get("cg_residual"), config.cg_steps)
     if message:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        run.warn(message, RuntimeWarning)
     return run.finish(result)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Dict, Tuple
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteUpdateError
 from ..losses import Loss, get_loss
 from ..solvers import Euler, Field, SolveResult, Solver, solver_from_dict
 from ..systems.base import AutogradFlatOperator, EquilibriumSystem, FlatOperator
@@ -45,6 +45,25 @@ class MethodOutput:
     accuracy: float | None
     grads: Dict[str, torch.Tensor]
     stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def check_finite_update(method: str, grads: Dict[str, torch.Tensor]) -> None:
+    """Raise if any of a method's updates holds NaN or Inf (one synchronisation for all of them).
+
+    Raises:
+        NonFiniteUpdateError: naming the first such parameter.
+    """
+    if not grads:
+        return
+    names = list(grads)
+    finite = torch.stack([torch.isfinite(grads[n]).all() for n in names])
+    if not bool(finite.all()):
+        raise NonFiniteUpdateError(names[int((~finite).nonzero()[0])], None, method)
+
+
+def _no_native_steps(system) -> str:
+    return (f"the native backend covers the recurrent network ('rnn'); {type(system).__name__} has no native steps; "
+            "drop 'native' from the solver's backend (method.solver.backend)")
 
 
 def accumulate_grads(system: EquilibriumSystem, grads: Dict[str, torch.Tensor]) -> None:
@@ -140,12 +159,24 @@ class Method:
         """
         x, y = self._inputs(system, x, y)
         out = self.gradients(system, x, y)
+        check_finite_update(self.name, out.grads)
         accumulate_grads(system, out.grads)
         return out
 
     def gradients(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor) -> MethodOutput:
         """Gradients on validated inputs, without touching ``.grad``."""
         raise NotImplementedError
+
+    def settled(self, stats: Dict[str, Any]) -> bool:
+        """Whether a batch's solves (if any) settled, from its ``stats``."""
+        return bool(stats.get("converged", True))
+
+    def check_system(self, system: EquilibriumSystem) -> None:
+        """Raise now if this method cannot train ``system`` (a training run asks before its data loads).
+
+        Raises:
+            ConfigError or ValueError: naming what the method needs and the fix.
+        """
 
     def prepare(self, system: EquilibriumSystem, generator: torch.Generator | None = None) -> None:
         """Add what the method needs to the system (e.g. feedback weights); call before making the optimizer.
@@ -239,9 +270,27 @@ class EquilibriumMethod(Method):
         """Phase -> its solver."""
         return {phase: getattr(self, phase) for phase in self.phases}
 
+    def settled(self, stats: Dict[str, Any]) -> bool:
+        """Whether a batch's solves settled (from its ``stats``): every phase whose solver has a
+        tolerance converged. A phase at tol 0 runs a fixed budget of steps (LCP-EBD's optimizer),
+        whose end is its answer whatever the residual there."""
+        return all(stats.get(f"converged_{phase}", True) for phase, s in self.solvers().items() if s.tol > 0)
+
     def uses_backend(self, name: str) -> bool:
         """Whether any phase's solver may run its steps on the backend ``name``."""
         return any(b.name == name for s in self.solvers().values() for b in s._backends)
+
+    def check_system(self, system: EquilibriumSystem) -> None:
+        """The native backend needs a system with C steps (without compiling them).
+
+        Raises:
+            ConfigError: the native backend asked for on a system that has none.
+        """
+        super().check_system(system)
+        if self.uses_backend("native") and self.impl != "autograd":
+            from .. import native
+            if not native.has_native_steps(self._flat_operator(system)):
+                raise ConfigError(_no_native_steps(system))
 
     def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
         """``f`` and ``(∂_s f)ᵀ a`` on a flat state: the system's fused kernels, or one autograd call (``impl``)."""
@@ -261,8 +310,7 @@ class EquilibriumMethod(Method):
         from .. import native
         kernel = native.field_kernel(op, kind, **constants)
         if kernel is None:
-            raise ConfigError(f"the native backend covers the recurrent network ('rnn'); {type(system).__name__} "
-                              "has no native steps; drop 'native' from the solver's backend (method.solver.backend)")
+            raise ConfigError(_no_native_steps(system))
         return {"native": kernel}
 
     @torch.no_grad()

@@ -41,6 +41,9 @@ class BP(Method):
             )
         return system.settle_steps
 
+    def check_system(self, system: EquilibriumSystem) -> None:
+        self._steps(system)
+
     def _unroll(self, system, x):
         drive = system.encode(x)
         s = system.init_state(x.shape[0])

@@ -93,6 +93,10 @@ class LCPLF(LCPDI):
         self.prepare(system)
         return system.lf_Q
 
+    def check_system(self, system) -> None:
+        super().check_system(system)
+        self._hidden(system)
+
     def _hidden(self, system):
         hidden = [p for p in system.population_sizes() if p != system.output_population]
         if len(hidden) != 1:

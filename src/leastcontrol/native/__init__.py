@@ -190,6 +190,11 @@ def register_native_system(op_class: type, builder: Callable[[object], NativeSys
     _SYSTEMS[op_class] = builder
 
 
+def has_native_steps(op) -> bool:
+    """Whether the system whose flat operator is ``op`` has C kernels (nothing is compiled to tell)."""
+    return type(op) in _SYSTEMS
+
+
 def native_system(op) -> NativeSystem | None:
     """The C kernels of the system whose flat operator is ``op``, or ``None`` where it has none."""
     builder = _SYSTEMS.get(type(op))
