@@ -253,17 +253,21 @@ class EquilibriumMethod(Method):
         """The backends' own steps of this field (``kind``: ``free``, ``adjoint``, ``controlled``) where a
         phase's solver may use them: the C steps of :mod:`leastcontrol.native` for the systems it covers.
 
+        No steps where the C steps cannot be built or loaded in this process: the solvers then run them on
+        their next backend (warned once, :func:`leastcontrol.native.usable`).
+
         Raises:
             ConfigError: the native backend asked for on a system that has no C steps.
         """
         if not self.uses_backend("native"):
             return {}
         from .. import native
-        kernel = native.field_kernel(op, kind, **constants)
-        if kernel is None:
+        if not native.covers(op):
             raise ConfigError(f"the native backend covers the recurrent network ('rnn'); {type(system).__name__} "
                               "has no native steps; drop 'native' from the solver's backend (method.solver.backend)")
-        return {"native": kernel}
+        if not native.usable():
+            return {}
+        return {"native": native.field_kernel(op, kind, **constants)}
 
     @torch.no_grad()
     def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver: Solver | None = None) -> SolveResult:

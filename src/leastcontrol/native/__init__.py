@@ -20,7 +20,8 @@ Methods ask for a field's kernel with :func:`field_kernel` and hand it to the so
 :class:`~leastcontrol.solvers.Field`'s ``kernels``. The C sources ship with the package and are
 compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; the
 same requirement as ``torch.compile`` on the CPU) into the user cache, once per source, compiler and
-CPU, and loaded with :mod:`ctypes` (:func:`library`).
+CPU, and loaded with :mod:`ctypes` (:func:`library`). Where they cannot be built or loaded, the
+backend gives way to the solver's next one, with one warning naming why (:func:`usable`).
 
 >>> from leastcontrol.solvers import Euler
 >>> from leastcontrol.methods import get_method
@@ -198,6 +199,35 @@ def library() -> ctypes.CDLL:
                           f"({err}); {_FIX}") from None
 
 
+# Why the C steps cannot be built or loaded in this process, once usable() has found it (and warned).
+_failure: str | None = None
+
+
+def usable() -> bool:
+    """Whether the C steps build and load in this process (:func:`library`), for the native backend.
+
+    Where they cannot (no C compiler, the compiler fails, the built library does not load), warns once
+    (RuntimeWarning) with the reason and the fix, and answers False from then on without trying again:
+    the backend then gives way to the solver's next backend, eager where none is left (:func:`failed`).
+    """
+    global _failure
+    if _failure is not None:
+        return False
+    try:
+        library()
+        return True
+    except ConfigError as err:
+        _failure = str(err)
+    warnings.warn(f"the native backend cannot run here, so its steps run on the solver's next backend (eager "
+                  f"where none is left): {_failure}", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def failed() -> bool:
+    """Whether :func:`usable` has found that the C steps cannot run in this process (it warned then)."""
+    return _failure is not None
+
+
 def _declare(lib, name: str, restype, argtypes):
     """``lib``'s function ``name`` with its C signature."""
     fn = getattr(lib, name)
@@ -277,6 +307,11 @@ def register_native_system(op_class: type, builder: Callable[[object], NativeSys
     if not overwrite and op_class in _SYSTEMS:
         raise ValueError(f"native system for {op_class.__name__} is already registered; pass overwrite=True to replace it")
     _SYSTEMS[op_class] = builder
+
+
+def covers(op) -> bool:
+    """Whether the system whose flat operator is ``op`` has C kernels (registered for its exact class)."""
+    return type(op) in _SYSTEMS
 
 
 def native_system(op) -> NativeSystem | None:
