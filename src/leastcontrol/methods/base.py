@@ -289,7 +289,7 @@ class EquilibriumMethod(Method):
         super().check_system(system)
         if self.uses_backend("native") and self.impl != "autograd":
             from .. import native
-            if not native.has_native_steps(self._flat_operator(system)):
+            if not native.covers(self._flat_operator(system)):
                 raise ConfigError(_no_native_steps(system))
 
     def _flat_operator(self, system: EquilibriumSystem, feedback=None) -> FlatOperator:
@@ -302,16 +302,20 @@ class EquilibriumMethod(Method):
         """The backends' own steps of this field (``kind``: ``free``, ``adjoint``, ``controlled``) where a
         phase's solver may use them: the C steps of :mod:`leastcontrol.native` for the systems it covers.
 
+        No steps where the C steps cannot be built or loaded in this process: the solvers then run them on
+        their next backend (warned once, :func:`leastcontrol.native.usable`).
+
         Raises:
             ConfigError: the native backend asked for on a system that has no C steps.
         """
         if not self.uses_backend("native"):
             return {}
         from .. import native
-        kernel = native.field_kernel(op, kind, **constants)
-        if kernel is None:
+        if not native.covers(op):
             raise ConfigError(_no_native_steps(system))
-        return {"native": kernel}
+        if not native.usable():
+            return {}
+        return {"native": native.field_kernel(op, kind, **constants)}
 
     @torch.no_grad()
     def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver: Solver | None = None) -> SolveResult:

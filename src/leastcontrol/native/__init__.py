@@ -20,7 +20,8 @@ Methods ask for a field's kernel with :func:`field_kernel` and hand it to the so
 :class:`~leastcontrol.solvers.Field`'s ``kernels``. The C sources ship with the package and are
 compiled on first use with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; the
 same requirement as ``torch.compile`` on the CPU) into the user cache, once per source, compiler and
-CPU, and loaded with :mod:`ctypes`.
+CPU, and loaded with :mod:`ctypes` (:func:`library`). Where they cannot be built or loaded, the
+backend gives way to the solver's next one, with one warning naming why (:func:`usable`).
 
 >>> from leastcontrol.solvers import Euler
 >>> from leastcontrol.methods import get_method
@@ -28,6 +29,7 @@ CPU, and loaded with :mod:`ctypes`.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -35,6 +37,8 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Sequence, Tuple
 
@@ -76,37 +80,152 @@ class _CompileFailed(Exception):
     pass
 
 
+def _digest_path(library_path: Path) -> Path:
+    return library_path.with_name(library_path.name + ".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` holds the library as it was built: the digest written beside it after the build
+    matches. The loader is never handed another file: on a truncated one it may crash the process
+    (SIGBUS) instead of refusing it."""
+    try:
+        return _digest(path) == _digest_path(path).read_text().strip()
+    except OSError:
+        return False
+
+
 def _build(cc: str, target: Path) -> None:
     """Compile :data:`SOURCES` into the shared library ``target``, atomically: ``-march=native`` where the
-    compiler knows it, else the portable build."""
+    compiler knows it, else the portable build.
+
+    Raises:
+        ConfigError: the compiler fails (or does not start) either way.
+        OSError: ``target``'s folder cannot be created or written.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     message = ""
     for arch in (("-march=native",), ()):
         try:
             with atomic_target(target) as tmp:   # removes the partial file if the body raises
-                proc = subprocess.run([cc, *_FLAGS, *arch, "-I", str(HERE), "-o", str(tmp), *map(str, SOURCES), "-lm"],
-                                      capture_output=True, text=True)
+                try:
+                    proc = subprocess.run([cc, *_FLAGS, *arch, "-I", str(HERE), "-o", str(tmp), *map(str, SOURCES), "-lm"],
+                                          capture_output=True, text=True)
+                except OSError as err:   # the compiler itself, not the folder: no other folder would help
+                    raise _CompileFailed(str(err)) from None
                 if proc.returncode != 0:
                     raise _CompileFailed((proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1])
+            with atomic_target(_digest_path(target)) as tmp:   # written last: it vouches for the library
+                tmp.write_text(_digest(target) + "\n")
             return
         except _CompileFailed as err:
             message = str(err)
     raise ConfigError(f"the native backend: compiling its C steps with {cc} failed ({message}); {_FIX}")
 
 
+# This process's own build folder, made the first time the user cache cannot be written.
+_scratch: Path | None = None
+
+
+def _build_where_writable(cc: str, target: Path) -> Path:
+    """Build into ``target``; where its folder cannot be created or written (read-only, or a file in the
+    way), into a private temporary folder of this process instead, with a warning (once per process)
+    that the build is repeated in every process and how to keep it. Returns the library's path.
+
+    Raises:
+        ConfigError: the build fails (:func:`_build`), or neither folder can be written.
+    """
+    global _scratch
+    try:
+        _build(cc, target)
+        return target
+    except OSError as err:
+        cache_error = err
+    try:
+        if _scratch is None:
+            _scratch = Path(tempfile.mkdtemp(prefix="leastcontrol-native-"))
+            atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+            warnings.warn(f"the native backend's cache {target.parent} is not writable "
+                          f"({cache_error.strerror or cache_error}); its C steps are built in a temporary folder, "
+                          "again in every process; set $XDG_CACHE_HOME to a writable folder to keep them",
+                          RuntimeWarning, stacklevel=4)
+        _build(cc, _scratch / target.name)
+    except OSError as err:
+        raise ConfigError(f"the native backend can write its C steps neither to its cache {target.parent} "
+                          f"({cache_error.strerror or cache_error}) nor to a temporary folder ({err.strerror or err}); "
+                          f"set $XDG_CACHE_HOME to a writable folder, or {_FIX}") from None
+    return _scratch / target.name
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """The library at ``path``, loaded; OSError where the loader refuses it, AttributeError where it
+    lacks the C steps."""
+    lib = ctypes.CDLL(str(path))
+    for suffix, _ in _DTYPES.values():
+        _declare(lib, "lc_system_dims" + suffix, None, [ctypes.c_void_p, ctypes.c_void_p])
+    return lib
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
-    """The compiled kernels, built on first use into the user cache; raises ConfigError if they cannot be."""
+    """The compiled kernels, loaded; kept for the process once loaded (``library.cache_clear()`` forgets them).
+
+    Built on first use into the user cache (``$XDG_CACHE_HOME/leastcontrol/native``), once per source,
+    compiler and CPU, with the digest that vouches for it. An entry that is not as built (an empty or
+    truncated file) or does not load is built again; a cache that cannot be written gives a warning
+    and a build in a temporary folder of this process.
+
+    Raises:
+        ConfigError: no C compiler, the compiler fails, or the fresh build does not load.
+    """
     cc = _compiler()
     key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES + HEADERS), cc.encode(), " ".join(_FLAGS).encode(),
                                      platform.machine().encode(), platform.platform().encode(), _cpu()])).hexdigest()[:16]
     target = user_cache_dir("native", f"steps-{key}.so")
-    if not target.exists():
-        _build(cc, target)
-    lib = ctypes.CDLL(str(target))
-    for suffix, _ in _DTYPES.values():
-        _declare(lib, "lc_system_dims" + suffix, None, [ctypes.c_void_p, ctypes.c_void_p])
-    return lib
+    if _intact(target):
+        try:
+            return _open(target)
+        except (OSError, AttributeError):
+            pass   # built again below, where a fresh build that does not load either is the error
+    # Not built yet, or a broken entry (an interrupted copy, a full disk, an older build without its digest).
+    target = _build_where_writable(cc, target)
+    try:
+        return _open(target)
+    except (OSError, AttributeError) as err:
+        raise ConfigError(f"the native backend built its C steps with {cc} into {target} but cannot load them "
+                          f"({err}); {_FIX}") from None
+
+
+# Why the C steps cannot be built or loaded in this process, once usable() has found it (and warned).
+_failure: str | None = None
+
+
+def usable() -> bool:
+    """Whether the C steps build and load in this process (:func:`library`), for the native backend.
+
+    Where they cannot (no C compiler, the compiler fails, the built library does not load), warns once
+    (RuntimeWarning) with the reason and the fix, and answers False from then on without trying again:
+    the backend then gives way to the solver's next backend, eager where none is left (:func:`failed`).
+    """
+    global _failure
+    if _failure is not None:
+        return False
+    try:
+        library()
+        return True
+    except ConfigError as err:
+        _failure = str(err)
+    warnings.warn(f"the native backend cannot run here, so its steps run on the solver's next backend (eager "
+                  f"where none is left): {_failure}", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def failed() -> bool:
+    """Whether :func:`usable` has found that the C steps cannot run in this process (it warned then)."""
+    return _failure is not None
 
 
 def _declare(lib, name: str, restype, argtypes):
@@ -190,8 +309,8 @@ def register_native_system(op_class: type, builder: Callable[[object], NativeSys
     _SYSTEMS[op_class] = builder
 
 
-def has_native_steps(op) -> bool:
-    """Whether the system whose flat operator is ``op`` has C kernels (nothing is compiled to tell)."""
+def covers(op) -> bool:
+    """Whether the system whose flat operator is ``op`` has C kernels (registered for its exact class)."""
     return type(op) in _SYSTEMS
 
 

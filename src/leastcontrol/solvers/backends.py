@@ -34,6 +34,11 @@ class Backend:
         """Whether this backend has what it needs to run some steps of ``field`` (checked at the start of a solve)."""
         return True
 
+    def gave_way(self) -> bool:
+        """Whether this backend has found that it cannot run in this process and said so (a warning): the
+        driver then passes over it, as it passes over a backend that cannot run a batch."""
+        return False
+
     def run(self, fn: Callable, *args):
         """Run a pure tensor function (a rule's fused steps, the check-level mix)."""
         return fn(*args)
@@ -102,6 +107,10 @@ class Native(Backend):
     def available(self, field, groups) -> bool:
         kernel = field.kernels.get(self.name)
         return kernel is not None and kernel.supports(groups)
+
+    def gave_way(self) -> bool:
+        from .. import native   # C steps that do not build or load here (see native.usable)
+        return native.failed()
 
     def can_run(self, solver, field, batch, groups) -> bool:
         return batch <= self.max_batch and self.available(field, groups)

@@ -56,7 +56,7 @@ def solve(solver, field, state0, context: Dict[str, torch.Tensor] | None = None,
         groups = tuple(populations.values())
     groups = check_groups(groups, z.shape[1])
     for backend in solver._backends:
-        if not backend.available(field, groups):
+        if not backend.available(field, groups) and not backend.gave_way():
             raise ConfigError(f"backend '{backend.name}' has no steps for this field (populations "
                               f"{', '.join(populations)}); drop it from the solver's backend")
 
