@@ -352,3 +352,18 @@ def test_config_tree_sections_and_overrides_name_the_valid_keys(capsys):
     import tomllib
     assert TrainConfig.from_tree(tomllib.loads(printed)).to_dict() == TrainConfig.from_tree(
         resolve_tree({}, [("method.name", "rbp"), ("method.adjoint.tol", 1e-6)])).to_dict()
+
+
+def test_diff_trees_names_every_differing_leaf_by_its_dotted_key():
+    from leastcontrol.config import ABSENT, diff_trees
+    a = {"model": {"name": "rnn", "hidden": 16}, "loop": {"epochs": 3, "lr": 1e-3}, "data": {"dir": "/a", "name": "x"},
+         "output": {"json_out": "a.json"}, "method": {"solver": {"tol": 1e-6, "backend": ["native"]}}, "preset": "fast"}
+    b = {"model": {"name": "rnn", "hidden": 16}, "loop": {"epochs": 1, "lr": 1e-3, "seed": 0}, "data": {"dir": "/b"},
+         "output": {"json_out": "b.json"}, "method": {"solver": {"tol": 1e-6, "backend": ["compile"]}}, "preset": {}}
+    assert diff_trees(a, a) == []
+    assert diff_trees(a, b, ignore=["output", "data.dir"]) == [
+        ("loop.epochs", 3, 1), ("loop.seed", ABSENT, 0), ("data.name", "x", ABSENT),
+        ("method.solver.backend", ["native"], ["compile"]), ("preset", "fast", {})]
+    assert [k for k, _, _ in diff_trees(a, b)][:4] == ["loop.epochs", "loop.seed", "data.dir", "data.name"]
+    assert diff_trees({"data": {"dirs": 1}}, {"data": {"dirs": 2}}, ignore=["data.dir"]) == [("data.dirs", 1, 2)]
+    assert diff_trees({"output": 1}, {}, ignore=["output"]) == [] and repr(ABSENT) == "(absent)"

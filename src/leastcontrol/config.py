@@ -21,7 +21,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 from .errors import ConfigError
 
@@ -133,6 +133,47 @@ def get_path(tree: Mapping[str, Any], path: str, default=None):
             return default
         node = node[part]
     return node
+
+
+class _Absent:
+    """The value :func:`diff_trees` reports for a key that one of the trees lacks."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+def diff_trees(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ()) -> List[Tuple[str, Any, Any]]:
+    """The leaves where two trees differ, as ``(dotted key, value in a, value in b)``, depth first: each
+    table's keys in ``a``'s order, then those only ``b`` has.
+
+    Nested tables (mappings) are compared key by key; any other value (scalars, lists) as a whole,
+    with ``==``. A key present in one tree only differs; the other side's value is :data:`ABSENT`.
+    Where one tree holds a table and the other a value, the key is reported once with both.
+    ``ignore`` holds dotted prefixes: ``"output"`` skips ``output`` and everything under it,
+    ``"data.dir"`` that key alone (and ``data.dir.*``, were it a table), not ``data.dirs``.
+    """
+    ignore = tuple(ignore)
+    out: List[Tuple[str, Any, Any]] = []
+
+    def skipped(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in ignore)
+
+    def walk(x: Mapping[str, Any], y: Mapping[str, Any], prefix: str) -> None:
+        for name in list(x) + [k for k in y if k not in x]:
+            key = f"{prefix}{name}"
+            if skipped(key):
+                continue
+            u, v = x.get(name, ABSENT), y.get(name, ABSENT)
+            if isinstance(u, Mapping) and isinstance(v, Mapping):
+                walk(u, v, key + ".")
+            elif u is ABSENT or v is ABSENT or u != v:
+                out.append((key, u, v))
+
+    walk(a, b, "")
+    return out
 
 
 def set_path(tree: Tree, path: str, value: Any) -> Tree:
