@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="run the published table (each row's config, several seeds)")
     r.add_argument("benchmark", choices=["mnist", "cifar10"])
-    r.add_argument("--out", default="runs/reproduce", help="output folder (finished runs there are skipped)")
+    r.add_argument("--out", default="runs/reproduce",
+                   help="output folder (finished runs there with the same settings are reused)")
     r.add_argument("--rows", nargs="+", default=None, help="subset of rows, e.g. ff-bp rnn-lcp-di (default: all)")
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
     r.add_argument("--epochs", type=_positive_int, default=None, help="override every row's epochs (30)")
