@@ -88,3 +88,117 @@ def test_a_row_of_one_run_shows_no_spread():
              "seconds_per_epoch": 35.7, "mean_iterations": 267.5, "converged_fraction": 0.47}
     line = _markdown([entry], "# t").splitlines()[-1]
     assert line.startswith("| rnn-rbp | 96.64 | 1 |") and "±" not in line
+
+
+# --- reuse of finished runs: only with the settings this call asks for ------------------------------
+def fake_training(monkeypatch, calls=None, accuracy=0.5):
+    """Replace the training of ``reproduce`` with one that writes a run's JSON of the right shape at once
+    (its settings: those it was given), recording each config it gets in ``calls``."""
+    def fake_train(config):
+        if calls is not None:
+            calls.append(config)
+        history = [{"epoch": e, "seconds": 1.0, "mean_iterations": 10.0, "converged_fraction": 1.0,
+                    "test_accuracy": accuracy} for e in range(1, config.loop.epochs + 1)]
+        result = {"config": config.to_dict(), "history": history, "test_accuracy": accuracy}
+        (reproduce_module.Path(config.output.json_out)).write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(reproduce_module, "train", fake_train)
+
+
+def test_a_finished_run_made_with_other_settings_is_refused_before_any_training(tmp_path, monkeypatch):
+    fake_training(monkeypatch, accuracy=0.9)
+    reproduce("mnist", tmp_path, rows=["rnn-lcp-di"], seeds=[0], overrides=dict(TINY, **{"loop.epochs": 3}),
+              progress=False)
+    calls = []
+    fake_training(monkeypatch, calls)
+    # Seed 1 is not there yet, seed 0 is a 3-epoch run: nothing trains, the message names file, key and values.
+    with pytest.raises(ConfigError) as info:
+        reproduce("mnist", tmp_path, rows=["rnn-lcp-di"], seeds=[1, 0], overrides=TINY, progress=False)
+    assert str(info.value) == (f"{tmp_path / 'rnn-lcp-di_seed0.json'} was made with loop.epochs = 3 (this call: 1); "
+                               "use another --out, or remove that file to rerun it")
+    assert calls == [] and not (tmp_path / "rnn-lcp-di_seed1.json").exists()
+    # The same settings, the data elsewhere and no progress bars: reused.
+    again = reproduce("mnist", tmp_path, rows=["rnn-lcp-di"], seeds=[0],
+                      overrides=dict(TINY, **{"loop.epochs": 3, "data.dir": str(tmp_path)}), progress=False)
+    assert calls == [] and again[0]["test_accuracy_mean"] == pytest.approx(90.0)
+
+
+def test_several_runs_of_other_settings_are_named_in_one_error(tmp_path, monkeypatch):
+    fake_training(monkeypatch)
+    reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1], overrides=TINY, progress=False)
+    with pytest.raises(ConfigError) as info:
+        reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1],
+                  overrides=dict(TINY, **{"data.limit_train": 128, "loop.lr": 0.01}), progress=False)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and "ff-bp_seed1.json" in lines[1]
+    assert "data.limit_train = 256 (this call: 128)" in lines[0] and "loop.lr = 0.001 (this call: 0.01)" in lines[0]
+
+
+def test_a_finished_run_of_an_earlier_version_is_compared_after_migrating_its_flat_config(tmp_path, monkeypatch):
+    from leastcontrol.config import _FLAT, get_path
+
+    calls = []
+    fake_training(monkeypatch, calls)
+    reproduce("mnist", tmp_path, rows=["ff-bp"], overrides=TINY, progress=False)
+    path = tmp_path / "ff-bp_seed0.json"
+    record = json.loads(path.read_text())
+    tree = record["config"]
+    record["config"] = {k: get_path(tree, p) for k, p in _FLAT.items() if get_path(tree, p) is not None}
+    path.write_text(json.dumps(record))
+    reproduce("mnist", tmp_path, rows=["ff-bp"], overrides=TINY, progress=False)
+    assert len(calls) == 1
+    with pytest.raises(ConfigError, match=r"ff-bp_seed0.json was made with model.hidden = 16 \(this call: 32\)"):
+        reproduce("mnist", tmp_path, rows=["ff-bp"], overrides=dict(TINY, **{"model.hidden": 32}), progress=False)
+    record["config"]["model"] = "lstm"
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="ff-bp_seed0.json holds settings this version cannot read.*lstm.*remove it"):
+        reproduce("mnist", tmp_path, rows=["ff-bp"], overrides=TINY, progress=False)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('{"config": {},\n"history": [\n', r"is not valid JSON \(line 3 column 1\)"),
+    ("[1, 2]", "is not a run's result"),
+    ('{"config": {}, "history": []}', "has no 'test_accuracy'"),
+    ('{"config": {}, "test_accuracy": 0.5}', "has no 'history'"),
+    ('{"history": [], "test_accuracy": 0.5}', "has no 'config'"),
+    ('{"config": {}, "test_accuracy": 0.5, "history": []}', "has no epochs"),
+    ('{"config": {}, "test_accuracy": 0.5, "history": [{"epoch": 1, "seconds": 1, "test_accuracy": 0.5}]}',
+     r"has no 'mean_iterations' in history\[0\] \(epoch 1\)"),
+    ('{"config": {}, "test_accuracy": 0.5, "history": [{"epoch": 1, "mean_iterations": 3, "test_accuracy": 0.5}]}',
+     "has no 'seconds'"),
+    ('{"config": {}, "test_accuracy": 0.5, "history": [{"epoch": 1, "mean_iterations": 3, "seconds": 1}]}',
+     "has no 'test_accuracy' in history"),
+], ids=["not-json", "not-an-object", "no-test-accuracy", "no-history", "no-config", "no-epochs",
+        "epoch-without-iterations", "epoch-without-seconds", "epoch-without-accuracy"])
+def test_a_corrupt_or_incomplete_run_json_names_the_file_before_any_training(tmp_path, monkeypatch, text, problem):
+    calls = []
+    fake_training(monkeypatch, calls)
+    (tmp_path / "ff-bp_seed1.json").write_text(text)
+    with pytest.raises(ConfigError, match=f"ff-bp_seed1.json {problem}.*: remove it to rerun that run"):
+        reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1], overrides=TINY, progress=False)
+    assert calls == []
+
+
+def test_repeated_seeds_or_rows_are_refused(tmp_path, monkeypatch, capsys):
+    calls = []
+    fake_training(monkeypatch, calls)
+    with pytest.raises(ConfigError, match="--seeds names 0 more than once"):
+        reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1, 0], overrides=TINY, progress=False)
+    with pytest.raises(ConfigError, match="--rows names ff-bp more than once"):
+        reproduce("mnist", tmp_path, rows=["ff-bp", "rnn-rbp", "ff-bp"], overrides=TINY, progress=False)
+    code = main(["reproduce", "mnist", "--rows", "ff-bp", "--seeds", "0", "0", "--dataset", "digits",
+                 "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--seeds names 0 more than once" in err and "Traceback" not in err
+    assert calls == []
+
+
+def test_a_run_resumes_only_where_its_checkpoint_is(tmp_path, monkeypatch):
+    calls = []
+    fake_training(monkeypatch, calls)
+    (tmp_path / "ff-bp_seed1.ckpt").write_bytes(b"")   # seed 1 was interrupted
+    reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1], overrides=TINY, progress=False)
+    assert [(c.loop.seed, c.output.resume) for c in calls] == [(0, False), (1, True)]
+    assert calls[1].output.checkpoint == str(tmp_path / "ff-bp_seed1.ckpt")
+    assert not (tmp_path / "ff-bp_seed1.ckpt").exists()

@@ -108,6 +108,101 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["test_accuracy"] == pytest.approx(accuracy)
 
 
+def _checkpoint(path, model="rnn", method="lcp-di", dataset="digits", input_shape=(1, 8, 8), classes=10,
+                config=None, edit=None):
+    """A training checkpoint of an untrained ``model`` (hidden 16) sized for ``input_shape`` and ``classes``,
+    as if trained on ``dataset``; ``edit(state)`` changes it before it is saved."""
+    import math
+    from leastcontrol.checkpoint import TRAIN_FORMAT, save_checkpoint
+    run = TrainConfig.from_tree({"model": {"name": model, "hidden": 16}, "method": {"name": method},
+                                 "data": {"name": dataset}})
+    system = run.model.build(math.prod(input_shape), classes, input_shape, torch.Generator().manual_seed(0))
+    run.build_method().prepare(system)
+    state = {"format": TRAIN_FORMAT, "config": run.to_dict() if config is None else config, "epoch": 1,
+             "system": system.state_dict()}
+    if edit:
+        edit(state)
+    save_checkpoint(path, state)
+    return str(path)
+
+
+def _eval_error(capsys, *args):
+    code = main(["eval", "--limit-test", "32", "--quiet", "--checkpoint", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("leastcontrol: error: ") and err.count("\n") == 1, err
+    return err[len("leastcontrol: error: "):].strip()
+
+
+def test_cli_eval_of_a_checkpoint_for_other_data_names_the_data_set_it_needs(tmp_path, capsys):
+    mnist = _checkpoint(tmp_path / "mnist.ckpt", dataset="mnist", input_shape=(1, 28, 28))
+    assert _eval_error(capsys, mnist, "--dataset", "digits") == (
+        f"checkpoint {mnist} holds a rnn system for inputs of 784 features and 10 classes; dataset digits gives "
+        "64 features: pass --dataset mnist")
+    kp = _checkpoint(tmp_path / "kp.ckpt", model="ff", method="lcp-kp", dataset="mnist", input_shape=(1, 28, 28),
+                     classes=5)   # feedback weights besides the forward ones
+    assert _eval_error(capsys, kp, "--dataset", "digits").endswith(
+        "holds a ff system for inputs of 784 features and 5 classes; dataset digits gives 64 features and "
+        "10 classes: pass --dataset mnist")
+    conv = _checkpoint(tmp_path / "conv.ckpt", model="conv-ff", method="bp", dataset="cifar10",
+                       input_shape=(3, 32, 32))
+    assert _eval_error(capsys, conv, "--dataset", "digits").endswith(
+        "holds a conv-ff system for inputs of 3 channels and 10 classes; dataset digits gives inputs of shape "
+        "1x8x8: pass --dataset cifar10")
+
+
+def test_cli_eval_of_a_checkpoint_of_another_version_says_what_does_not_fit(tmp_path, capsys):
+    from leastcontrol.config import _FLAT, get_path
+
+    def drop(key):
+        return lambda state: state.pop(key)
+
+    def rename(state):
+        state["system"]["W_old"] = state["system"].pop("W")
+
+    def widen(state):
+        state["system"]["W"] = torch.zeros(20, 20)
+
+    def fmt(value):
+        return lambda state: state.__setitem__("format", value)
+
+    cases = [(dict(edit=drop("epoch")), r"was written by another version of leastcontrol \(missing 'epoch'\); "
+                                        "use the version that wrote it"),
+             (dict(edit=drop("system")), r"another version of leastcontrol \(missing 'system'\)"),
+             (dict(edit=drop("format")), r"another version of leastcontrol \(missing 'format'\)"),
+             (dict(edit=fmt("leastcontrol-checkpoint-0")),
+              r"another version of leastcontrol \(format leastcontrol-checkpoint-0; this version reads "
+              r"leastcontrol-checkpoint-1\)"),
+             (dict(edit=rename), r"holds parameters that do not match this version's rnn system \(missing W; "
+                                 r"unexpected W_old\): it was written by another version of leastcontrol or for "
+                                 "another model"),
+             (dict(edit=widen), r"holds parameters of other shapes than this version's rnn system with its settings "
+                                r"\(W is 20x20 there, 16x16 here\): it was written by another version"),
+             (dict(config={"model": {"name": "rnn", "width": 3}}),
+              r"another version of leastcontrol \(its settings do not fit this version: .*unknown key 'width'"),
+             (dict(config={"model": "lstm", "dataset": "digits"}), r"another version.*unknown model 'lstm'")]
+    for i, (options, message) in enumerate(cases):
+        path = _checkpoint(tmp_path / f"{i}.ckpt", **options)
+        err = _eval_error(capsys, path)
+        assert err.startswith(f"checkpoint {path} ") and __import__("re").search(message, err), (message, err)
+    # A checkpoint of an earlier version with a flat config that migrates is read.
+    tree = TrainConfig.from_tree({"model": {"name": "rnn", "hidden": 16}}).to_dict()
+    flat = {k: get_path(tree, p) for k, p in _FLAT.items() if get_path(tree, p) is not None}
+    path = _checkpoint(tmp_path / "flat.ckpt", config=flat)
+    assert main(["eval", "--checkpoint", path, "--limit-test", "32", "--quiet"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_cli_eval_quiet_and_paths_that_are_no_checkpoint(tmp_path, capsys):
+    path = _checkpoint(tmp_path / "run.ckpt")
+    assert main(["eval", "--checkpoint", path, "--limit-test", "32", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "test accuracy" in captured.out and captured.err == ""   # no progress bar
+    assert _eval_error(capsys, str(tmp_path)) == (f"checkpoint {tmp_path} is a directory; point --checkpoint at "
+                                                  "the checkpoint file in it")
+    assert _eval_error(capsys, str(tmp_path / "none.ckpt")) == f"checkpoint {tmp_path / 'none.ckpt'} does not exist"
+
+
 def test_cli_unknown_names_list_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--method", "backprop"])
@@ -352,3 +447,18 @@ def test_config_tree_sections_and_overrides_name_the_valid_keys(capsys):
     import tomllib
     assert TrainConfig.from_tree(tomllib.loads(printed)).to_dict() == TrainConfig.from_tree(
         resolve_tree({}, [("method.name", "rbp"), ("method.adjoint.tol", 1e-6)])).to_dict()
+
+
+def test_diff_trees_names_every_differing_leaf_by_its_dotted_key():
+    from leastcontrol.config import ABSENT, diff_trees
+    a = {"model": {"name": "rnn", "hidden": 16}, "loop": {"epochs": 3, "lr": 1e-3}, "data": {"dir": "/a", "name": "x"},
+         "output": {"json_out": "a.json"}, "method": {"solver": {"tol": 1e-6, "backend": ["native"]}}, "preset": "fast"}
+    b = {"model": {"name": "rnn", "hidden": 16}, "loop": {"epochs": 1, "lr": 1e-3, "seed": 0}, "data": {"dir": "/b"},
+         "output": {"json_out": "b.json"}, "method": {"solver": {"tol": 1e-6, "backend": ["compile"]}}, "preset": {}}
+    assert diff_trees(a, a) == []
+    assert diff_trees(a, b, ignore=["output", "data.dir"]) == [
+        ("loop.epochs", 3, 1), ("loop.seed", ABSENT, 0), ("data.name", "x", ABSENT),
+        ("method.solver.backend", ["native"], ["compile"]), ("preset", "fast", {})]
+    assert [k for k, _, _ in diff_trees(a, b)][:4] == ["loop.epochs", "loop.seed", "data.dir", "data.name"]
+    assert diff_trees({"data": {"dirs": 1}}, {"data": {"dirs": 2}}, ignore=["data.dir"]) == [("data.dirs", 1, 2)]
+    assert diff_trees({"output": 1}, {}, ignore=["output"]) == [] and repr(ABSENT) == "(absent)"

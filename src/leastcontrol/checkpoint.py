@@ -23,15 +23,18 @@ def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> None:
     save_torch(path, state, "the checkpoint")
 
 
-def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT) -> Dict[str, Any]:
-    """Read a checkpoint of format ``fmt`` (:func:`leastcontrol.train.train`'s by default).
+def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT, require: Iterable[str] = ()) -> Dict[str, Any]:
+    """Read a checkpoint of format ``fmt`` (:func:`leastcontrol.train.train`'s by default) that holds
+    ``config`` and the fields in ``require`` (e.g. ``("epoch", "system")`` to evaluate it).
 
     Raises:
-        CheckpointError: missing, a directory, unreadable, or not a checkpoint of that format.
+        CheckpointError: missing, a directory, unreadable, or not a checkpoint of that format; or one
+            written by another version of leastcontrol (another format version of the same kind, or
+            no ``format``, ``config`` or required field), naming what is missing.
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file's path")
+        raise CheckpointError(f"checkpoint {path} is a directory; point --checkpoint at the checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -41,9 +44,20 @@ def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT) -> Dict[str, Any]
             f"checkpoint {path} is corrupt or not a leastcontrol checkpoint ({type(exc).__name__}); "
             "delete it to start afresh or point --checkpoint at another file"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != fmt:
+    other_version = (f"checkpoint {path} was written by another version of leastcontrol ({{}}); use the version "
+                     "that wrote it, or train the run again with this one")
+    found = state.get("format") if isinstance(state, dict) else None
+    family = fmt.rsplit("-", 1)[0] + "-"   # "leastcontrol-checkpoint-": the kind, without its version
+    if isinstance(found, str) and found != fmt and found.startswith(family) and found[len(family):].isdigit():
+        raise CheckpointError(other_version.format(f"format {found}; this version reads {fmt}"))
+    if isinstance(state, dict) and found is None and {"config", "system"} <= set(state):
+        raise CheckpointError(other_version.format("missing 'format'"))
+    if not isinstance(state, dict) or found != fmt:
         what = "meta-training " if fmt == META_FORMAT else ""
         raise CheckpointError(f"{path} is not a leastcontrol {what}checkpoint; point --checkpoint at another file")
+    missing = [key for key in ("config", *require) if key not in state]
+    if missing:
+        raise CheckpointError(other_version.format("missing " + ", ".join(repr(k) for k in missing)))
     return state
 
 

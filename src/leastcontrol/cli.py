@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="run the published table (each row's config, several seeds)")
     r.add_argument("benchmark", choices=["mnist", "cifar10"])
-    r.add_argument("--out", default="runs/reproduce", help="output folder (finished runs there are skipped)")
+    r.add_argument("--out", default="runs/reproduce",
+                   help="output folder (finished runs there with the same settings are reused)")
     r.add_argument("--rows", nargs="+", default=None, help="subset of rows, e.g. ff-bp rnn-lcp-di (default: all)")
     r.add_argument("--seeds", nargs="+", type=int, default=[0])
     r.add_argument("--epochs", type=_positive_int, default=None, help="override every row's epochs (30)")
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     _add_data_args(e, train=False)
     e.add_argument("--json-out", default=None)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -320,14 +322,14 @@ def _eval(args) -> int:
     from .data import DataConfig
     from .train import config_from_checkpoint, evaluate, load_checkpoint, restore_system
 
-    state = load_checkpoint(args.checkpoint)
-    config = config_from_checkpoint(state)
+    state = load_checkpoint(args.checkpoint, require=("epoch", "system"))
+    config = config_from_checkpoint(state, args.checkpoint)
     data_config = DataConfig(name=args.dataset or config.data.name, dir=args.data_dir or config.data.dir,
                              limit_test=args.limit_test)
     data = data_config.load(limit_train=args.limit_train or 1)
-    system, method = restore_system(state, config, data)
+    system, method = restore_system(state, config, data, args.checkpoint)
     accuracy = evaluate(method, system, data_config.preprocess(data.test_x, train=False), data.test_y,
-                        config.loop.eval_batch_size, config.loop.amp, progress=True)
+                        config.loop.eval_batch_size, config.loop.amp, progress=not args.quiet)
     print(f"{args.checkpoint}: test accuracy {accuracy:.4f} on {len(data.test_y)} {data_config.name} samples "
           f"(epoch {state['epoch']})")
     if args.json_out:

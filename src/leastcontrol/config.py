@@ -135,23 +135,44 @@ def get_path(tree: Mapping[str, Any], path: str, default=None):
     return node
 
 
-_MISSING = object()
+class _Absent:
+    """The value :func:`diff_trees` reports for a key that one of the trees lacks."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
 
 
 def diff_trees(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Sequence[str] = ()) -> List[Tuple[str, Any, Any]]:
-    """The leaves where two trees differ: ``[(dotted path, value in a, value in b)]``, in path order.
+    """The leaves where two trees differ, as ``(dotted key, value in a, value in b)``, depth first: each
+    table's keys in ``a``'s order, then those only ``b`` has.
 
-    A leaf present in one tree only differs (its missing side is ``None``). ``ignore``: dotted
-    prefixes left out (``"output"`` leaves out the whole section, ``"data.dir"`` one key).
+    Nested tables (mappings) are compared key by key; any other value (scalars, lists) as a whole,
+    with ``==``. A key present in one tree only differs; the other side's value is :data:`ABSENT`.
+    Where one tree holds a table and the other a value, the key is reported once with both.
+    ``ignore`` holds dotted prefixes: ``"output"`` skips ``output`` and everything under it,
+    ``"data.dir"`` that key alone (and ``data.dir.*``, were it a table), not ``data.dirs``.
     """
-    def skipped(path: str) -> bool:
-        return any(path == p or path.startswith(p + ".") for p in ignore)
+    ignore = tuple(ignore)
+    out: List[Tuple[str, Any, Any]] = []
 
-    out = []
-    for path in sorted(set(paths(a)) | set(paths(b))):
-        va, vb = get_path(a, path, _MISSING), get_path(b, path, _MISSING)
-        if not skipped(path) and va != vb:
-            out.append((path, None if va is _MISSING else va, None if vb is _MISSING else vb))
+    def skipped(key: str) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in ignore)
+
+    def walk(x: Mapping[str, Any], y: Mapping[str, Any], prefix: str) -> None:
+        for name in list(x) + [k for k in y if k not in x]:
+            key = f"{prefix}{name}"
+            if skipped(key):
+                continue
+            u, v = x.get(name, ABSENT), y.get(name, ABSENT)
+            if isinstance(u, Mapping) and isinstance(v, Mapping):
+                walk(u, v, key + ".")
+            elif u is ABSENT or v is ABSENT or u != v:
+                out.append((key, u, v))
+
+    walk(a, b, "")
     return out
 
 

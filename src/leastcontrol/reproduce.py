@@ -2,9 +2,11 @@
 
 Rows are the files ``configs/mnist-<model>-<method>.toml`` shipped with the package. For each row
 and seed the run's JSON (as ``train --json-out``) is written to the output folder; a run whose
-JSON exists is skipped, and a run that was interrupted continues from the checkpoint it saves
-after every epoch (``<row>_seed<k>.ckpt``, removed once the JSON is written), so an interrupted
-reproduction resumes where it stopped, to the result it would have had uninterrupted. Then
+JSON exists is reused if it was made with the settings this call gives the run (all but ``output``
+and ``data.dir``), and refused otherwise, before any training starts. A run that was interrupted
+continues from the checkpoint it saves after every epoch (``<row>_seed<k>.ckpt``, removed once the
+JSON is written), so an interrupted reproduction resumes where it stopped, to the result it would
+have had uninterrupted. Then
 ``results.csv``, ``results.md`` (mean ± std test accuracy, wall time per epoch, mean solver
 iterations, feedback alignment) and ``accuracy.png`` (test accuracy per epoch) are written.
 """
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_target
 from .errors import ConfigError
-from .config import set_path
+from .config import ABSENT, as_tree, diff_trees, set_path
 from .train import TrainConfig, load_config_file, train
 
 ROW_ORDER = ["ff-bp", "ff-lcp-di", "ff-lcp-kp", "ff-lcp-lf", "ff-lcp-ebd",
@@ -37,6 +39,113 @@ def available_rows(benchmark: str = "mnist") -> Dict[str, Path]:
             if f.name.startswith(prefix) and f.name.endswith(".toml")}
     order = {name: i for i, name in enumerate(ROW_ORDER)}
     return dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+# Settings that do not change a run's result: where it writes (and whether it shows progress) and
+# where its data lives. Every other key of the config tree must match for a finished run to be reused.
+NOT_RESULT_SETTINGS = ("output", "data.dir")
+
+
+def _comparable(tree: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """A run's settings (its JSON's ``config``, or ``TrainConfig.to_dict()``) as this version resolves
+    them: a flat table of an earlier version migrated, unset keys filled with today's defaults.
+
+    Raises:
+        ConfigError, ValueError: settings this version cannot read (an unknown key, value or name).
+    """
+    tree = as_tree(tree, where)
+    preset = tree.pop("preset", "published")   # its settings are in the tree already
+    tree.pop("output", None)                   # paths and progress; also not compared
+    settings = TrainConfig.from_tree(tree, where=where).to_dict()
+    settings["preset"] = preset
+    return settings
+
+
+def _show(value: Any) -> str:
+    """A setting's value as ``--set`` would write it."""
+    return repr(value) if value is ABSENT else json.dumps(value, default=repr)
+
+
+def _epoch_problem(i: int, h: Any) -> Optional[str]:
+    if not isinstance(h, dict):
+        return f"has history[{i}] that is not a table of the epoch's figures"
+    for key, none_ok in (("epoch", False), ("seconds", False), ("mean_iterations", False), ("test_accuracy", True)):
+        if key not in h:
+            return f"has no '{key}' in history[{i}] (epoch {h.get('epoch', i + 1)})"
+        value = h[key]
+        if not ((value is None and none_ok) or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+            return f"has history[{i}].{key} = {_show(value)}, not a number"
+    return None
+
+
+def read_run(path: str | Path) -> Dict[str, Any]:
+    """A finished run's JSON (``train --json-out``), checked for every field the report reads:
+    ``config`` (a table), ``test_accuracy`` (a number), ``history`` (one table per epoch, each with
+    ``epoch``, ``seconds``, ``mean_iterations`` and ``test_accuracy``, a number or null).
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid JSON or lacks a field; the message names
+            the file and the problem, and says that removing the file reruns that run.
+    """
+    path = Path(path)
+    fix = "remove it to rerun that run"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno} column {exc.colno}): {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}): {fix}") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{path} is not a run's result (a JSON object with config, history and test_accuracy): {fix}")
+    problem = None
+    for key in ("config", "history", "test_accuracy"):
+        if key not in record:
+            problem = f"has no '{key}'"
+            break
+    else:
+        history, accuracy = record["history"], record["test_accuracy"]
+        if not isinstance(record["config"], dict):
+            problem = "has a 'config' that is not a table of settings"
+        elif not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
+            problem = f"has test_accuracy = {_show(accuracy)}, not a number"
+        elif not isinstance(history, list) or not history:
+            problem = "has no epochs in its 'history'"
+        else:
+            problem = next((p for p in (_epoch_problem(i, h) for i, h in enumerate(history)) if p), None)
+    if problem:
+        raise ConfigError(f"{path} {problem}: {fix}")
+    return record
+
+
+def check_finished_run(path: str | Path, config: TrainConfig) -> Dict[str, Any]:
+    """The finished run at ``path`` (:func:`read_run`), if it was made with ``config``'s settings on
+    every key that changes the result (all but :data:`NOT_RESULT_SETTINGS`); its own settings are
+    read as this version reads them (:func:`_comparable`).
+
+    Raises:
+        ConfigError: the file is unreadable or lacks a field (:func:`read_run`), holds settings this
+            version cannot read, or was made with other settings, naming each differing key with its
+            value there and in ``config``.
+    """
+    path = Path(path)
+    record = read_run(path)
+    try:
+        made = _comparable(record["config"], str(path))
+    except (ValueError, TypeError) as exc:   # ConfigError, or an unknown name from a registry
+        raise ConfigError(f"{path} holds settings this version cannot read ({exc}): remove it to rerun "
+                          "that run") from None
+    diffs = diff_trees(made, _comparable(config.to_dict(), "this call"), ignore=NOT_RESULT_SETTINGS)
+    if diffs:
+        shown = ", ".join(f"{key} = {_show(a)} (this call: {_show(b)})" for key, a, b in diffs)
+        raise ConfigError(f"{path} was made with {shown}; use another --out, or remove that file to rerun it")
+    return record
+
+
+def _refuse_duplicates(what: str, items: Sequence[Any]) -> None:
+    twice = sorted({str(x) for x in items if list(items).count(x) > 1})
+    if twice:
+        raise ConfigError(f"--{what}s names {', '.join(twice)} more than once: each {what} counts once in the "
+                          f"table; give each {what} once")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -130,7 +239,10 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     Returns:
         The per-row summaries written to ``results.csv``.
     Raises:
-        ConfigError: unknown row names or invalid overrides.
+        ConfigError: unknown or repeated row names, repeated seeds or invalid overrides; or a
+            finished run's JSON in ``out`` that is unreadable, lacks a field, or was made with
+            other settings than this call gives the run (:func:`check_finished_run`). All of these
+            are found before any run starts; the message names every such file.
         CheckpointError: an interrupted run's checkpoint in ``out`` has other settings than
             this call gives the run (e.g. another ``--epochs``).
     """
@@ -139,6 +251,8 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     unknown = [r for r in chosen if r not in available]
     if unknown:
         raise ConfigError(f"unknown row(s) {', '.join(unknown)}; valid rows: {', '.join(available)}")
+    _refuse_duplicates("row", chosen)
+    _refuse_duplicates("seed", list(seeds))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -149,20 +263,37 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
         for seed in seeds:
             stem = out / f"{row}_seed{seed}"
             run = set_path(values, "loop.seed", seed)
-            run["output"] = {"json_out": f"{stem}.json", "checkpoint": f"{stem}.ckpt", "resume": True, "progress": False}
+            # An interrupted run (its checkpoint is there) continues; any other starts afresh.
+            resume = Path(f"{stem}.ckpt").exists()
+            run["output"] = {"json_out": f"{stem}.json", "checkpoint": f"{stem}.ckpt", "resume": resume,
+                             "progress": False}
             jobs.append((row, TrainConfig.from_tree(run, where=f"row {row}")))
+    # Every finished run is checked before any run starts, so a refusal never comes after hours of training.
+    finished, problems = {}, []
+    for _, config in jobs:
+        path = Path(config.output.json_out)
+        if path.exists():
+            try:
+                finished[path] = check_finished_run(path, config)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
     runs: Dict[str, List[Dict[str, Any]]] = {row: [] for row in chosen}
     bar = tqdm(jobs, desc="runs", disable=not progress, dynamic_ncols=True)
     for row, config in bar:
         path = Path(config.output.json_out)
-        if not path.exists():
+        if path not in finished:
             bar.set_postfix_str(f"{row} seed {config.loop.seed}")
             config.output.progress = progress
             train(config)
+            finished[path] = read_run(path)
         # The JSON is the run's record; its per-epoch checkpoint is only there to resume it.
         Path(config.output.checkpoint).unlink(missing_ok=True)
-        runs[row].append(json.loads(path.read_text()))
+        runs[row].append(finished[path])
     bar.close()
+    # Every run here was made with the settings of this call (checked above, or made just now), so
+    # no row's mean mixes budgets, and the header below, from this call's overrides, describes them all.
     table = summarise(runs)
     shown = {k.rsplit(".", 1)[1]: v for k, v in (overrides or {}).items() if k != "data.dir"}
     header = f"# {benchmark} reproduction ({', '.join(f'{k}={v}' for k, v in shown.items()) or 'published budget'})"

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import config as cfg
 from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint  # noqa: F401 (load_checkpoint: public here)
 from .data import DataConfig, Dataset
-from .errors import ConfigError, SolverDivergedError
+from .errors import CheckpointError, ConfigError, SolverDivergedError
 from .methods import LCPDI, Method, method_from_dict
 from .methods.base import EquilibriumMethod
 from .presets import PRESETS, apply_preset
@@ -234,21 +234,136 @@ def build_system(config: TrainConfig, data: Dataset, generator: torch.Generator 
     return config.model.build(data.n_features, data.n_classes, data.input_shape, generator)
 
 
-def config_from_checkpoint(state: Mapping[str, Any]) -> TrainConfig:
-    """The settings a training checkpoint (``load_checkpoint``) was written with, for evaluation only
-    (a checkpoint of an earlier version, with a flat config, is read too)."""
-    tree = cfg.as_tree(state["config"], "checkpoint config")
-    tree["output"] = {"progress": False}
-    tree.pop("preset", None)   # its settings are in the tree already
-    return TrainConfig.from_tree(tree, "checkpoint config")
+def _other_version(where: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{where} was written by another version of leastcontrol ({what}); use the version "
+                           "that wrote it, or train the run again with this one")
 
 
-def restore_system(state: Mapping[str, Any], config: TrainConfig, data: Dataset) -> Tuple[EquilibriumSystem, Method]:
-    """The trained system a checkpoint holds, sized for ``data``, with its configured method prepared
-    (e.g. the feedback weights the checkpoint also holds)."""
+def config_from_checkpoint(state: Mapping[str, Any], path: str | Path | None = None) -> TrainConfig:
+    """The settings a training checkpoint (``load_checkpoint``, from ``path``) was written with, for
+    evaluation only (a checkpoint of an earlier version, with a flat config, is read too).
+
+    Raises:
+        CheckpointError: settings this version cannot read (an unknown section, key, name or value),
+            naming the checkpoint and the setting.
+    """
+    where = f"checkpoint {path}" if path is not None else "the checkpoint"
+    values = state.get("config")
+    if not isinstance(values, Mapping):
+        raise _other_version(where, "its 'config' is not a table of settings")
+    try:
+        tree = cfg.as_tree(values, f"{where} config")
+        tree["output"] = {"progress": False}
+        tree.pop("preset", None)   # its settings are in the tree already
+        return TrainConfig.from_tree(tree, f"{where} config")
+    except (ValueError, TypeError) as exc:   # ConfigError, or an unknown name from a registry
+        raise _other_version(where, f"its settings do not fit this version: {exc}") from None
+
+
+def _shapes(module: torch.nn.Module) -> Dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _data_dims(config: TrainConfig, data: Dataset) -> Tuple[Dict[str, set], Dict[str, set]]:
+    """Per parameter of the configured system for ``data``, the dimensions that follow the data's input
+    shape and those that follow its number of classes (found by building it for other ones)."""
+    def shapes(n_out, input_shape):
+        system = config.model.build(math.prod(input_shape), n_out, input_shape, torch.Generator().manual_seed(0))
+        config.build_method().prepare(system, torch.Generator().manual_seed(0))
+        return _shapes(system)
+
+    shape = tuple(data.input_shape)
+    other = (shape[0] + 1, *(2 * d for d in shape[1:]))   # more channels (features) and larger images
+    base, wider, more = shapes(data.n_classes, shape), shapes(data.n_classes, other), shapes(data.n_classes + 1, shape)
+
+    def moved(probe):
+        return {k: {d for d, (a, b) in enumerate(zip(v, probe.get(k, v))) if a != b} for k, v in base.items()}
+
+    return moved(wider), moved(more)
+
+
+def check_system_fits(saved: Mapping[str, Any], system: EquilibriumSystem, config: TrainConfig, data: Dataset,
+                      path: str | Path | None = None) -> None:
+    """Check that the parameters a checkpoint holds (``saved``, its ``system``) fit ``system``, the
+    configured one built for ``data``.
+
+    Raises:
+        CheckpointError: parameters for inputs of another size or another number of classes (naming
+            both and the ``--dataset`` the checkpoint was trained on), or parameters that do not match
+            this version's system (missing or unexpected keys, other shapes), naming the model and keys.
+    """
+    where = f"checkpoint {path}" if path is not None else "the checkpoint"
+    model = config.model.name
+    if not isinstance(saved, Mapping):
+        raise _other_version(where, "its 'system' is not a table of parameters")
+    have = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in saved.items()}
+    want = _shapes(system)
+    missing, unexpected = [k for k in want if k not in have], [k for k in have if k not in want]
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{where} holds parameters that do not match this version's {model} system "
+                              f"({'; '.join(parts)}): it was written by another version of leastcontrol or "
+                              "for another model")
+    wrong = [k for k in want if have[k] != want[k]]
+    if not wrong:
+        return
+    try:
+        by_input, by_classes = _data_dims(config, data)
+    except Exception:   # a system that cannot be built for other data: no shape is explained by the data
+        by_input = by_classes = {k: set() for k in want}
+
+    def follows_data(k):   # every dimension in which the shapes differ is one the data sets
+        data_dims = by_input[k] | by_classes[k]
+        return (have[k] is not None and len(have[k]) == len(want[k])
+                and all(d in data_dims for d, (a, b) in enumerate(zip(have[k], want[k])) if a != b))
+
+    explained = all(follows_data(k) for k in wrong)
+    if not explained:
+        def size(shape):
+            return "not a tensor" if shape is None else "x".join(map(str, shape)) or "a scalar"
+
+        shown = ", ".join(f"{k} is {size(have[k])} there, {size(want[k])} here" for k in wrong)
+        raise CheckpointError(f"{where} holds parameters of other shapes than this version's {model} system "
+                              f"with its settings ({shown}): it was written by another version of leastcontrol "
+                              "or for another model")
+
+    def held(dims, value):   # the checkpoint's size of the dimensions that are ``value`` here
+        return next((have[k][d] for k in want for d in sorted(dims[k]) if want[k][d] == value), None)
+
+    features, channels, classes = (held(by_input, data.n_features), held(by_input, data.input_shape[0]),
+                                   held(by_classes, data.n_classes))
+    if features is not None:
+        inputs, given = f"inputs of {features} features", f"{data.n_features} features"
+    elif channels is not None and len(data.input_shape) == 3:
+        inputs, given = f"inputs of {channels} channels", f"inputs of shape {'x'.join(map(str, data.input_shape))}"
+    else:
+        inputs, given = "inputs of another shape", f"inputs of shape {'x'.join(map(str, data.input_shape))}"
+    differs = []
+    if features != data.n_features:
+        differs.append(given)
+    if classes is not None and classes != data.n_classes:
+        differs.append(f"{data.n_classes} classes")
+    trained_on = config.data.name
+    fix = (f"pass --dataset {trained_on}" if trained_on != data.name
+           else f"pass the --data-dir of the {trained_on} data it was trained on")
+    inputs += f" and {classes} classes" if classes is not None else ""
+    raise CheckpointError(f"{where} holds a {model} system for {inputs}; dataset {data.name} gives "
+                          f"{' and '.join(differs)}: {fix}")
+
+
+def restore_system(state: Mapping[str, Any], config: TrainConfig, data: Dataset,
+                   path: str | Path | None = None) -> Tuple[EquilibriumSystem, Method]:
+    """The trained system a checkpoint holds (read from ``path``), sized for ``data``, with its configured
+    method prepared (e.g. the feedback weights the checkpoint also holds).
+
+    Raises:
+        CheckpointError: the parameters do not fit ``data`` or this version (:func:`check_system_fits`).
+    """
     system = build_system(config, data)
     method = config.build_method()
     method.prepare(system)
+    check_system_fits(state["system"], system, config, data, path)
     system.load_state_dict(state["system"])
     return system, method
 
