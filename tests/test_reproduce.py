@@ -194,10 +194,21 @@ def test_repeated_seeds_or_rows_are_refused(tmp_path, monkeypatch, capsys):
     assert calls == []
 
 
+def test_an_interrupted_run_of_other_settings_is_refused_before_any_run_trains(tmp_path, monkeypatch):
+    calls = []
+    fake_training(monkeypatch, calls)
+    (tmp_path / "ff-bp_seed1.ckpt").write_bytes(b"")   # not a checkpoint of these settings (of none)
+    with pytest.raises(CheckpointError, match="ff-bp_seed1.ckpt is corrupt"):
+        reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1], overrides=TINY, progress=False)
+    assert calls == []   # seed 0 did not train first
+
+
 def test_a_run_resumes_only_where_its_checkpoint_is(tmp_path, monkeypatch):
     calls = []
     fake_training(monkeypatch, calls)
     (tmp_path / "ff-bp_seed1.ckpt").write_bytes(b"")   # seed 1 was interrupted
+    # The stand-in file is no checkpoint: the check of its settings before any run is the next test's.
+    monkeypatch.setattr("leastcontrol.reproduce.check_resumable", lambda config: None)
     reproduce("mnist", tmp_path, rows=["ff-bp"], seeds=[0, 1], overrides=TINY, progress=False)
     assert [(c.loop.seed, c.output.resume) for c in calls] == [(0, False), (1, True)]
     assert calls[1].output.checkpoint == str(tmp_path / "ff-bp_seed1.ckpt")

@@ -106,5 +106,5 @@ def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Map
     if changed:
         listed = "; ".join(f"{key} = {_shown(old)} (asked: {_shown(new)})" for key, old, new in changed)
         raise CheckpointError(f"checkpoint {path} belongs to a run with other settings: {listed}. Continue it "
-                              "with its own settings, or choose another --checkpoint path to start afresh")
+                              "with its own settings, or remove the file (or choose another --checkpoint path) to start afresh")
     return state

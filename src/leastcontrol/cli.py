@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("meta", help="meta-learning: the inner problem as an equilibrium, LCP against iMAML")
     m.add_argument("--task", default="sinusoid", choices=["sinusoid", "omniglot"])
     m.add_argument("--method", default="lcp", choices=["lcp", "imaml", "fomaml", "contrastive"])
-    m.add_argument("--ways", type=_positive_int, default=5, help="omniglot: classes per episode (5)")
+    m.add_argument("--ways", type=_positive_int, default=None, help="omniglot: classes per episode (5)")
     m.add_argument("--shots", type=_positive_int, default=None,
                    help="support examples per class (omniglot, 1) or per task (sinusoid, 10)")
     m.add_argument("--queries", type=_positive_int, default=None,
@@ -203,14 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "dynamics stay stable as meta-training sharpens the inner loss")
     m.add_argument("--lam", type=float, default=None, help="pull λ of the adapted weights towards ω (sinusoid 2, omniglot 1)")
     m.add_argument("--learn-lam", action="store_true", help="also meta-learn one λ per weight (not fomaml)")
-    m.add_argument("--beta", type=float, default=0.1, help="control strength (lcp) / nudging (contrastive)")
-    m.add_argument("--route", default="di", choices=["di", "energy"], help="lcp: dynamic inversion or energy")
+    m.add_argument("--beta", type=float, default=None, help="control strength (lcp) / nudging (contrastive)")
+    m.add_argument("--route", default=None, choices=["di", "energy"], help="lcp: dynamic inversion or energy")
     m.add_argument("--controlled-steps", type=_positive_int, default=None,
                    help="lcp: max steps of the controlled dynamics (default: --inner-steps)")
-    m.add_argument("--controlled-residual", default="per-population", choices=CONTROLLED_RESIDUALS,
+    m.add_argument("--controlled-residual", default=None, choices=CONTROLLED_RESIDUALS,
                    help="lcp (di): φ and ψ each settle to --inner-tol (per-population, default) "
                         "or one residual over [φ | ψ] (joint)")
-    m.add_argument("--cg-steps", type=_positive_int, default=10, help="imaml conjugate-gradient steps (10)")
+    m.add_argument("--cg-steps", type=_positive_int, default=None, help="imaml conjugate-gradient steps (10)")
     m.add_argument("--eval-tasks", type=_positive_int, default=1000, help="held-out tasks (1000; ≥ 600 for omniglot)")
     m.add_argument("--checkpoint", default=None,
                    help="save the run here every --checkpoint-every meta-steps (atomic writes)")
@@ -318,10 +318,11 @@ def _meta_summary(result) -> str:
 
 
 def _eval(args) -> int:
-    from .atomic import write_json
+    from .atomic import check_outputs, write_json
     from .data import DataConfig
     from .train import config_from_checkpoint, evaluate, load_checkpoint, restore_system
 
+    check_outputs({"--json-out": args.json_out})
     state = load_checkpoint(args.checkpoint, require=("epoch", "system"))
     config = config_from_checkpoint(state, args.checkpoint)
     data_config = DataConfig(name=args.dataset or config.data.name, dir=args.data_dir or config.data.dir,
@@ -350,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in ("train", "config"):
         _refuse_moved_flags(parser, argv[1:])
     args = parser.parse_args(argv)
-    warnings.formatwarning = _format_warning
+    shown, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return {"train": _train, "config": _config, "eval": _eval, "reproduce": _reproduce, "bench": _bench,
                 "meta": _meta}[args.command](args)
@@ -367,6 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("leastcontrol: interrupted (completed epochs are in --checkpoint, if given)", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .atomic import atomic_target
-from .errors import ConfigError
+from .atomic import check_output, write_bytes, write_text
+from .errors import CheckpointError, ConfigError, OutputError
 from .config import ABSENT, as_tree, diff_trees, set_path
-from .train import TrainConfig, load_config_file, train
+from .train import TrainConfig, check_resumable, load_config_file, train
 
 ROW_ORDER = ["ff-bp", "ff-lcp-di", "ff-lcp-kp", "ff-lcp-lf", "ff-lcp-ebd",
              "rnn-rbp", "rnn-lcp-di", "rnn-lcp-kp", "rnn-lcp-lf", "rnn-lcp-ebd"]
@@ -148,11 +148,6 @@ def _refuse_duplicates(what: str, items: Sequence[Any]) -> None:
                           f"table; give each {what} once")
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_target(path) as tmp:
-        tmp.write_text(text)
-
-
 def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     """One summary per row: mean/std test accuracy over seeds, seconds per epoch, iterations."""
     table = []
@@ -219,9 +214,10 @@ def _plot(runs: Dict[str, List[Dict[str, Any]]], path: Path, title: str) -> None
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    write_bytes(path, buffer.getvalue(), "--out")
 
 
 def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, rows: Optional[Sequence[str]] = None,
@@ -254,7 +250,9 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     _refuse_duplicates("row", chosen)
     _refuse_duplicates("seed", list(seeds))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a folder for the reproduction's files")
+    check_output(out / "results.md", "--out")
     jobs = []
     for row in chosen:
         values = load_config_file(available[row])
@@ -266,10 +264,10 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
             # An interrupted run (its checkpoint is there) continues; any other starts afresh.
             resume = Path(f"{stem}.ckpt").exists()
             run["output"] = {"json_out": f"{stem}.json", "checkpoint": f"{stem}.ckpt", "resume": resume,
-                             "progress": False}
+                             "progress": False, "log": progress}
             jobs.append((row, TrainConfig.from_tree(run, where=f"row {row}")))
     # Every finished run is checked before any run starts, so a refusal never comes after hours of training.
-    finished, problems = {}, []
+    finished, problems, interrupted = {}, [], []
     for _, config in jobs:
         path = Path(config.output.json_out)
         if path.exists():
@@ -277,8 +275,14 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
                 finished[path] = check_finished_run(path, config)
             except ConfigError as exc:
                 problems.append(str(exc))
-    if problems:
-        raise ConfigError("\n".join(problems))
+        elif config.output.resume:   # an interrupted run: its checkpoint must be of these settings too
+            try:
+                check_resumable(config)
+            except CheckpointError as exc:
+                interrupted.append(str(exc))
+    if problems or interrupted:
+        raise (ConfigError if problems else CheckpointError)("\n".join(problems + interrupted))
+    out.mkdir(parents=True, exist_ok=True)
     runs: Dict[str, List[Dict[str, Any]]] = {row: [] for row in chosen}
     bar = tqdm(jobs, desc="runs", disable=not progress, dynamic_ncols=True)
     for row, config in bar:
@@ -297,7 +301,7 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     table = summarise(runs)
     shown = {k.rsplit(".", 1)[1]: v for k, v in (overrides or {}).items() if k != "data.dir"}
     header = f"# {benchmark} reproduction ({', '.join(f'{k}={v}' for k, v in shown.items()) or 'published budget'})"
-    _write_text(out / "results.md", _markdown(table, header))
-    _write_text(out / "results.csv", _csv(table))
+    write_text(out / "results.md", _markdown(table, header), "--out")
+    write_text(out / "results.csv", _csv(table), "--out")
     _plot(runs, out / "accuracy.png", header.lstrip("# "))
     return table

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as cfg
-from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint  # noqa: F401 (load_checkpoint: public here)
+from .checkpoint import TRAIN_FORMAT, check_resume, load_checkpoint, resume_state  # noqa: F401 (load_checkpoint: public here)
 from .data import DataConfig, Dataset
 from .errors import CheckpointError, ConfigError, SolverDivergedError
 from .methods import LCPDI, Method, method_from_dict
@@ -449,6 +449,21 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
 # not depend on it (the cosine schedule decays over the whole budget).
 _RESUME_FREE = ("output", "data.dir", "loop.eval_batch_size")
 
+
+def _may_grow(config: "TrainConfig") -> Tuple[str, ...]:
+    return ("loop.epochs",) if config.loop.schedule == "none" else ()
+
+
+def check_resumable(config: "TrainConfig") -> None:
+    """Whether ``config`` may continue the run in its checkpoint (as :func:`train` would with ``resume``).
+
+    Raises:
+        CheckpointError: the checkpoint is missing, unreadable, or of a run with other settings.
+    """
+    resume_state(config.output.checkpoint, True, TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE,
+                 may_grow=_may_grow(config))
+
+
 # A training loss this many times the first batch's is worth a word: the run has gone badly wrong.
 LOSS_GROWTH_WARNING = 100.0
 
@@ -476,7 +491,7 @@ class _Watch:
         if batches and not settled and "settle" not in self.warned and isinstance(self.method, EquilibriumMethod):
             self.warned.add("settle")
             phases = ", ".join(f"{name} (tol {s.tol:g}, max_steps {s.max_steps})"
-                               for name, s in self.method.solvers().items() if s.tol > 0)
+                               for name, s in self.method.settling_phases().items())
             self.run.warn(f"no batch of epoch {epoch} settled: in every batch some sample ran to max_steps without "
                           f"reaching tol in a phase of {phases}; the updates are taken away from the equilibrium. "
                           "Raise max_steps or loosen tol (method.solver, or the phase's table: method.<phase>)")
@@ -515,8 +530,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     """
     loop, output = config.loop, config.output
     # Outputs and the checkpoint are checked before the data loads and anything trains.
-    run = Run(TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE,
-              may_grow=("loop.epochs",) if loop.schedule == "none" else (),
+    run = Run(TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE, may_grow=_may_grow(config),
               checkpoint=output.checkpoint, resume=output.resume, json_out=output.json_out, progress=output.progress)
     torch.manual_seed(loop.seed)
     method = config.build_method()

@@ -29,6 +29,15 @@ TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# Settings that only some tasks or methods read: given for another, they are refused (not dropped).
+_APPLIES = {"ways": ("task", ("omniglot",)), "data_dir": ("task", ("omniglot",)),
+            "beta": ("method", ("lcp", "contrastive")), "route": ("method", ("lcp",)),
+            "controlled_steps": ("method", ("lcp",)), "controlled_residual": ("method", ("lcp",)),
+            "cg_steps": ("method", ("imaml",))}
+# Their defaults where they apply (a setting a run does not read keeps this value, unused).
+_DEFAULTS = {"ways": 5, "beta": 0.1, "route": "di", "controlled_residual": "per-population", "cg_steps": 10}
+
+
 @dataclass
 class MetaConfig:
     """Everything a meta-training run depends on; validated at construction.
@@ -38,7 +47,7 @@ class MetaConfig:
 
     task: str = "sinusoid"
     method: str = "lcp"
-    ways: int = 5
+    ways: Optional[int] = None      # omniglot 5
     shots: Optional[int] = None     # sinusoid 10, omniglot 1
     queries: Optional[int] = None   # sinusoid 10, omniglot 15
     learner: Optional[str] = None   # omniglot: "mlp" (784-128-64-N) or "conv" (4 × conv 3×3, 64 channels)
@@ -54,11 +63,11 @@ class MetaConfig:
     inner_step_rule: Optional[str] = None  # fixed, or curvature: each task's step capped at 1/λ_max(H + λ)
     lam: Optional[float] = None
     learn_lam: bool = False
-    beta: float = 0.1
-    route: str = "di"
+    beta: Optional[float] = None    # lcp, contrastive: 0.1
+    route: Optional[str] = None     # lcp: "di" (default) or "energy"
     controlled_steps: Optional[int] = None  # lcp: max steps of the controlled dynamics; default: inner_steps
-    controlled_residual: str = "per-population"  # lcp: or "joint" (one residual over [φ | ψ])
-    cg_steps: int = 10
+    controlled_residual: Optional[str] = None  # lcp: "per-population" (default) or "joint" (one residual over [φ | ψ])
+    cg_steps: Optional[int] = None  # imaml: 10
     eval_tasks: int = 1000
     eval_queries: Optional[int] = None  # default: 100 (sinusoid), queries (omniglot)
     eval_chunk: Optional[int] = None    # tasks adapted at once in evaluation; default: meta_batch
@@ -74,10 +83,17 @@ class MetaConfig:
         if self.task not in TASKS:
             raise ConfigError(f"unknown meta task '{self.task}'; valid: {', '.join(sorted(TASKS))}")
         META_METHODS.factory(self.method)
-        check_controlled_residual(self.controlled_residual)
-        for key, value in TASK_DEFAULTS[self.task].items():
+        for key, (kind, users) in _APPLIES.items():
+            mine = self.task if kind == "task" else self.method
+            if getattr(self, key) is not None and mine not in users:
+                flag = "--" + key.replace("_", "-")
+                kinds = kind + ("s" if len(users) > 1 else "")
+                raise ConfigError(f"{flag} ({key}) is a setting of the {kinds} {' and '.join(users)}, not of {mine}; "
+                                  "leave it out")
+        for key, value in {**_DEFAULTS, **TASK_DEFAULTS[self.task]}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        check_controlled_residual(self.controlled_residual)
         if self.eval_queries is None:
             self.eval_queries = self.queries
         if self.eval_chunk is None:

@@ -70,6 +70,13 @@ def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, data
     if model is not None:
         settings = merge(merge(dict(defaults.get(model, {})), defaults.get((model, dataset), {})), settings)
     if dataclasses.is_dataclass(cls):
+        own = {f.name for f in dataclasses.fields(cls)}
+        for key in settings:
+            users = [m for m in METHODS.names() if m != name and dataclasses.is_dataclass(METHODS.factory(m))
+                     and key in {f.name for f in dataclasses.fields(METHODS.factory(m))}]
+            if key not in own and users:   # a setting of another rule is refused, not dropped
+                raise ConfigError(f"{where}.{key} is a setting of {', '.join(users)}, not of {name}; leave it out "
+                                  f"(the keys of {name}: {', '.join(['name'] + sorted(own))})")
         check_table(cls, settings, where, of=f" of method '{name}'", extra=("name",))
     return cls(**settings)
 

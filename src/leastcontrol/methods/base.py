@@ -270,11 +270,15 @@ class EquilibriumMethod(Method):
         """Phase -> its solver."""
         return {phase: getattr(self, phase) for phase in self.phases}
 
+    def settling_phases(self) -> Dict[str, Solver]:
+        """The phases that must settle (phase -> solver): all but a descent run for a fixed budget of
+        steps (tol 0, LCP-EBD's optimizer), whose end is its answer whatever the residual there."""
+        return {phase: s for phase, s in self.solvers().items() if not (phase in self.descent_phases and s.tol == 0)}
+
     def settled(self, stats: Dict[str, Any]) -> bool:
-        """Whether a batch's solves settled (from its ``stats``): every phase whose solver has a
-        tolerance converged. A phase at tol 0 runs a fixed budget of steps (LCP-EBD's optimizer),
-        whose end is its answer whatever the residual there."""
-        return all(stats.get(f"converged_{phase}", True) for phase, s in self.solvers().items() if s.tol > 0)
+        """Whether a batch's solves settled (from its ``stats``): every phase of :meth:`settling_phases`
+        converged."""
+        return all(stats.get(f"converged_{phase}", True) for phase in self.settling_phases())
 
     def uses_backend(self, name: str) -> bool:
         """Whether any phase's solver may run its steps on the backend ``name``."""
