@@ -22,6 +22,7 @@ from .config import _FLAT, parse_override
 from .methods import METHODS
 from .methods.lcp import CONTROLLED_RESIDUALS
 from .presets import PRESETS
+from .reproduce import benchmarks
 from .systems import SYSTEMS
 
 
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(c)
 
     r = sub.add_parser("reproduce", help="run the published table (each row's config, several seeds)")
-    r.add_argument("benchmark", choices=["mnist", "cifar10"])
+    r.add_argument("benchmark", choices=benchmarks())
     r.add_argument("--out", default="runs/reproduce",
                    help="output folder (finished runs there with the same settings are reused)")
     r.add_argument("--rows", nargs="+", default=None, help="subset of rows, e.g. ff-bp rnn-lcp-di (default: all)")

@@ -27,18 +27,36 @@ from .errors import CheckpointError, ConfigError, OutputError
 from .config import ABSENT, as_tree, diff_trees, set_path
 from .train import TrainConfig, check_resumable, load_config_file, train
 
-ROW_ORDER = ["ff-bp", "ff-lcp-di", "ff-lcp-kp", "ff-lcp-lf", "ff-lcp-ebd",
-             "rnn-rbp", "rnn-lcp-di", "rnn-lcp-kp", "rnn-lcp-lf", "rnn-lcp-ebd"]
+# A table's rows go by system, then by rule: the baselines, then LCP's family, then its peers.
+SYSTEM_ORDER = ["ff", "conv-ff", "hopfield", "rnn", "deq"]
+METHOD_ORDER = ["bp", "rbp", "bptt", "lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd", "ep", "ep-centered", "pc", "ipc"]
+
+
+def _configs():
+    folder = resources.files("leastcontrol") / "configs"
+    return [f for f in folder.iterdir() if f.name.endswith(".toml") and "-" in f.name]
+
+
+def benchmarks() -> List[str]:
+    """The tables shipped as config files ``configs/<benchmark>-<row>.toml`` (``mnist``, ``cifar10``, ...)."""
+    return sorted({f.name.split("-", 1)[0] for f in _configs()})
+
+
+def _row_order(row: str) -> tuple:
+    system = max((s for s in SYSTEM_ORDER if row.startswith(s + "-")), key=len, default="")
+    method = row[len(system) + 1:] if system else row
+
+    def rank(items, name):
+        return items.index(name) if name in items else len(items)
+
+    return rank(SYSTEM_ORDER, system), rank(METHOD_ORDER, method), row
 
 
 def available_rows(benchmark: str = "mnist") -> Dict[str, Path]:
-    """Row name (``ff-bp``, ``rnn-lcp-di``, ...) -> its shipped config file."""
-    folder = resources.files("leastcontrol") / "configs"
+    """Row name (``ff-bp``, ``rnn-lcp-di``, ...) -> its shipped config file, by system and then rule."""
     prefix = f"{benchmark}-"
-    rows = {Path(f.name).stem[len(prefix):]: Path(str(f)) for f in folder.iterdir()
-            if f.name.startswith(prefix) and f.name.endswith(".toml")}
-    order = {name: i for i, name in enumerate(ROW_ORDER)}
-    return dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    rows = {Path(f.name).stem[len(prefix):]: Path(str(f)) for f in _configs() if f.name.startswith(prefix)}
+    return dict(sorted(rows.items(), key=lambda kv: _row_order(kv[0])))
 
 
 # Settings that do not change a run's result: where it writes (and whether it shows progress) and
@@ -148,6 +166,12 @@ def _refuse_duplicates(what: str, items: Sequence[Any]) -> None:
                           f"table; give each {what} once")
 
 
+def _mean_of(history: List[Dict[str, Any]], key: str) -> Optional[float]:
+    """The mean of a per-epoch figure, or ``None`` where a run (of an earlier version) lacks it."""
+    values = [h.get(key) for h in history]
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
+
+
 def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
     """One summary per row: mean/std test accuracy over seeds, seconds per epoch, iterations."""
     table = []
@@ -161,6 +185,8 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
             "seconds_per_epoch": statistics.fmean(h["seconds"] for h in history),
             "mean_iterations": statistics.fmean(h["mean_iterations"] for h in history),
             "converged_fraction": statistics.fmean(h.get("converged_fraction", 1.0) for h in history),
+            "steps_per_sample": _mean_of(history, "mean_sample_iterations"),
+            "settled_samples": _mean_of(history, "settled_sample_fraction"),
         }
         alignments = [r["feedback_alignment"] for r in results if r.get("feedback_alignment")]
         if alignments:
@@ -171,22 +197,28 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
 
 def _markdown(table: List[Dict[str, Any]], header: str) -> str:
     lines = [header, "",
-             "| row | test accuracy (%) | seeds | s / epoch | mean iterations | converged batches "
-             "| feedback alignment (cos with the forward transpose) |",
-             "|---|---|---|---|---|---|---|"]
+             "| row | test accuracy (%) | seeds | s / epoch | mean iterations | steps / sample | settled samples "
+             "| converged batches | feedback alignment (cos with the forward transpose) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def shown(value, form):
+        return "–" if value is None else format(value, form)
+
     for e in table:
         align = ", ".join(f"{k} {v:.3f}" for k, v in e.get("feedback_alignment", {}).items()) or "–"
         # One run has no spread to show.
         spread = f" ± {e['test_accuracy_std']:.2f}" if e["seeds"] > 1 else ""
         lines.append(f"| {e['row']} | {e['test_accuracy_mean']:.2f}{spread} | {e['seeds']} | "
-                     f"{e['seconds_per_epoch']:.1f} | {e['mean_iterations']:.1f} | {e['converged_fraction']:.2f} | {align} |")
+                     f"{e['seconds_per_epoch']:.1f} | {e['mean_iterations']:.1f} | "
+                     f"{shown(e.get('steps_per_sample'), '.1f')} | {shown(e.get('settled_samples'), '.3f')} | "
+                     f"{e['converged_fraction']:.2f} | {align} |")
     return "\n".join(lines) + "\n"
 
 
 def _csv(table: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
     fields = ["row", "seeds", "test_accuracy_mean", "test_accuracy_std", "seconds_per_epoch",
-              "mean_iterations", "converged_fraction", "feedback_alignment"]
+              "mean_iterations", "steps_per_sample", "settled_samples", "converged_fraction", "feedback_alignment"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for e in table:

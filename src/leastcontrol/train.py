@@ -568,7 +568,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         order, augment_rng = epoch_order(rng, n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
-                "skipped": 0, "unstable": 0.0, "stability_checked": 0, "settled": 0}
+                "skipped": 0, "unstable": 0.0, "stability_checked": 0, "settled": 0,
+                "settled_samples": 0.0}
         seen = 0
         solver_log: List[tuple] = []
         bar = run.bar(range(steps_per_epoch), desc=f"epoch {epoch}/{loop.epochs}", leave=False)
@@ -602,6 +603,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             seen += n
             watch.batch(out.loss, epoch, b + 1)
             sums["settled"] += method.settled(out.stats)
+            sums["settled_samples"] += method.settled_samples(out.stats)
             sums["loss"] += out.loss * n
             sums["correct"] += (out.accuracy or 0.0) * n
             sums["iterations"] += out.stats.get("iterations", 0)
@@ -632,6 +634,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "mean_iterations": sums["iterations"] / done,
             "mean_sample_iterations": sums["sample_iterations"] / done,
             "converged_fraction": sums["converged"] / done,
+            # Per batch, the fraction of samples settled in its worst phase; the mean over batches.
+            "settled_sample_fraction": sums["settled_samples"] / done,
             "skipped_batches": sums["skipped"],
             # --check-stability: mean over batches of the largest fraction of samples a phase settled
             # at fixed points the Euler dynamics leave (None without the check).

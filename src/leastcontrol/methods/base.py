@@ -171,6 +171,10 @@ class Method:
         """Whether a batch's solves (if any) settled, from its ``stats``."""
         return bool(stats.get("converged", True))
 
+    def settled_samples(self, stats: Dict[str, Any]) -> float:
+        """The fraction of a batch's samples whose solves (if any) settled, from its ``stats``."""
+        return 1.0 if self.settled(stats) else 0.0
+
     def check_system(self, system: EquilibriumSystem) -> None:
         """Raise now if this method cannot train ``system`` (a training run asks before its data loads).
 
@@ -279,6 +283,11 @@ class EquilibriumMethod(Method):
         """Whether a batch's solves settled (from its ``stats``): every phase of :meth:`settling_phases`
         converged."""
         return all(stats.get(f"converged_{phase}", True) for phase in self.settling_phases())
+
+    def settled_samples(self, stats: Dict[str, Any]) -> float:
+        """The fraction of a batch's samples that settled, in the phase of :meth:`settling_phases` where
+        the fewest did (from its ``stats``)."""
+        return min((stats.get(f"converged_fraction_{phase}", 1.0) for phase in self.settling_phases()), default=1.0)
 
     def uses_backend(self, name: str) -> bool:
         """Whether any phase's solver may run its steps on the backend ``name``."""
