@@ -5,6 +5,7 @@ Built-ins: ``bp`` (backprop through the layered forward pass), ``bptt``
 (recurrent backprop / implicit differentiation), ``lcp-di`` (least control
 with dynamic inversion), ``lcp-kp`` (dynamic inversion through learned
 Kolen-Pollack feedback weights), ``lcp-lf`` (learned linear feedback), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
+On energy-based systems: ``ep`` and ``ep-centered`` (equilibrium propagation, one-sided and centered).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..registry import Registry
 from .base import EquilibriumMethod, Method, MethodOutput, accumulate_grads, phase_stats
 from .baselines import BP, BPTT, RBP
 from .ebd import LCPEBD
+from .ep import EP, EPCentered
 from .kp import LCPKP
 from .lcp import LCPDI, ControlledEquilibrium, local_update
 from .lf import LCPLF
@@ -29,6 +31,8 @@ METHODS.register("lcp-di", LCPDI)
 METHODS.register("lcp-ebd", LCPEBD)
 METHODS.register("lcp-kp", LCPKP)
 METHODS.register("lcp-lf", LCPLF)
+METHODS.register("ep", EP)
+METHODS.register("ep-centered", EPCentered)
 
 
 def register_method(name: str, factory: Callable[..., Method] | None = None, *, overwrite: bool = False):
@@ -82,4 +86,4 @@ def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, data
 
 
 __all__ = ["method_from_dict", "phase_stats", "Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "BPTT", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
-           "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method"]
+           "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method", "EP", "EPCentered"]

@@ -7,6 +7,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .base import EquilibriumSystem, State
 from .conv import DEQ, ConvFeedforwardEquilibrium
+from .hopfield import HopfieldEquilibrium
 from .networks import FeedforwardEquilibrium, RecurrentEquilibrium
 
 SYSTEMS: Registry[EquilibriumSystem] = Registry("model")
@@ -17,6 +18,12 @@ SYSTEMS.register("rnn", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
 SYSTEMS.register("conv-ff", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
                  ConvFeedforwardEquilibrium(input_shape, n_out, **kw))
 SYSTEMS.register("deq", lambda n_in, n_out, hidden=256, input_shape=None, **kw: DEQ(input_shape, n_out, **kw))
+# Energy-based (equilibrium propagation): the ff layout with symmetric coupling, hard sigmoid rates;
+# "hopfield-readout" reads the top hidden layer linearly (for a cross-entropy cost).
+SYSTEMS.register("hopfield", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
+                 HopfieldEquilibrium([n_in, hidden, hidden, n_out], **kw))
+SYSTEMS.register("hopfield-readout", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
+                 HopfieldEquilibrium([n_in, hidden, hidden, n_out], readout="linear", **kw))
 
 
 def register_system(name: str, factory=None, *, overwrite: bool = False):
@@ -76,4 +83,4 @@ class ModelConfig:
 
 
 __all__ = ["ModelConfig", "register_system", "EquilibriumSystem", "State", "FeedforwardEquilibrium", "RecurrentEquilibrium", "ConvFeedforwardEquilibrium",
-           "DEQ", "SYSTEMS", "get_system"]
+           "DEQ", "SYSTEMS", "get_system", "HopfieldEquilibrium"]
