@@ -83,3 +83,10 @@ def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, data
 
 __all__ = ["method_from_dict", "phase_stats", "Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "BPTT", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
            "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method"]
+
+# Predictive coding and incremental predictive coding on layered systems (methods/pc.py).
+from .pc import IPC, PC  # noqa: E402
+
+METHODS.register("pc", PC)
+METHODS.register("ipc", IPC)
+__all__ += ["PC", "IPC"]
