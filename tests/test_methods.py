@@ -202,7 +202,7 @@ def test_bp_on_recurrent_system_is_a_clear_error():
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(ValueError, match="bp, bptt, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
+    with pytest.raises(ValueError, match="bp, bptt, ipc, lcp-di, lcp-ebd, lcp-kp, lcp-lf, pc, rbp"):
         get_method("backprop")
 
 

@@ -84,7 +84,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
 def test_bad_configuration_fails_before_training():
     with pytest.raises(ValueError, match="ff, rnn"):
         flat_config(model="lstm")
-    with pytest.raises(ValueError, match="bp, bptt, lcp-di, lcp-ebd, lcp-kp, lcp-lf, rbp"):
+    with pytest.raises(ValueError, match="bp, bptt, ipc, lcp-di, lcp-ebd, lcp-kp, lcp-lf, pc, rbp"):
         flat_config(method="eqprop")
     with pytest.raises(ValueError, match="digits, idx, mnist"):
         flat_config(dataset="cifar100")
