@@ -231,6 +231,10 @@ def test_ipc_with_frozen_weights_sums_pc_along_its_inference(output):
     pcs = [grads_of(PC(beta=0.5, output=output, inference=Euler(dt=0.3, tol=0.0, max_steps=t)), net, x, y).grads
            for t in range(1, T + 1)]
     assert rel_err(ipc.grads, {k: sum(g[k] for g in pcs) for k in pcs[0]}) < 1e-12
+    solver = Euler(dt=0.3, tol=0.0, max_steps=T)
+    a = IPC(beta=0.5, output=output, inner_lr=0.0, inference=solver).infer(net, x, y).state
+    b = PC(beta=0.5, output=output, inference=solver).infer(net, x, y).state
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-14) for k in b)
 
 
 def test_ipc_settings_are_checked_and_a_weight_step_too_large_names_inner_lr():

@@ -1,8 +1,8 @@
 """Predictive coding (PC) and incremental predictive coding (iPC) on layered systems.
 
-A layered system reads as a hierarchy of predictions (docs/PEERS.md §2): each population is
-predicted from the rates of the one below it, ``μ_l = W_l φ(v_{l−1}) + b_l`` (the first hidden layer
-from the input ``x``, the output ``o`` from the last hidden layer), and
+A layered system reads as a hierarchy of predictions (docs/guide.md, "Predictive coding"): each
+population is predicted from the rates of the one below it, ``μ_l = W_l φ(v_{l−1}) + b_l`` (the first
+hidden layer from the input ``x``, the output ``o`` from the last hidden layer), and
 
     ε_l = v_l − μ_l                                   (prediction errors)
     F(s) = Σ_l ½‖ε_l‖² + β L(o, y)                   (½‖ε‖² summed over the batch, L its mean loss)
@@ -24,9 +24,10 @@ number of steps or to a tolerance. **Learning** descends ``F`` in θ at the stat
 local: post-synaptic error times pre-synaptic rate. At the minimum of ``F`` this is ``(1/β)`` times
 LCP's update ``−(∂_θ f)ᵀ ψ*`` (``ψ* = −f(s*) = ε*``). As ``β → 0`` it tends to the gradient of the
 batch-mean loss of the feedforward network, which ``bp`` computes (Whittington & Bogacz 2017;
-Millidge et al. 2020); at a strong nudge it differs.
+Millidge et al. 2022); at a strong nudge it differs.
 
-Reference: docs/PEERS.md §2; Salvatori et al. (2024) for iPC; Pinchetti et al. (2025), pcx.
+References: Whittington & Bogacz (2017), Neural Computation 29(5); Millidge, Tschantz & Buckley (2022),
+Neural Computation; Salvatori et al. (2024), ICLR (incremental PC); Pinchetti et al. (2025), ICLR (pcx).
 """
 from __future__ import annotations
 
@@ -235,7 +236,7 @@ class IPC(PC):
     ``lr = inner_lr·β/B`` then lands the weights exactly where iPC's ``T`` steps take them; another
     optimizer (Adam) takes the summed update as its gradient. With ``inner_lr = 0`` the weights stay
     put during inference: the states follow ``pc``'s and the update is the sum of ``pc``'s updates
-    after ``1 … T`` steps.
+    after ``1 … T`` steps. :meth:`infer` runs the same loop and returns its last state.
 
     The weight steps are stable while ``η`` times the energy's curvature in a weight (the squared
     norm of the rates a layer reads, ``‖φ(v_{l−1})‖²``, ``‖x‖²`` for the first) stays below 2, as for
