@@ -5,7 +5,8 @@ Built-ins: ``bp`` (backprop through the layered forward pass), ``bptt``
 (recurrent backprop / implicit differentiation), ``lcp-di`` (least control
 with dynamic inversion), ``lcp-kp`` (dynamic inversion through learned
 Kolen-Pollack feedback weights), ``lcp-lf`` (learned linear feedback), ``lcp-ebd`` (least control by energy minimisation). Add your own with :func:`register_method`.
-On energy-based systems: ``ep`` and ``ep-centered`` (equilibrium propagation, one-sided and centered).
+On energy-based systems: ``ep`` and ``ep-centered`` (equilibrium propagation, one-sided and centered);
+on layered systems: ``pc`` and ``ipc`` (predictive coding, and its incremental form).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .ep import EP, EPCentered
 from .kp import LCPKP
 from .lcp import LCPDI, ControlledEquilibrium, local_update
 from .lf import LCPLF
+from .pc import IPC, PC
 
 METHODS: Registry[Method] = Registry("method")
 METHODS.register("bp", BP)
@@ -33,6 +35,8 @@ METHODS.register("lcp-kp", LCPKP)
 METHODS.register("lcp-lf", LCPLF)
 METHODS.register("ep", EP)
 METHODS.register("ep-centered", EPCentered)
+METHODS.register("pc", PC)
+METHODS.register("ipc", IPC)
 
 
 def register_method(name: str, factory: Callable[..., Method] | None = None, *, overwrite: bool = False):
@@ -86,4 +90,4 @@ def method_from_dict(table: Mapping[str, Any], *, model: str | None = None, data
 
 
 __all__ = ["method_from_dict", "phase_stats", "Method", "EquilibriumMethod", "MethodOutput", "accumulate_grads", "BP", "BPTT", "RBP", "LCPDI", "LCPEBD", "LCPKP", "LCPLF",
-           "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method", "EP", "EPCentered"]
+           "ControlledEquilibrium", "local_update", "METHODS", "register_method", "get_method", "EP", "EPCentered", "PC", "IPC"]

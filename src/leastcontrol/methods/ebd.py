@@ -19,10 +19,35 @@ from typing import Any, ClassVar, Dict, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..losses import Loss
 from ..solvers import Adam, Field, SolveResult, Solver
-from ..systems.base import EquilibriumSystem
+from ..systems.base import EquilibriumSystem, FlatOperator
 from .base import EquilibriumMethod, MethodOutput, _check_number, phase_stats
 from .lcp import ControlledEquilibrium, energy_descent_field, local_update
+
+
+def relaxed_energy(op: FlatOperator, loss: Loss, x: torch.Tensor, y: torch.Tensor, beta: float, z0: torch.Tensor):
+    """The descent field of the relaxed least-control energy on the flat state, and its context::
+
+        E(s) = ½‖f(s)‖² + β L(o),       −∇_s E = −(∂_s f)ᵀ f − β ∇_s L
+
+    ``½‖f‖²`` sums over the batch and ``L`` is the batch-mean loss of the output population (last in
+    the flat state), so each sample's loss is weighed by ``β/B``, ``B = x.shape[0]``. LCP-EBD and
+    predictive coding (whose energy this is on a layered system) descend it.
+
+    Args:
+        op: the system's flat operator. loss: the loss. x: validated inputs ``(B, n_in)``.
+        y: targets. beta: the weight ``β`` of the loss. z0: the start ``(B, N)`` (its output block
+            gives the dense target its dtype).
+    Returns:
+        ``(field, context)`` for a solver: a :class:`~leastcontrol.solvers.Field` on ``(B, N)`` and
+        the batch-aligned tensors it reads (the input drive and the dense target).
+    """
+    B, n_e = x.shape[0], op.n_state - list(op.sizes.values())[-1]
+    scale = beta / B   # B is the full batch: freezing drops rows, not the loss's normalisation
+    descent = energy_descent_field(lambda z, c: op.f(z, c["drive"]), lambda z, c, a: op.vjp(z, c["drive"], a),
+                                   lambda o, c: loss.dense_grad(o, c["target"]).mul_(scale), slice(n_e, None))
+    return Field(descent, op.sizes), {"drive": op.drive(x), "target": loss.dense_target(y, z0[:, n_e:])}
 
 
 @dataclass
@@ -77,15 +102,9 @@ class LCPEBD(EquilibriumMethod):
         x = system.prepare_input(x)
         free = free if free is not None else self.free_equilibrium(system, x)
         op = self._flat_operator(system)
-        B, n_e = x.shape[0], op.n_state - op.sizes[system.output_population]
-        z0 = op.pack(free.state) if self.ff_init else x.new_zeros(B, op.n_state)
-
-        # −∇_s E = −(∂_s f)ᵀ f − (1/α) ∇_o L, with L the batch-mean loss (output population last).
-        descent = energy_descent_field(lambda z, c: op.f(z, c["drive"]), lambda z, c, a: op.vjp(z, c["drive"], a),
-                                       lambda o, c: self._loss.dense_grad(o, c["target"]) / (B * self.alpha),
-                                       slice(n_e, None))
-        context = {"drive": op.drive(x), "target": self._loss.dense_target(y, z0[:, n_e:])}
-        res = self.controlled.solve(Field(descent, op.sizes), z0, context)
+        z0 = op.pack(free.state) if self.ff_init else x.new_zeros(x.shape[0], op.n_state)
+        field, context = relaxed_energy(op, self._loss, x, y, self.beta, z0)
+        res = self.controlled.solve(field, z0, context)
         z = res.state
         return ControlledEquilibrium(op.unpack(z), op.unpack(op.f(z, context["drive"]).neg_()), res.stats, free)
 
