@@ -9,7 +9,8 @@ from leastcontrol import reproduce as reproduce_module
 from leastcontrol.checkpoint import load_checkpoint
 from leastcontrol.cli import main
 from leastcontrol.errors import CheckpointError, ConfigError
-from leastcontrol.reproduce import available_rows, reproduce
+from leastcontrol.reproduce import available_rows, benchmarks, reproduce
+from leastcontrol.train import TrainConfig, load_config_file
 
 from .helpers import interrupt_on_second_eval
 
@@ -20,6 +21,29 @@ def test_every_published_row_has_a_config():
     rows = available_rows("mnist")
     assert {"ff-bp", "ff-lcp-di", "ff-lcp-kp", "ff-lcp-ebd", "rnn-rbp", "rnn-lcp-di", "rnn-lcp-kp",
             "rnn-lcp-ebd"} <= set(rows)
+
+
+@pytest.mark.parametrize("benchmark", benchmarks())
+def test_every_shipped_row_builds_its_run(benchmark):
+    for row, path in available_rows(benchmark).items():
+        config = TrainConfig.from_tree(load_config_file(path), where=row)
+        assert row.endswith(config.method.name), row
+
+
+def test_the_peers_table_has_every_rule_on_each_system_it_applies_to():
+    rows = list(available_rows("peers"))
+    assert rows == ["ff-bp", "ff-lcp-di", "ff-lcp-ebd", "ff-pc", "ff-ipc",
+                    "hopfield-rbp", "hopfield-bptt", "hopfield-lcp-di", "hopfield-ep", "hopfield-ep-centered",
+                    "rnn-rbp", "rnn-bptt", "rnn-lcp-di", "rnn-lcp-ebd"]
+
+
+def test_a_peers_row_of_each_new_rule_runs_and_reports_its_settled_samples(tmp_path):
+    tiny = dict(TINY, **{"model.hidden": 16})
+    table = reproduce("peers", tmp_path, rows=["ff-pc", "hopfield-ep"], overrides=tiny, progress=False)
+    assert [e["row"] for e in table] == ["ff-pc", "hopfield-ep"]
+    assert all(0.0 <= e["settled_samples"] <= 1.0 and e["steps_per_sample"] > 0 for e in table)
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert "dataset=digits" in header and "epochs=1" in header
 
 
 def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):

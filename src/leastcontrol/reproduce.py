@@ -331,7 +331,8 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     # Every run here was made with the settings of this call (checked above, or made just now), so
     # no row's mean mixes budgets, and the header below, from this call's overrides, describes them all.
     table = summarise(runs)
-    shown = {k.rsplit(".", 1)[1]: v for k, v in (overrides or {}).items() if k != "data.dir"}
+    shown = {("dataset" if k == "data.name" else k.rsplit(".", 1)[1]): v for k, v in (overrides or {}).items()
+             if k != "data.dir"}
     header = f"# {benchmark} reproduction ({', '.join(f'{k}={v}' for k, v in shown.items()) or 'published budget'})"
     write_text(out / "results.md", _markdown(table, header), "--out")
     write_text(out / "results.csv", _csv(table), "--out")
