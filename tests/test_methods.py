@@ -544,3 +544,17 @@ def test_check_stability_reports_the_free_equilibria_that_anderson_settles_on_bu
         out = RBP(solver=Anderson(tol=1e-10, max_steps=400, **options)).gradients(net, x, y)
     assert out.stats["unstable_fraction_free"] == 0.0 and out.stats["unstable_fraction_adjoint"] == 0.0
     assert "unstable_fraction_free" not in RBP(solver=Euler(tol=1e-10, max_steps=400)).gradients(net, x, y).stats
+
+
+@pytest.mark.parametrize("name", ["rbp", "lcp-di"])
+def test_squared_error_reads_class_indices_as_one_hot_rows_and_reports_accuracy(name):
+    net = tiny_rnn()
+    x, labels = batch()
+    onehot = F.one_hot(labels, net.n_out).to(net.dtype)
+    by_labels = get_method(name, loss="mse").gradients(net, *get_method(name, loss="mse")._inputs(net, x, labels))
+    by_rows = get_method(name, loss="mse").gradients(net, *get_method(name, loss="mse")._inputs(net, x, onehot))
+    assert by_labels.accuracy is not None and by_labels.accuracy == by_rows.accuracy
+    for key in by_rows.grads:
+        assert torch.equal(by_labels.grads[key], by_rows.grads[key]), key
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, "):
+        get_method(name, loss="mse")(net, x, labels + 100)

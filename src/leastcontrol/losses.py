@@ -77,13 +77,17 @@ class CrossEntropy(Loss):
 
 
 class SquaredError(Loss):
-    """``½‖o − y‖²`` per sample; targets have the shape of the output."""
+    """``½‖o − y‖²`` per sample; targets have the shape of the output, or are class indices ``(B,)``,
+    read as one-hot rows (the squared-error cost of classification, as equilibrium propagation uses)."""
 
     name = "mse"
 
     def check_target(self, target, output_size, batch_size):
+        if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dim() == 1:
+            labels = CrossEntropy().check_target(target, output_size, batch_size)
+            return F.one_hot(labels, output_size).to(torch.get_default_dtype())
         if not isinstance(target, torch.Tensor) or not target.is_floating_point():
-            raise ValueError("squared-error targets must be a floating-point tensor")
+            raise ValueError("squared-error targets must be a floating-point tensor (or class indices)")
         if target.shape != (batch_size, output_size):
             raise ValueError(f"targets must have shape ({batch_size}, {output_size}), got {tuple(target.shape)}")
         if not torch.isfinite(target).all():

@@ -147,8 +147,15 @@ class Method:
         return x, y
 
     def _summary(self, output: torch.Tensor, y: torch.Tensor):
+        """The batch's mean loss, and its accuracy where the targets are classes: indices, or the one-hot
+        rows a squared error reads them as (``None`` for other targets)."""
         loss = float(self._loss.value(output, y).mean())
-        acc = float((output.argmax(-1) == y).double().mean()) if self.loss == "cross_entropy" else None
+        if y.dim() == 1:
+            acc = float((output.argmax(-1) == y).double().mean())
+        elif y.dim() == 2 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(-1) == 1).all()):
+            acc = float((output.argmax(-1) == y.argmax(-1)).double().mean())
+        else:
+            acc = None
         return loss, acc
 
     def __call__(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor) -> MethodOutput:

@@ -34,10 +34,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Mapping, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..losses import CrossEntropy
 from ..solvers import Euler, Field, SolveResult, Solver
 from ..systems.base import EquilibriumSystem
 from .base import EquilibriumMethod, MethodOutput, _check_number, phase_stats
@@ -135,28 +133,6 @@ class EP(EquilibriumMethod):
                               f"energy(state, x) method); {type(system).__name__} has none: use --model hopfield "
                               "(or hopfield-readout), or a method without an energy such as rbp or lcp-di")
 
-    # --- targets: class indices stay as such (for the accuracy), one-hot where mse reads them ----------------
-    def _labels(self, y: torch.Tensor) -> bool:
-        return self.loss != "cross_entropy" and not y.is_floating_point() and y.dim() == 1
-
-    def _inputs(self, system, x, y):
-        if y is None or not (isinstance(y, torch.Tensor) and self._labels(y)):
-            return super()._inputs(system, x, y)
-        x = system.prepare_input(x)
-        return x, CrossEntropy().check_target(y, system.n_out, x.shape[0]).to(system.device)
-
-    def _target(self, y: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The target the loss reads: one-hot classes for a squared error given class indices."""
-        if self._labels(y):
-            return F.one_hot(y, output.shape[-1]).to(output.dtype)
-        return y
-
-    def _summary(self, output, y):
-        loss = float(self._loss.value(output, self._target(y, output)).mean())
-        labels = self.loss == "cross_entropy" or self._labels(y)
-        acc = float((output.argmax(-1) == y).double().mean()) if labels else None
-        return loss, acc
-
     # --- the phases --------------------------------------------------------------------------------------
     @torch.no_grad()
     def nudged_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor, beta: float,
@@ -169,7 +145,7 @@ class EP(EquilibriumMethod):
         op = self._flat_operator(system)
         name = system.output_population
         o0 = free.state[name]
-        context = {"drive": op.drive(x), "target": self._loss.dense_target(self._target(y, o0), o0)}
+        context = {"drive": op.drive(x), "target": self._loss.dense_target(y, o0)}
 
         def field(z, c):
             s = op.unpack(z)
@@ -183,7 +159,7 @@ class EP(EquilibriumMethod):
         """The nudged equilibrium with strength ``beta`` and ``∂F_β/∂θ`` there (summed over the batch)."""
         res = self.nudged_equilibrium(system, x, y, beta, free)
         o = res.state[system.output_population]
-        force = {system.output_population: self._loss.grad(o, self._target(y, o)).mul_(-beta)}   # −β ∂C/∂o
+        force = {system.output_population: self._loss.grad(o, y).mul_(-beta)}   # −β ∂C/∂o
         return res, energy_param_grad(system, res.state, x, force)
 
     def gradients(self, system, x, y):
