@@ -1,7 +1,7 @@
 """Small systems and data shared by the tests (float64 unless stated)."""
 import torch
 
-from leastcontrol.systems import FeedforwardEquilibrium, RecurrentEquilibrium
+from leastcontrol.systems import FeedforwardEquilibrium, HopfieldEquilibrium, RecurrentEquilibrium
 
 F64 = torch.float64
 
@@ -65,3 +65,12 @@ def flat_config(**values):
     from leastcontrol.train import TrainConfig
 
     return TrainConfig.from_tree(values)
+
+
+def tiny_hopfield(rate="sigmoid", readout="layer", sizes=(5, 6, 4, 3), seed=1, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    net = HopfieldEquilibrium(list(sizes), rate=rate, readout=readout, dtype=F64, generator=g)
+    with torch.no_grad():   # stronger coupling than the default initialisation: a less trivial equilibrium
+        for W in net.W:
+            W.mul_(scale)
+    return net

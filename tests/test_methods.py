@@ -9,7 +9,7 @@ from leastcontrol.errors import ConfigError, SolverDivergedError
 from leastcontrol.methods import BP, LCPDI, LCPEBD, LCPKP, RBP, get_method
 from leastcontrol.solvers import Adam, Anderson, Euler
 
-from .helpers import F64, batch, cosine, rel_err, tiny_ff, tiny_rnn
+from .helpers import F64, batch, cosine, rel_err, tiny_ff, tiny_hopfield, tiny_rnn
 
 
 def unrolled_autograd_grads(net, x, y, steps=400, dt=1.0):
@@ -71,13 +71,17 @@ def H_beta(net, x, y, beta):
         return float(energy())
 
 
-@pytest.mark.parametrize("make", [
-    lambda: tiny_rnn(n_in=3, n_hidden=4, n_out=2), lambda: tiny_ff(sizes=(3, 4, 3, 2))], ids=["rnn", "ff"])
-def test_lcp_di_is_gradient_of_relaxed_least_control_objective(make):
+# The Hopfield network with its linear readout: an output population nothing else reads, which
+# LCP-DI's controller assumes (u controls o, e the rest); with the layer readout o feeds back to the
+# layers below, and the controlled equilibrium is not H_β's stationary point.
+@pytest.mark.parametrize("make,dt", [
+    (lambda: tiny_rnn(n_in=3, n_hidden=4, n_out=2), 1.0), (lambda: tiny_ff(sizes=(3, 4, 3, 2)), 1.0),
+    (lambda: tiny_hopfield("sigmoid", "linear", sizes=(3, 4, 3, 2)), 0.5)], ids=["rnn", "ff", "hopfield-readout"])
+def test_lcp_di_is_gradient_of_relaxed_least_control_objective(make, dt):
     """Central finite differences of H_β along random directions in θ equal ⟨LCP update, d⟩."""
     net = make()
     x, y = batch(n_in=3, n_out=2, B=2)
-    method = LCPDI(alpha=0.5, k_i=1.0, solver=Euler(tol=1e-13, max_steps=20000))
+    method = LCPDI(alpha=0.5, k_i=1.0, solver=Euler(dt=dt, tol=1e-13, max_steps=40000))
     out = method(net, x, y)
     assert out.stats["converged"]
     eps = 1e-5
