@@ -278,6 +278,13 @@ def _(tmp: Path) -> None:
     refused(leastcontrol("meta", "--task", "sinusoid", "--method", "imaml", "--beta", "0.5"), "--beta", "lcp")
 
 
+@case("peer-rules-refuse-what-they-cannot-train", 10)
+def _(tmp: Path) -> None:
+    refused(leastcontrol("train", *TINY, "--method", "ep"), "needs an energy-based system", "--model hopfield")
+    refused(leastcontrol("train", *TINY, "--method", "pc", "--model", "rnn"), "pc needs a layered system")
+    refused(leastcontrol("train", *TINY, "--model", "hopfield", "--method", "ep", "--set", "method.beta=0"), "beta")
+
+
 # --- 11. messages, and what a failed run leaves behind ---------------------------------------------
 @case("config-file-not-utf8", 11)
 def _(tmp: Path) -> None:
