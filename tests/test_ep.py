@@ -228,3 +228,23 @@ def test_ep_learns_digits():
         "loop": {"epochs": 3, "lr": 1e-2}, "data": {"limit_train": 1024}, "output": {"progress": False, "log": False}}))
     assert result["test_accuracy"] > 0.8, result["history"]
     assert result["converged_fraction"] > 0.9
+
+
+def test_random_sign_nudges_either_way_and_the_two_average_to_the_centered_update():
+    net, (x, y) = tiny_hopfield("sigmoid", "layer"), batch()
+    one_sided = EP(loss="mse", beta=0.05, solver=TIGHT)
+    plus = one_sided.gradients(net, *one_sided._inputs(net, x, y)).grads
+    method = EP(loss="mse", beta=0.05, random_sign=True, solver=TIGHT)
+    signs, minus = [], None
+    for seed in range(8):
+        torch.manual_seed(seed)
+        g = method.gradients(net, *method._inputs(net, x, y)).grads
+        signs.append(all(torch.equal(g[k], plus[k]) for k in g))
+        minus = g if not signs[-1] else minus
+    assert True in signs and False in signs   # both signs drawn in 8 batches
+    centered = EPCentered(loss="mse", beta=0.05, solver=TIGHT)
+    both = centered.gradients(net, *centered._inputs(net, x, y)).grads
+    for k in both:   # (g(+β) + g(−β)) / 2 = (∂E(s^+β) − ∂E(s^−β)) / 2β, the centered estimate
+        assert torch.allclose((plus[k] + minus[k]) / 2, both[k], rtol=1e-8, atol=1e-12), k
+    with pytest.raises(ConfigError, match="random_sign is a setting of ep"):
+        EPCentered(random_sign=True)

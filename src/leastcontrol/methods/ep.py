@@ -87,6 +87,9 @@ class EP(EquilibriumMethod):
             ``s⁰``.
         loss: ``mse`` (default on ``hopfield``) or ``cross_entropy``; integer class targets are
             one-hot for ``mse``.
+        random_sign: nudge each batch with ``+β`` or ``−β``, the sign drawn from PyTorch's generator
+            (Scellier & Bengio 2017; it cancels the O(β) bias on average). The update divides by the
+            signed β. Not for ``ep-centered``, which nudges both ways already.
 
     Raises:
         ConfigError: ``beta`` not > 0; at training, a system without an energy (:meth:`check_system`).
@@ -101,6 +104,7 @@ class EP(EquilibriumMethod):
     name = "ep"
     beta: float = 0.5
     nudged: Solver | None = None
+    random_sign: bool = False
 
     phases: ClassVar[Tuple[str, ...]] = ("free", "nudged")
     # Scellier & Bengio's cost on their network's output layer; cross-entropy stays the default elsewhere.
@@ -120,6 +124,8 @@ class EP(EquilibriumMethod):
                               "strength; set method.beta to a small positive number (e.g. 0.5; smaller is less "
                               "biased and needs tighter solves)")
         _check_number("beta", self.beta)
+        if self.centered and self.random_sign:
+            raise ConfigError("ep-centered nudges with +β and −β already; random_sign is a setting of ep: leave it out")
 
     def check_system(self, system: EquilibriumSystem) -> None:
         """EP needs an energy: raise for a system without ``energy(state, x)``.
@@ -165,13 +171,14 @@ class EP(EquilibriumMethod):
     def gradients(self, system, x, y):
         self.check_system(system)
         free = self.free_equilibrium(system, x)
-        nudged, high = self._nudged_phase(system, x, y, self.beta, free)
+        beta = -self.beta if self.random_sign and bool(torch.rand(()) < 0.5) else self.beta
+        nudged, high = self._nudged_phase(system, x, y, beta, free)
         phases = {"free": free, "nudged": nudged}
         if self.centered:
             phases["nudged_neg"], low = self._nudged_phase(system, x, y, -self.beta, free)
             span = 2.0 * self.beta
         else:
-            low, span = energy_param_grad(system, free.state, x), self.beta
+            low, span = energy_param_grad(system, free.state, x), beta
         # The batch mean of each sample's estimate: the scale of the gradient of the batch-mean loss.
         scale = 1.0 / (span * x.shape[0])
         grads = {n: (high[n] - low[n]).mul_(scale) for n in high}
