@@ -131,6 +131,36 @@ def _(tmp: Path) -> None:
     assert got and "test_accuracy" in json.loads(got[0]), "the FIFO's reader did not get the result"
 
 
+@case("json-out-to-this-process-stdout", 1)
+def _(tmp: Path) -> None:
+    piped = leastcontrol("train", *TINY, "--json-out", "/dev/stdout")   # stdout is a pipe here
+    ok(piped)
+    assert '"test_accuracy"' in piped.out and "epoch 1:" in piped.out
+    log = tmp / "all.log"
+    log.write_text("PRECIOUS\n")
+    with open(log, "a") as out:   # `... --json-out /dev/stdout >> all.log`
+        code = subprocess.run([sys.executable, "-m", "leastcontrol", "train", *TINY, "--json-out", "/dev/stdout"],
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"})
+    assert code.returncode == 0 and "Traceback" not in code.stderr, code.stderr[-800:]
+    text = log.read_text()
+    assert text.startswith("PRECIOUS") and '"test_accuracy"' in text and "epoch 1:" in text, text[:300]
+
+
+@case("output-at-an-input", 1)
+def _(tmp: Path) -> None:
+    import torch
+    ckpt = tmp / "run.ckpt"
+    torch.save({"format": "leastcontrol-checkpoint-1"}, ckpt)
+    before = ckpt.read_bytes()
+    refused(leastcontrol("eval", "--checkpoint", str(ckpt), "--json-out", str(ckpt)), "this run reads")
+    assert ckpt.read_bytes() == before
+    config = tmp / "run.toml"
+    config.write_text("[loop]\nepochs = 1\n")
+    refused(leastcontrol("train", *TINY, "--config", str(config), "--json-out", str(config)), "this run reads")
+    assert config.read_text() == "[loop]\nepochs = 1\n"
+
+
 @case("checkpoint-to-fifo", 1)
 def _(tmp: Path) -> None:
     fifo = tmp / "fifo"
@@ -226,7 +256,7 @@ def _(tmp: Path) -> None:
 def _(tmp: Path) -> None:
     result = leastcontrol("train", *TINY, "--set", "method.solver.tol=0", "--json-out", str(tmp / "run.json"))
     ok(result)
-    assert "no batch of epoch 1 settled" in result.err, result.err[-800:]
+    assert "no sample of epoch 1 settled" in result.err, result.err[-800:]
     assert any("max_steps" in w for w in json.loads((tmp / "run.json").read_text())["warnings"])
 
 
@@ -274,7 +304,7 @@ def _(tmp: Path) -> None:
 def _(tmp: Path) -> None:
     refused(leastcontrol("train", *TINY, "--method", "rbp", "--set", "method.alpha=1"), "setting of lcp-di")
     refused(leastcontrol("train", *TINY, "--set", "method.sigma=0.1"), "setting of lcp-lf")
-    refused(leastcontrol("meta", "--task", "sinusoid", "--ways", "5"), "--ways", "omniglot")
+    refused(leastcontrol("meta", "--task", "sinusoid", "--ways", "3"), "--ways", "omniglot")
     refused(leastcontrol("meta", "--task", "sinusoid", "--method", "imaml", "--beta", "0.5"), "--beta", "lcp")
 
 

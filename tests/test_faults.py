@@ -131,7 +131,7 @@ def test_3_epochs_may_grow_on_resume_only_where_the_schedule_does_not_depend_on_
 
 # --- 6. warnings stay with the result ------------------------------------------------------------
 def test_6_warnings_of_a_run_are_in_its_result(tmp_path):
-    with pytest.warns(UserWarning, match="no batch of epoch 1 settled"):
+    with pytest.warns(UserWarning, match="no sample of epoch 1 settled"):
         result = train(tiny(method={"name": "lcp-di", "solver": {"max_steps": 3}}))
     assert len(result["warnings"]) == 1 and "max_steps" in result["warnings"][0]
     with warnings.catch_warnings():

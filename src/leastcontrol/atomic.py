@@ -22,6 +22,7 @@ import io
 import json
 import os
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -59,6 +60,28 @@ def _target(path: PathLike) -> Path:
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
+def _descriptor(path: PathLike) -> Optional[int]:
+    """The open file descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/stderr``,
+    ``/dev/fd/N``, ``/proc/self/fd/N``, or a link to one), else ``None``. Such an output is written to
+    the descriptor itself: reopening the path would truncate a file the shell redirected it to, or
+    find no file at all for a pipe."""
+    seen, current = 0, Path(path)
+    while seen < 40:
+        text = os.path.abspath(current)
+        named = {"/dev/stdout": 1, "/dev/stderr": 2}.get(text)
+        if named is not None:
+            return named
+        for prefix in ("/dev/fd/", "/proc/self/fd/", f"/proc/{os.getpid()}/fd/"):
+            if text.startswith(prefix) and text[len(prefix):].isdigit():
+                return int(text[len(prefix):])
+        if not current.is_symlink():
+            return None
+        target = Path(os.readlink(current))
+        current = target if target.is_absolute() else current.parent / target
+        seen += 1
+    return None
+
+
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
@@ -72,6 +95,17 @@ def write_bytes(path: PathLike, data: bytes, what: str = "output") -> Path:
     Raises:
         OutputError: ``path`` is a directory, or the write failed (the reason as the system gives it).
     """
+    fd = _descriptor(path)
+    if fd is not None:   # the process's own stream: appended to where it stands, never reopened
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise OutputError(f"could not write {what} to {path}: {_reason(exc)}") from None
+        return Path(path)
     target = _target(path)
     try:
         if target.is_dir():
@@ -129,6 +163,15 @@ def check_output(path: PathLike, what: str, *, regular: bool = False) -> None:
         OutputError: ``path`` is a directory, not a regular file where one is needed, read-only,
             or in a folder that cannot be created or written.
     """
+    fd = _descriptor(path)
+    if fd is not None:
+        if regular:
+            raise OutputError(f"{what} {path} is a stream of this process, not a regular file; give a file path")
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise OutputError(f"{what} {path}: this process has no open descriptor {fd}") from None
+        return
     target = _target(path)
     if target.is_dir():
         raise OutputError(f"{what} {path} is a directory; give a file path")
@@ -152,16 +195,24 @@ def check_output(path: PathLike, what: str, *, regular: bool = False) -> None:
                           "choose another path") from None
 
 
-def check_outputs(outputs: Mapping[str, Optional[PathLike]], regular: tuple = ()) -> None:
-    """:func:`check_output` for each named output that is set, and that no two of them are one file.
+def check_outputs(outputs: Mapping[str, Optional[PathLike]], regular: tuple = (),
+                  inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> None:
+    """:func:`check_output` for each named output that is set, that no two of them are one file, and
+    that none is one of the run's ``inputs`` (a checkpoint to evaluate, a config file).
 
     Args:
         outputs: option name (``--json-out``) -> path or ``None``.
         regular: the option names whose output must be a regular file.
+        inputs: option name -> path or ``None``: files the run reads, never to be written.
 
     Raises:
-        OutputError: an output that cannot be written, or two outputs at one path.
+        OutputError: an output that cannot be written, two outputs at one path, or an output at an input.
     """
+    for what, path in (inputs or {}).items():
+        for out, target in outputs.items():
+            if path and target and os.path.exists(path) and os.path.exists(target) and os.path.samefile(path, target):
+                raise OutputError(f"{out} {target} is the {what} this run reads; writing it would destroy it: "
+                                  "give another path")
     seen = {}
     for what, path in outputs.items():
         if path is None or path == "":

@@ -9,6 +9,7 @@ tree (:mod:`leastcontrol.config`), set in a ``--config`` file or with
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -232,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from .atomic import check_outputs
     from .train import TrainConfig, train
 
     config = TrainConfig.from_tree(_run_tree(args), where=getattr(args, "config", None) or "command line")
+    check_outputs({"--checkpoint": config.output.checkpoint, "--json-out": config.output.json_out},
+                  regular=("--checkpoint",), inputs={"--config": getattr(args, "config", None)})
     print(f"leastcontrol train: model={config.model.name} method={config.method.name} dataset={config.data.name} "
           f"epochs={config.loop.epochs} ({config.method!r})", flush=True)
     _reported(train, config, _train_summary)
@@ -248,8 +252,9 @@ def _reported(run, config, summary):
     (the error, which names the path, follows the result it could not write)."""
     try:
         result = run(config)
-    except ResultNotWrittenError as err:
+    except ResultNotWrittenError as err:   # the result is all the user has of the run: shown whole
         print(summary(err.result))
+        print(json.dumps({k: v for k, v in err.result.items() if k != "system"}, indent=1, default=str))
         raise
     print(summary(result))
     return result
@@ -323,7 +328,7 @@ def _eval(args) -> int:
     from .data import DataConfig
     from .train import config_from_checkpoint, evaluate, load_checkpoint, restore_system
 
-    check_outputs({"--json-out": args.json_out})
+    check_outputs({"--json-out": args.json_out}, inputs={"--checkpoint": args.checkpoint})
     state = load_checkpoint(args.checkpoint, require=("epoch", "system"))
     config = config_from_checkpoint(state, args.checkpoint)
     data_config = DataConfig(name=args.dataset or config.data.name, dir=args.data_dir or config.data.dir,

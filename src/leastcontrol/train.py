@@ -443,11 +443,12 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
     return correct / max(len(y), 1)
 
 
-# The settings a resumed run may change (dotted prefixes): where results go and where the data is
-# read from, and how many test samples are evaluated at once. Every other setting changes the
+# The settings a resumed run may change (dotted prefixes): where results go, where the data is read
+# from, how many test samples are evaluated at once and the device (a run interrupted on a GPU node
+# may finish on a CPU). Every other setting changes the
 # result and must be the checkpoint's; the number of epochs may grow where the learning rate does
 # not depend on it (the cosine schedule decays over the whole budget).
-_RESUME_FREE = ("output", "data.dir", "loop.eval_batch_size")
+_RESUME_FREE = ("output", "data.dir", "loop.eval_batch_size", "loop.device")
 
 
 def _may_grow(config: "TrainConfig") -> Tuple[str, ...]:
@@ -487,13 +488,13 @@ class _Watch:
                           f"batch {batch}: the learning rate is likely too large (--lr, now {self.config.loop.lr:g}); "
                           "lower it, or clip the gradients (loop.grad_clip)")
 
-    def epoch(self, settled: int, batches: int, epoch: int) -> None:
-        if batches and not settled and "settle" not in self.warned and isinstance(self.method, EquilibriumMethod):
+    def epoch(self, settled_samples: float, batches: int, epoch: int) -> None:
+        if batches and not settled_samples and "settle" not in self.warned and isinstance(self.method, EquilibriumMethod):
             self.warned.add("settle")
             phases = ", ".join(f"{name} (tol {s.tol:g}, max_steps {s.max_steps})"
                                for name, s in self.method.settling_phases().items())
-            self.run.warn(f"no batch of epoch {epoch} settled: in every batch some sample ran to max_steps without "
-                          f"reaching tol in a phase of {phases}; the updates are taken away from the equilibrium. "
+            self.run.warn(f"no sample of epoch {epoch} settled: every one ran to max_steps without reaching tol in a "
+                          f"phase of {phases}; the updates are taken away from the equilibrium. "
                           "Raise max_steps or loosen tol (method.solver, or the phase's table: method.<phase>)")
 
 
@@ -556,6 +557,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     watch = _Watch(run, config, method)
     state = run.state
     if state is not None:
+        check_system_fits(state["system"], system, config, data, output.checkpoint)
         system.load_state_dict(state["system"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -647,7 +649,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
-        watch.epoch(sums["settled"], steps_per_epoch - sums["skipped"], epoch)
+        watch.epoch(sums["settled_samples"], steps_per_epoch - sums["skipped"], epoch)
         if output.log:
             shown = "-" if evaluated is None else f"{evaluated:.4f}"
             tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"

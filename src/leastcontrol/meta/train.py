@@ -85,7 +85,8 @@ class MetaConfig:
         META_METHODS.factory(self.method)
         for key, (kind, users) in _APPLIES.items():
             mine = self.task if kind == "task" else self.method
-            if getattr(self, key) is not None and mine not in users:
+            # Its default is no choice: the settings rebuild themselves (dataclasses.replace, a checkpoint's).
+            if getattr(self, key) not in (None, _DEFAULTS.get(key)) and mine not in users:
                 flag = "--" + key.replace("_", "-")
                 kinds = kind + ("s" if len(users) > 1 else "")
                 raise ConfigError(f"{flag} ({key}) is a setting of the {kinds} {' and '.join(users)}, not of {mine}; "

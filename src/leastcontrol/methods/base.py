@@ -56,7 +56,8 @@ def check_finite_update(method: str, grads: Dict[str, torch.Tensor]) -> None:
     if not grads:
         return
     names = list(grads)
-    finite = torch.stack([torch.isfinite(grads[n]).all() for n in names])
+    # A norm is NaN/Inf exactly where its tensor holds one (or overflows, itself a non-finite update).
+    finite = torch.isfinite(torch.stack(torch._foreach_norm([grads[n] for n in names])))
     if not bool(finite.all()):
         raise NonFiniteUpdateError(names[int((~finite).nonzero()[0])], None, method)
 

@@ -26,7 +26,8 @@ from .base import EquilibriumMethod, MethodOutput, _check_number, phase_stats
 from .lcp import ControlledEquilibrium, energy_descent_field, local_update
 
 
-def relaxed_energy(op: FlatOperator, loss: Loss, x: torch.Tensor, y: torch.Tensor, beta: float, z0: torch.Tensor):
+def relaxed_energy(op: FlatOperator, loss: Loss, x: torch.Tensor, y: torch.Tensor, beta: float, z0: torch.Tensor,
+                   alpha: float | None = None):
     """The descent field of the relaxed least-control energy on the flat state, and its context::
 
         E(s) = ½‖f(s)‖² + β L(o),       −∇_s E = −(∂_s f)ᵀ f − β ∇_s L
@@ -44,9 +45,18 @@ def relaxed_energy(op: FlatOperator, loss: Loss, x: torch.Tensor, y: torch.Tenso
         the batch-aligned tensors it reads (the input drive and the dense target).
     """
     B, n_e = x.shape[0], op.n_state - list(op.sizes.values())[-1]
-    scale = beta / B   # B is the full batch: freezing drops rows, not the loss's normalisation
+    # B is the full batch: freezing drops rows, not the loss's normalisation. Given ``alpha`` (β = 1/α,
+    # LCP-EBD) the gradient is divided by B·α, the arithmetic LCP-EBD's results were made with.
+    if alpha is not None:
+        def weighted(o, c):
+            return loss.dense_grad(o, c["target"]) / (B * alpha)
+    else:
+        scale = beta / B
+
+        def weighted(o, c):
+            return loss.dense_grad(o, c["target"]).mul_(scale)
     descent = energy_descent_field(lambda z, c: op.f(z, c["drive"]), lambda z, c, a: op.vjp(z, c["drive"], a),
-                                   lambda o, c: loss.dense_grad(o, c["target"]).mul_(scale), slice(n_e, None))
+                                   weighted, slice(n_e, None))
     return Field(descent, op.sizes), {"drive": op.drive(x), "target": loss.dense_target(y, z0[:, n_e:])}
 
 
@@ -103,7 +113,7 @@ class LCPEBD(EquilibriumMethod):
         free = free if free is not None else self.free_equilibrium(system, x)
         op = self._flat_operator(system)
         z0 = op.pack(free.state) if self.ff_init else x.new_zeros(x.shape[0], op.n_state)
-        field, context = relaxed_energy(op, self._loss, x, y, self.beta, z0)
+        field, context = relaxed_energy(op, self._loss, x, y, self.beta, z0, alpha=self.alpha)
         res = self.controlled.solve(field, z0, context)
         z = res.state
         return ControlledEquilibrium(op.unpack(z), op.unpack(op.f(z, context["drive"]).neg_()), res.stats, free)

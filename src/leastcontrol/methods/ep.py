@@ -197,5 +197,7 @@ class EPCentered(EP):
     name = "ep-centered"
     centered: ClassVar[bool] = True
 
-    def settled(self, stats: Dict[str, Any]) -> bool:
-        return super().settled(stats) and bool(stats.get("converged_nudged_neg", True))
+    def settling_phases(self):
+        """Both nudged phases (``nudged``, ``nudged_neg``) must settle, with the free one."""
+        return {**super().settling_phases(), "nudged_neg": self.nudged}
+

@@ -46,6 +46,12 @@ class LCPKP(LCPDI):
         if self.kappa >= 1:
             raise ValueError(f"kappa must be < 1, got {self.kappa}")
 
+    def check_system(self, system: EquilibriumSystem) -> None:
+        super().check_system(system)
+        if not system.feedback_pathways():
+            raise ValueError(f"{type(system).__name__} has no feedback pathways; lcp-kp needs a built-in system "
+                             "(ff or rnn)")
+
     def prepare(self, system: EquilibriumSystem, generator: torch.Generator | None = None) -> None:
         """Give the system its feedback weights (random, unit norm) if it has none yet."""
         system.add_feedback(generator)
