@@ -187,3 +187,18 @@ def test_11_a_failed_download_into_a_mistyped_folder_leaves_nothing(name, tmp_pa
     with pytest.raises(DatasetNotFoundError, match="no network"):
         load_dataset(name, data_dir=tmp_path / "typo" / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_6b_a_new_run_never_replaces_a_checkpoint_another_run_put_at_its_path(tmp_path):
+    from leastcontrol.run import Run
+    path = tmp_path / "run.ckpt"
+    run = Run("fmt", {"a": 1}, checkpoint=str(path))      # the path is free when the run starts
+    path.write_bytes(b"another run's checkpoint")          # ... and taken while it trains
+    with pytest.raises(OutputError, match="created by another process while this run worked"):
+        run.save(step=1)
+    assert path.read_bytes() == b"another run's checkpoint"
+    path.unlink()
+    run.save(step=1)                                        # free again: claimed, then replaced in place
+    run.save(step=2)
+    assert torch.load(path, weights_only=True)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]

@@ -33,8 +33,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 @contextlib.contextmanager
-def atomic_target(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
-    """Yield a temporary path beside the regular file ``path``; rename it onto ``path`` on success.
+def atomic_target(path: PathLike, mode: int = 0o644, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside the regular file ``path``; rename it onto ``path`` on success
+    (``exclusive``: link it there, which fails with FileExistsError if ``path`` exists by then).
 
     The temporary file is removed if the body raises, so a failed write never leaves a partial file
     under the final name. For the library's own files (the data cache, the native build); user
@@ -47,7 +48,11 @@ def atomic_target(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -86,14 +91,17 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def write_bytes(path: PathLike, data: bytes, what: str = "output") -> Path:
+def write_bytes(path: PathLike, data: bytes, what: str = "output", exclusive: bool = False) -> Path:
     """Write ``data`` to ``path`` by the rules of this module; return ``path``.
 
     Args:
         what: how the user named this output (``--json-out``, ``the checkpoint``), for messages.
+        exclusive: create the file, never replace one (a run's first checkpoint: another run that
+            claimed the path meanwhile keeps it).
 
     Raises:
-        OutputError: ``path`` is a directory, or the write failed (the reason as the system gives it).
+        OutputError: ``path`` is a directory, exists where ``exclusive`` forbids it, or the write
+            failed (the reason as the system gives it).
     """
     fd = _descriptor(path)
     if fd is not None:   # the process's own stream: appended to where it stands, never reopened
@@ -116,10 +124,13 @@ def write_bytes(path: PathLike, data: bytes, what: str = "output") -> Path:
             return Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
-        with atomic_target(target, mode) as tmp:
+        with atomic_target(target, mode, exclusive) as tmp:
             tmp.write_bytes(data)
     except OutputError:
         raise
+    except FileExistsError:
+        raise OutputError(f"{what} {path} was created by another process while this run worked; it is left as it "
+                          "is and this run's was not written: choose another path") from None
     except OSError as exc:
         raise OutputError(f"could not write {what} to {path}: {_reason(exc)}") from None
     return Path(path)
@@ -135,14 +146,14 @@ def write_json(path: PathLike, obj: Any, what: str = "--json-out") -> Path:
     return write_text(path, json.dumps(obj, indent=2) + "\n", what)
 
 
-def save_torch(path: PathLike, obj: Any, what: str = "the checkpoint") -> Path:
+def save_torch(path: PathLike, obj: Any, what: str = "the checkpoint", exclusive: bool = False) -> Path:
     """:func:`write_bytes` of ``torch.save(obj)`` (serialised in memory first, so a failing disk
     never leaves half a checkpoint)."""
     import torch
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return write_bytes(path, buffer.getvalue(), what)
+    return write_bytes(path, buffer.getvalue(), what, exclusive)
 
 
 def _nearest_folder(path: Path) -> Path:

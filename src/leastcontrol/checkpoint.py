@@ -14,13 +14,15 @@ TRAIN_FORMAT = "leastcontrol-checkpoint-1"
 META_FORMAT = "leastcontrol-meta-checkpoint-1"
 
 
-def save_checkpoint(path: str | Path, state: Dict[str, Any]) -> None:
+def save_checkpoint(path: str | Path, state: Dict[str, Any], exclusive: bool = False) -> None:
     """``torch.save`` of ``state`` to ``path``, atomically: a crash mid-write leaves the previous file.
+    ``exclusive``: a new run's first save, which never replaces a file (another run's) at ``path``.
 
     Raises:
-        OutputError: the file cannot be written (the reason as the system gives it).
+        OutputError: the file cannot be written (the reason as the system gives it), or it exists
+            where ``exclusive`` forbids it.
     """
-    save_torch(path, state, "the checkpoint")
+    save_torch(path, state, "the checkpoint", exclusive)
 
 
 def load_checkpoint(path: str | Path, fmt: str = TRAIN_FORMAT, require: Iterable[str] = ()) -> Dict[str, Any]:

@@ -58,6 +58,9 @@ class Run:
                                                             free=free, may_grow=may_grow)
         if self.state is not None:   # the warnings of the run so far stay in its result
             self.warnings = list(self.state.get("warnings", []))
+        # A new run claims its checkpoint path with its first save: a file another run put there
+        # meanwhile (two runs started at one path) is never replaced.
+        self._claimed = self.state is not None
 
     def bar(self, iterable, **options):
         """A progress bar over ``iterable`` (silent without ``progress``)."""
@@ -72,7 +75,8 @@ class Run:
         """Write a checkpoint of the loop's ``state`` (with the format and settings), atomically."""
         if self.checkpoint is not None:
             save_checkpoint(self.checkpoint, {"format": self.fmt, "config": self.config, "warnings": self.warnings,
-                                              **state})
+                                              **state}, exclusive=not self._claimed)
+            self._claimed = True
 
     def finish(self, result: Dict[str, Any]) -> Dict[str, Any]:
         """Add the warnings to ``result``, write it to ``json_out`` (atomically) and return it.
