@@ -206,6 +206,19 @@ def check_output(path: PathLike, what: str, *, regular: bool = False) -> None:
                           "choose another path") from None
 
 
+def check_inputs_kept(outputs: Mapping[str, Optional[PathLike]], inputs: Mapping[str, Optional[PathLike]]) -> None:
+    """That no output is one of the files a run reads (a checkpoint to evaluate, a config file).
+
+    Raises:
+        OutputError: naming the output and the input it would destroy.
+    """
+    for what, path in inputs.items():
+        for out, target in outputs.items():
+            if path and target and os.path.exists(path) and os.path.exists(target) and os.path.samefile(path, target):
+                raise OutputError(f"{out} {target} is the {what} this run reads; writing it would destroy it: "
+                                  "give another path")
+
+
 def check_outputs(outputs: Mapping[str, Optional[PathLike]], regular: tuple = (),
                   inputs: Optional[Mapping[str, Optional[PathLike]]] = None) -> None:
     """:func:`check_output` for each named output that is set, that no two of them are one file, and
@@ -219,11 +232,7 @@ def check_outputs(outputs: Mapping[str, Optional[PathLike]], regular: tuple = ()
     Raises:
         OutputError: an output that cannot be written, two outputs at one path, or an output at an input.
     """
-    for what, path in (inputs or {}).items():
-        for out, target in outputs.items():
-            if path and target and os.path.exists(path) and os.path.exists(target) and os.path.samefile(path, target):
-                raise OutputError(f"{out} {target} is the {what} this run reads; writing it would destroy it: "
-                                  "give another path")
+    check_inputs_kept(outputs, inputs or {})
     seen = {}
     for what, path in outputs.items():
         if path is None or path == "":

@@ -233,12 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from .atomic import check_outputs
+    from .atomic import check_inputs_kept
     from .train import TrainConfig, train
 
     config = TrainConfig.from_tree(_run_tree(args), where=getattr(args, "config", None) or "command line")
-    check_outputs({"--checkpoint": config.output.checkpoint, "--json-out": config.output.json_out},
-                  regular=("--checkpoint",), inputs={"--config": getattr(args, "config", None)})
+    # The run checks its outputs before the data loads (Run); only the config file is the command line's.
+    check_inputs_kept({"--checkpoint": config.output.checkpoint, "--json-out": config.output.json_out},
+                      {"--config": getattr(args, "config", None)})
     print(f"leastcontrol train: model={config.model.name} method={config.method.name} dataset={config.data.name} "
           f"epochs={config.loop.epochs} ({config.method!r})", flush=True)
     _reported(train, config, _train_summary)

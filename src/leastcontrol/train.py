@@ -570,7 +570,7 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         order, augment_rng = epoch_order(rng, n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
-                "skipped": 0, "unstable": 0.0, "stability_checked": 0, "settled": 0,
+                "skipped": 0, "unstable": 0.0, "stability_checked": 0,
                 "settled_samples": 0.0}
         seen = 0
         solver_log: List[tuple] = []
@@ -604,7 +604,6 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             n = len(y)
             seen += n
             watch.batch(out.loss, epoch, b + 1)
-            sums["settled"] += method.settled(out.stats)
             sums["settled_samples"] += method.settled_samples(out.stats)
             sums["loss"] += out.loss * n
             sums["correct"] += (out.accuracy or 0.0) * n
