@@ -598,3 +598,26 @@ def test_a_user_step_rule_registers_and_runs_in_the_driver():
     res = solver_from_dict({"name": "test-relaxed", "omega": 0.8, "tol": 1e-12, "max_steps": 3000}).solve(field, s0)
     assert res.stats.converged and torch.allclose(res.state["s"], s_star, atol=1e-10)
     assert res.stats.steps % 10 == 0 and "test-relaxed" in SOLVERS
+
+
+def test_momentum_rule_is_torch_sgd_with_momentum_on_the_negative_field():
+    """The momentum step rule moves each sample as torch.optim.SGD(momentum=μ) moves a parameter with
+    gradient −g (pcx's state optimiser, optax.sgd with momentum, takes the same steps)."""
+    from leastcontrol.solvers import Momentum
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 5, generator=g, dtype=F64)
+    b = torch.randn(3, 5, generator=g, dtype=F64)
+    grad = lambda z: torch.tanh(z @ A.T) - b          # noqa: E731
+    z0 = torch.randn(3, 5, generator=g, dtype=F64)
+    res = Momentum(lr=0.05, momentum=0.65, tol=0.0, max_steps=23, check_every=4).solve(lambda z: -grad(z), z0)
+    p = z0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([p], lr=0.05, momentum=0.65)
+    for _ in range(23):
+        p.grad = grad(p.detach())
+        opt.step()
+    torch.testing.assert_close(res.state, p.detach(), rtol=0, atol=1e-15)
+    assert res.stats.status.tolist() == [Status.MAX_STEPS] * 3
+    with pytest.raises(ConfigError, match=r"momentum must be in \[0, 1\)"):
+        Momentum(momentum=1.0)
+    with pytest.raises(ConfigError, match="lr"):
+        Momentum(lr=0.0)

@@ -74,7 +74,8 @@ def _shown(value: Any) -> str:
 
 
 def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Mapping[str, Any], *,
-                 free: Iterable[str] = (), may_grow: Iterable[str] = ()) -> Optional[Dict[str, Any]]:
+                 free: Iterable[str] = (), may_grow: Iterable[str] = (),
+                 complete=None) -> Optional[Dict[str, Any]]:
     """The saved state to continue from, or ``None`` for a fresh run.
 
     A checkpoint that exists is only continued with ``resume`` (never overwritten by a new run);
@@ -82,7 +83,8 @@ def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Map
     A run continues only with the settings it was started with: every setting of ``config`` must
     equal the saved one, except those under the dotted prefixes ``free`` (where results go, how
     often to save) and those in ``may_grow`` (a budget), which may be larger. A flat config of an
-    earlier version is read as its tree.
+    earlier version is read as its tree; ``complete`` (tree -> tree), where given, fills the keys a
+    saved tree lacks (settings this version added) with their defaults, so they are no difference.
 
     Raises:
         CheckpointError: the file exists without ``resume``, is missing with it, is unreadable, or
@@ -102,6 +104,8 @@ def resume_state(path: Optional[str | Path], resume: bool, fmt: str, config: Map
                               "or choose another --checkpoint path")
     state = load_checkpoint(path, fmt)
     saved = as_tree(state["config"], f"checkpoint {path}") if fmt == TRAIN_FORMAT else state["config"]
+    if complete is not None:
+        saved = complete(saved)
     may_grow = set(may_grow)
     changed = [(key, old, new) for key, old, new in diff_trees(saved, config, ignore=tuple(free))
                if not (key in may_grow and isinstance(old, int) and isinstance(new, int) and new >= old)]

@@ -258,6 +258,9 @@ def to_toml(tree: Mapping[str, Any]) -> str:
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)
 
+    def key(k: str) -> str:   # a bare key, or a quoted one (parameter patterns: "W.1", "b.*")
+        return k if k and all(c.isalnum() or c in "_-" for c in k) and k.isascii() else json.dumps(k)
+
     def emit(table: Mapping[str, Any], name: str):
         scalars = {k: v for k, v in table.items() if not isinstance(v, Mapping)}
         if "name" in scalars:   # a table's name first: it says what the other keys belong to
@@ -265,10 +268,10 @@ def to_toml(tree: Mapping[str, Any]) -> str:
         if name and (scalars or not table):
             lines.append(f"\n[{name}]")
         for k, v in scalars.items():
-            lines.append(f"# {k} = (unset)" if v is None else f"{k} = {value(v)}")
+            lines.append(f"# {key(k)} = (unset)" if v is None else f"{key(k)} = {value(v)}")
         for k, v in table.items():
             if isinstance(v, Mapping):
-                emit(v, f"{name}.{k}" if name else k)
+                emit(v, f"{name}.{key(k)}" if name else key(k))
 
     emit(tree, "")
     return "\n".join(lines).lstrip("\n") + "\n"

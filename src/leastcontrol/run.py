@@ -48,14 +48,14 @@ class Run:
 
     def __init__(self, fmt: str, config: Mapping[str, Any], *, free: Iterable[str] = (), may_grow: Iterable[str] = (),
                  checkpoint: Optional[str] = None, resume: bool = False, json_out: Optional[str] = None,
-                 progress: bool = True):
+                 progress: bool = True, complete=None):
         self.fmt, self.config, self.progress = fmt, dict(config), progress
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.json_out = json_out
         self.warnings: List[str] = []
         check_outputs({"--checkpoint": checkpoint, "--json-out": json_out}, regular=("--checkpoint",))
         self.state: Optional[Dict[str, Any]] = resume_state(self.checkpoint, resume, fmt, self.config,
-                                                            free=free, may_grow=may_grow)
+                                                            free=free, may_grow=may_grow, complete=complete)
         if self.state is not None:   # the warnings of the run so far stay in its result
             self.warnings = list(self.state.get("warnings", []))
         # A new run claims its checkpoint path with its first save: a file another run put there

@@ -38,8 +38,20 @@ class LoopConfig:
 
     Args:
         epochs: passes over the training set (default 30; 8 on ``digits``).
-        batch_size, lr, weight_decay: of the optimizer (``adam`` or ``sgd``).
-        schedule: ``cosine`` (per-step decay to 0.1·lr over the run) or ``none``.
+        batch_size, lr, weight_decay: of the optimizer: ``adam``, ``adamw`` (decoupled weight decay,
+            Loshchilov & Hutter 2019) or ``sgd`` (plain).
+        schedule: ``cosine`` (per-step decay to 0.1·lr over the run), ``warmup-cosine`` (a linear
+            rise from lr to ``warmup_peak``·lr over the first ``warmup`` fraction of the steps, then a
+            cosine decay to 0.1·lr: optax's ``warmup_cosine_decay_schedule`` as pcx sets it) or ``none``.
+        warmup, warmup_peak: of ``warmup-cosine`` only (defaults 0.1 and 1.1).
+        param_lr: learning rates of single parameters, by name or shell pattern (``{"W.1" = 0.1,
+            "b.*" = 0.05}``); the first matching pattern wins, the others take ``lr``. Per-layer rates
+            as Scellier & Bengio 2017 set them. Every pattern must match a parameter.
+        shuffle: draw a new order of the training set every epoch (else its stored order, as the
+            EP research code reads it). drop_last: leave out the last, partial batch of an epoch.
+        persistent_states: each training and test sample's free phase starts where its previous one
+            ended (Scellier & Bengio 2017's persistent particles), for methods that take a start
+            (``ep``, ``ep-centered``); the states are kept in the checkpoint.
         grad_clip: largest gradient norm per parameter group (default: 10 for the recurrent
             systems, none for the layered ones); ``0`` turns it off.
         seed: draws the weights, any feedback weights and every epoch's batch order, as the
@@ -63,10 +75,29 @@ class LoopConfig:
     device: str = "cpu"
     amp: bool = False
     skip_diverged: bool = False
+    warmup: float = 0.1
+    warmup_peak: float = 1.1
+    param_lr: Optional[Dict[str, float]] = None
+    shuffle: bool = True
+    drop_last: bool = False
+    persistent_states: bool = False
 
     def __post_init__(self):
-        cfg.check_choice("loop.optimizer", self.optimizer, ("adam", "sgd"))
-        cfg.check_choice("loop.schedule", self.schedule, ("cosine", "none"))
+        cfg.check_choice("loop.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        cfg.check_choice("loop.schedule", self.schedule, ("cosine", "warmup-cosine", "none"))
+        if self.schedule != "warmup-cosine" and (self.warmup, self.warmup_peak) != (0.1, 1.1):
+            raise ConfigError("loop.warmup and loop.warmup_peak are settings of schedule \"warmup-cosine\"; "
+                              f"leave them out with schedule \"{self.schedule}\"")
+        cfg.check_number("loop.warmup", self.warmup, strict=False)
+        if self.warmup >= 1:
+            raise ConfigError(f"loop.warmup is the fraction of the steps spent warming up; give one below 1, got {self.warmup!r}")
+        cfg.check_number("loop.warmup_peak", self.warmup_peak)
+        if self.param_lr is not None:
+            if not isinstance(self.param_lr, Mapping):
+                raise ConfigError(f"loop.param_lr must be a table of parameter name (or pattern) = learning rate, "
+                                  f"got {self.param_lr!r}")
+            for pattern, lr in self.param_lr.items():
+                cfg.check_number(f"loop.param_lr.{pattern}", lr)
         cfg.check_choice("loop.device", self.device, ("cpu", "cuda", "auto"))
         for key in ("batch_size", "eval_batch_size"):
             cfg.check_number(f"loop.{key}", getattr(self, key), low=1, strict=False, integer=True)
@@ -135,6 +166,10 @@ class TrainConfig:
             self.loop.epochs = DEFAULT_EPOCHS.get(self.data.name, 30)
         if self.loop.grad_clip is None:
             self.loop.grad_clip = DEFAULT_GRAD_CLIP.get(self.model.name, 0.0)
+        if self.loop.persistent_states and not self.method.takes_start:
+            raise ConfigError(f"loop.persistent_states keeps each sample's free state for its next free phase; "
+                              f"{self.method.name} starts from zero every time: use it with ep or ep-centered, "
+                              "or leave loop.persistent_states out")
 
     @classmethod
     def from_tree(cls, values: Mapping[str, Any], where: str = "config") -> "TrainConfig":
@@ -412,19 +447,64 @@ def epoch_order(rng: torch.Generator, n: int) -> tuple:
     return torch.randperm(n, generator=shuffle), augment_rng
 
 
-def cosine_factor(step: int, total: int, floor: float = 0.1) -> float:
-    """Cosine decay from 1 to ``floor`` over ``total`` steps."""
+def cosine_factor(step: int, total: int, floor: float = 0.1, start: float = 1.0) -> float:
+    """Cosine decay from ``start`` to ``floor`` over ``total`` steps."""
     progress = min(step, total) / max(total, 1)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (start - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def lr_factor(loop: LoopConfig, total: int):
+    """The schedule's factor of ``loop.lr`` at each optimizer step (0-based), for ``total`` steps.
+
+    ``warmup-cosine`` is optax's ``warmup_cosine_decay_schedule(lr, peak·lr, W, total, 0.1·lr)``:
+    ``1 + (peak − 1) t/W`` for ``t < W = floor(warmup·total)``, then a cosine from ``peak`` to 0.1
+    over the remaining ``total − W`` steps.
+    """
+    if loop.schedule == "cosine":
+        return lambda t: cosine_factor(t, total)
+    if loop.schedule == "warmup-cosine":
+        rise = int(loop.warmup * total)
+        peak = loop.warmup_peak
+        return lambda t: (1 + (peak - 1) * t / rise) if t < rise else cosine_factor(t - rise, total - rise, start=peak)
+    return lambda t: 1.0
+
+
+def build_optimizer(loop: LoopConfig, system: torch.nn.Module) -> torch.optim.Optimizer:
+    """The configured optimizer on every parameter of ``system``, one group per learning rate of
+    ``loop.param_lr`` (matched by name or shell pattern, the first pattern that matches wins).
+
+    Raises:
+        ConfigError: a ``param_lr`` pattern that matches no parameter (naming the parameters).
+    """
+    import fnmatch
+    named = list(system.named_parameters())
+    patterns = dict(loop.param_lr or {})
+    rates, used = {}, set()
+    for name, _ in named:
+        hit = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        rates[name] = loop.lr if hit is None else float(patterns[hit])
+        used.add(hit)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise ConfigError(f"loop.param_lr: {', '.join(repr(p) for p in unused)} matches no parameter of the "
+                          f"{type(system).__name__}; its parameters: {', '.join(n for n, _ in named)}")
+    groups: Dict[float, List[torch.nn.Parameter]] = {}
+    for name, p in named:
+        groups.setdefault(rates[name], []).append(p)
+    params = [{"params": ps, "lr": lr} for lr, ps in groups.items()] if patterns else [p for _, p in named]
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[loop.optimizer]
+    return kind(params, lr=loop.lr, weight_decay=loop.weight_decay)
 
 
 @torch.no_grad()
 def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 1000, amp: bool = False, progress: bool = False) -> float:
+             batch_size: int = 1000, amp: bool = False, progress: bool = False,
+             particles: torch.Tensor | None = None) -> float:
     """Test accuracy of the free equilibrium's output (``amp``: under :func:`mixed_precision`).
 
     ``progress`` shows a bar over the evaluation batches with the accuracy so far (a DEQ on a
-    CPU takes minutes per batch).
+    CPU takes minutes per batch). ``particles``: persistent states, a flat ``(len(y), N)`` tensor; each
+    sample's free phase starts at its row, and the row is replaced by where it ended.
     """
     correct = 0
     was_training = system.training
@@ -434,7 +514,13 @@ def evaluate(method: Method, system: EquilibriumSystem, x: torch.Tensor, y: torc
         bar = tqdm(starts, desc="evaluate", disable=not progress, leave=False, unit="batch")
         for i in bar:
             with mixed_precision(amp, system.device):
-                logits = method.predict(system, x[i:i + batch_size].to(system.device))
+                if particles is None:
+                    logits = method.predict(system, x[i:i + batch_size].to(system.device))
+                else:
+                    res = method.free_equilibrium(system, x[i:i + batch_size].to(system.device),
+                                                  start=particles[i:i + batch_size].to(system.device))
+                    logits = system.readout(res.state)
+                    particles[i:i + batch_size] = method._flat_operator(system).pack(res.state).to(particles.device)
             correct += int((logits.argmax(-1).cpu() == y[i:i + batch_size]).sum())
             seen = min(i + batch_size, len(y))
             bar.set_postfix(acc=f"{correct / seen:.4f}", seen=seen)
@@ -455,6 +541,21 @@ def _may_grow(config: "TrainConfig") -> Tuple[str, ...]:
     return ("loop.epochs",) if config.loop.schedule == "none" else ()
 
 
+def with_defaults(saved: Mapping[str, Any]) -> Dict[str, Any]:
+    """A saved run's settings with the keys it lacks (added by a later version) at their defaults; the
+    keys it has are kept as they are. Settings this version cannot read are returned unchanged (the
+    comparison then names them)."""
+    tree = dict(saved)
+    rest = {k: tree.pop(k) for k in ("output", "preset") if k in tree}
+    try:
+        filled = TrainConfig.from_tree(tree, "checkpoint").to_dict()
+    except (ValueError, TypeError):
+        return dict(saved)
+    filled.pop("output", None)
+    filled.pop("preset", None)
+    return cfg.merge(filled, {**tree, **rest})
+
+
 def check_resumable(config: "TrainConfig") -> None:
     """Whether ``config`` may continue the run in its checkpoint (as :func:`train` would with ``resume``).
 
@@ -462,7 +563,7 @@ def check_resumable(config: "TrainConfig") -> None:
         CheckpointError: the checkpoint is missing, unreadable, or of a run with other settings.
     """
     resume_state(config.output.checkpoint, True, TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE,
-                 may_grow=_may_grow(config))
+                 may_grow=_may_grow(config), complete=with_defaults)
 
 
 # A training loss this many times the first batch's is worth a word: the run has gone badly wrong.
@@ -532,7 +633,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     loop, output = config.loop, config.output
     # Outputs and the checkpoint are checked before the data loads and anything trains.
     run = Run(TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE, may_grow=_may_grow(config),
-              checkpoint=output.checkpoint, resume=output.resume, json_out=output.json_out, progress=output.progress)
+              checkpoint=output.checkpoint, resume=output.resume, json_out=output.json_out, progress=output.progress,
+              complete=with_defaults)
     torch.manual_seed(loop.seed)
     method = config.build_method()
     check_compatible(config, method)
@@ -540,17 +642,14 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     device = resolve_device(loop.device)
     rng = torch.Generator().manual_seed(loop.seed)
     system = init_system(config, data, method, rng).to(device)
-    params = list(system.parameters())
     clip_groups = gradient_clip_groups(system)
-    if loop.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=loop.lr, weight_decay=loop.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=loop.lr, weight_decay=loop.weight_decay)
+    optimizer = build_optimizer(loop, system)
     n_train = len(data.train_y)
-    steps_per_epoch = math.ceil(n_train / loop.batch_size)
-    total_steps = steps_per_epoch * loop.epochs
-    factor = (lambda s: cosine_factor(s, total_steps)) if loop.schedule == "cosine" else (lambda s: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    steps_per_epoch = (n_train // loop.batch_size) if loop.drop_last else math.ceil(n_train / loop.batch_size)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"loop.drop_last leaves no batch: the {n_train} training samples are fewer than "
+                          f"loop.batch_size = {loop.batch_size}; lower the batch size or keep the last batch")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(loop, steps_per_epoch * loop.epochs))
 
     history: List[Dict[str, Any]] = []
     start_epoch, train_seconds = 0, 0.0
@@ -565,10 +664,21 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
 
+    # Persistent particles: every training and test sample's last free state (flat), on the CPU.
+    particles = None
+    if loop.persistent_states:
+        n_state = method._flat_operator(system).n_state
+        dtype = next(system.parameters()).dtype
+        particles = {"train": torch.zeros(n_train, n_state, dtype=dtype),
+                     "test": torch.zeros(len(data.test_y), n_state, dtype=dtype)}
+        if state is not None:
+            particles = state["particles"]
     test_accuracy = history[-1]["test_accuracy"] if history else None
     for epoch in range(start_epoch + 1, loop.epochs + 1):
         t0 = time.perf_counter()
         order, augment_rng = epoch_order(rng, n_train)
+        if not loop.shuffle:
+            order = torch.arange(n_train)
         sums = {"loss": 0.0, "correct": 0.0, "iterations": 0.0, "sample_iterations": 0.0, "converged": 0.0,
                 "skipped": 0, "unstable": 0.0, "stability_checked": 0,
                 "settled_samples": 0.0}
@@ -581,8 +691,9 @@ def train(config: TrainConfig) -> Dict[str, Any]:
             y = data.train_y[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             try:
+                start = None if particles is None else particles["train"][idx].to(device)
                 with mixed_precision(loop.amp, device):
-                    out = method(system, x, y)
+                    out = method(system, x, y, start)
             except SolverDivergedError as err:
                 if not loop.skip_diverged:
                     raise err.in_context(f"epoch {epoch}, batch {b + 1}",
@@ -597,6 +708,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                                             category=UserWarning)
                     scheduler.step()
                 continue
+            if particles is not None:
+                particles["train"][idx] = out.free_state.to(particles["train"].device)
             clip_gradients(clip_groups, loop.grad_clip)
             optimizer.step()
             method.after_step(system)
@@ -622,7 +735,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         train_seconds += epoch_seconds
         if (loop.eval_every and epoch % loop.eval_every == 0) or epoch == loop.epochs:
             test_accuracy = evaluate(method, system, config.data.preprocess(data.test_x, train=False), data.test_y,
-                                     loop.eval_batch_size, loop.amp, output.progress)
+                                     loop.eval_batch_size, loop.amp, output.progress,
+                                     None if particles is None else particles["test"])
             evaluated = test_accuracy
         else:
             evaluated = None
@@ -656,7 +770,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                        f"  converged {record['converged_fraction']:.2f}  {epoch_seconds:.1f}s")
         run.save(epoch=epoch, system=system.state_dict(), optimizer=optimizer.state_dict(),
                  scheduler=scheduler.state_dict(), shuffle_rng=rng.get_state(), torch_rng=torch.get_rng_state(),
-                 history=history, train_seconds=train_seconds)
+                 history=history, train_seconds=train_seconds,
+                 **({} if particles is None else {"particles": particles}))
 
     result = {
         "config": config.to_dict(),

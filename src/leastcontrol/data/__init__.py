@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..config import check_number
+from ..config import check_choice, check_number
 from ..errors import ConfigError
 from . import cifar, digits, mnist
 from .base import DATASETS, Dataset, load_dataset
@@ -31,6 +31,9 @@ __all__ = ["DATASETS", "DataConfig", "Dataset", "load_dataset", "read_idx", "wri
 _SHAPES = {"digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
 
 
+NORMALIZE = ("none", "symmetric")
+
+
 @dataclass
 class DataConfig:
     """The ``[data]`` section of a run.
@@ -41,6 +44,9 @@ class DataConfig:
         dir: directory of the data files (default: ``$LEASTCONTROL_DATA``, else the user cache).
         limit_train, limit_test: keep the first N samples.
         augment: ``cifar10`` only: random crop (pad 4) and horizontal flip while training.
+        normalize: ``none`` (inputs as read, in [0, 1]) or ``symmetric``: ``2x − 1``, in [−1, 1]
+            (torchvision's ``Normalize(0.5, 0.5)``, as pcx feeds MNIST). ``cifar10`` is always
+            normalised per channel.
     """
 
     name: str = "digits"
@@ -48,9 +54,14 @@ class DataConfig:
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
     augment: bool = False
+    normalize: str = "none"
 
     def __post_init__(self):
         DATASETS.factory(self.name)   # an unknown name raises, listing the valid ones
+        check_choice("data.normalize", self.normalize, NORMALIZE)
+        if self.normalize != "none" and self.name == "cifar10":
+            raise ConfigError("data.normalize is for inputs in [0, 1]; cifar10 is normalised per channel already: "
+                              "leave data.normalize out")
         for key in ("limit_train", "limit_test"):
             check_number(f"data.{key}", getattr(self, key), low=1, strict=False, integer=True, none_ok=True)
         if self.augment and self.name != "cifar10":
@@ -68,7 +79,7 @@ class DataConfig:
     def preprocess(self, x: torch.Tensor, generator: torch.Generator | None = None, train: bool = True) -> torch.Tensor:
         """Per-batch input transform: CIFAR-10 is normalised per channel (and augmented when training)."""
         if self.name != "cifar10":
-            return x
+            return x.mul(2).sub_(1) if self.normalize == "symmetric" else x
         if train and self.augment:
             x = cifar.augment(x, generator)
         return cifar.normalize(x)

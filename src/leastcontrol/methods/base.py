@@ -39,12 +39,15 @@ class MethodOutput:
         accuracy: fraction of correct argmax predictions (classification), else ``None``.
         grads: parameter name -> gradient (same shapes as the parameters).
         stats: solver iterations, convergence flags, control norm, ...
+        free_state: the free equilibrium as a flat ``(B, N)`` state, from methods that take a
+            ``start`` (:attr:`Method.takes_start`), so a loop can keep it for the next one.
     """
 
     loss: float
     accuracy: float | None
     grads: Dict[str, torch.Tensor]
     stats: Dict[str, Any] = field(default_factory=dict)
+    free_state: torch.Tensor | None = None
 
 
 def check_finite_update(method: str, grads: Dict[str, torch.Tensor]) -> None:
@@ -131,6 +134,9 @@ class Method:
     # model name, or (model, dataset), -> {setting: value} (tables for solvers), applied by the
     # configuration layer under the user's own settings, the (model, dataset) entry last.
     model_defaults: ClassVar[Dict[Any, Dict[str, Any]]] = {}
+    # Whether ``gradients`` takes ``start``: a flat state (B, N) where the free phase begins instead of
+    # zero (persistent particles); such a method returns the free equilibrium in ``free_state``.
+    takes_start: ClassVar[bool] = False
 
     def __post_init__(self):
         self._loss: Loss = get_loss(self.loss)
@@ -159,14 +165,23 @@ class Method:
             acc = None
         return loss, acc
 
-    def __call__(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor) -> MethodOutput:
+    def __call__(self, system: EquilibriumSystem, x: torch.Tensor, y: torch.Tensor,
+                 start: torch.Tensor | None = None) -> MethodOutput:
         """Compute gradients for one batch, accumulate them into ``.grad`` and return them.
 
+        ``start``: where the free phase begins, a flat ``(B, N)`` state (methods with :attr:`takes_start`).
+
         Raises:
-            SolverDivergedError: a solve diverged.
+            SolverDivergedError: a solve diverged. ConfigError: a ``start`` for a method that takes none.
         """
         x, y = self._inputs(system, x, y)
-        out = self.gradients(system, x, y)
+        if start is None:
+            out = self.gradients(system, x, y)
+        elif not self.takes_start:
+            raise ConfigError(f"{self.name} starts its free phase from zero and takes no start state; "
+                              "persistent states (loop.persistent_states) are for ep and ep-centered")
+        else:
+            out = self.gradients(system, x, y, start=start)
         check_finite_update(self.name, out.grads)
         accumulate_grads(system, out.grads)
         return out
@@ -283,9 +298,10 @@ class EquilibriumMethod(Method):
         return {phase: getattr(self, phase) for phase in self.phases}
 
     def settling_phases(self) -> Dict[str, Solver]:
-        """The phases that must settle (phase -> solver): all but a descent run for a fixed budget of
-        steps (tol 0, LCP-EBD's optimizer), whose end is its answer whatever the residual there."""
-        return {phase: s for phase, s in self.solvers().items() if not (phase in self.descent_phases and s.tol == 0)}
+        """The phases that must settle (phase -> solver): all but those run for a fixed budget of steps
+        (tol 0: LCP-EBD's optimizer, PC's inference, the EP set-ups of a fixed number of steps), whose
+        end is their answer whatever the residual there."""
+        return {phase: s for phase, s in self.solvers().items() if s.tol != 0}
 
     def settled(self, stats: Dict[str, Any]) -> bool:
         """Whether a batch's solves settled (from its ``stats``): every phase of :meth:`settling_phases`
@@ -339,11 +355,18 @@ class EquilibriumMethod(Method):
         return {"native": native.field_kernel(op, kind, **constants)}
 
     @torch.no_grad()
-    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver: Solver | None = None) -> SolveResult:
-        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from the zero state (with ``solver``, else ``free``)."""
+    def free_equilibrium(self, system: EquilibriumSystem, x: torch.Tensor, solver: Solver | None = None,
+                         start: torch.Tensor | None = None) -> SolveResult:
+        """Settle the free dynamics ``ṡ = f(s, θ, x)`` from ``start`` (a flat ``(B, N)`` state), else from
+        the zero state, with ``solver``, else ``free``."""
         x = system.prepare_input(x)
         op = self._flat_operator(system)
-        s0 = x.new_zeros(x.shape[0], op.n_state)
+        if start is None:
+            s0 = x.new_zeros(x.shape[0], op.n_state)
+        else:
+            if tuple(start.shape) != (x.shape[0], op.n_state):
+                raise ValueError(f"start must be a flat state of shape {(x.shape[0], op.n_state)}, got {tuple(start.shape)}")
+            s0 = start.to(device=x.device, dtype=x.dtype)
         field = Field(lambda s, c: op.f(s, c["drive"]), op.sizes, self._kernels(system, op, "free"))
         res = (solver or self.free).solve(field, s0, {"drive": op.drive(x)})
         state = op.unpack(res.state)

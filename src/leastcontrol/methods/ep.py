@@ -110,6 +110,7 @@ class EP(EquilibriumMethod):
     # Scellier & Bengio's cost on their network's output layer; cross-entropy stays the default elsewhere.
     model_defaults: ClassVar[Dict[Any, Dict[str, Any]]] = {"hopfield": {"loss": "mse"}}
     centered: ClassVar[bool] = False
+    takes_start: ClassVar[bool] = True   # persistent particles: the free phase may start at a stored state
 
     def default_solver(self) -> Solver:
         """Euler with the step ε = 0.5 of Scellier & Bengio (a full step, dt = 1, makes the layers of the
@@ -168,9 +169,9 @@ class EP(EquilibriumMethod):
         force = {system.output_population: self._loss.grad(o, y).mul_(-beta)}   # −β ∂C/∂o
         return res, energy_param_grad(system, res.state, x, force)
 
-    def gradients(self, system, x, y):
+    def gradients(self, system, x, y, start: torch.Tensor | None = None):
         self.check_system(system)
-        free = self.free_equilibrium(system, x)
+        free = self.free_equilibrium(system, x, start=start)
         beta = -self.beta if self.random_sign and bool(torch.rand(()) < 0.5) else self.beta
         nudged, high = self._nudged_phase(system, x, y, beta, free)
         phases = {"free": free, "nudged": nudged}
@@ -183,7 +184,8 @@ class EP(EquilibriumMethod):
         scale = 1.0 / (span * x.shape[0])
         grads = {n: (high[n] - low[n]).mul_(scale) for n in high}
         loss, acc = self._summary(system.readout(free.state), y)
-        return MethodOutput(loss, acc, grads, phase_stats(phases))
+        free_state = self._flat_operator(system).pack(free.state) if start is not None else None
+        return MethodOutput(loss, acc, grads, phase_stats(phases), free_state)
 
 
 @dataclass
@@ -199,5 +201,6 @@ class EPCentered(EP):
 
     def settling_phases(self):
         """Both nudged phases (``nudged``, ``nudged_neg``) must settle, with the free one."""
-        return {**super().settling_phases(), "nudged_neg": self.nudged}
+        phases = super().settling_phases()
+        return {**phases, "nudged_neg": self.nudged} if "nudged" in phases else phases
 

@@ -24,9 +24,10 @@ from .driver import solve
 from .euler import Euler
 from .field import Field, relative_residual
 from .mixing import CheckMix
+from .momentum import Momentum
 from .result import SolveResult, SolveStats, Status
 from .stability import UNSTABLE_RADIUS, euler_map_radius
 
-__all__ = ["Solver", "Euler", "Anderson", "Broyden", "Adam", "CheckMix", "Field", "SolveResult", "SolveStats", "Status",
+__all__ = ["Solver", "Euler", "Anderson", "Broyden", "Adam", "Momentum", "CheckMix", "Field", "SolveResult", "SolveStats", "Status",
            "SOLVERS", "BACKENDS", "Backend", "get_solver", "register_solver", "solver_from_dict", "solve",
            "relative_residual", "euler_map_radius", "UNSTABLE_RADIUS"]

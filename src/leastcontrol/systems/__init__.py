@@ -1,6 +1,7 @@
 """Equilibrium systems: state, dynamics ``f``, readout."""
 import inspect
 from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
 
 from ..config import check_number
 from ..errors import ConfigError
@@ -11,8 +12,23 @@ from .hopfield import HopfieldEquilibrium
 from .networks import FeedforwardEquilibrium, RecurrentEquilibrium
 
 SYSTEMS: Registry[EquilibriumSystem] = Registry("model")
+
+
+def _layers(n_in: int, hidden, n_out: int) -> list:
+    """``[n_in, hidden…, n_out]``: ``hidden`` a list of widths, or one width for two hidden layers."""
+    widths = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden, hidden]
+    return [n_in, *widths, n_out]
+
+
+def _hopfield(readout: str):
+    def build(n_in, n_out, hidden=256, input_shape=None, activation=None, init=None, **kw):
+        return HopfieldEquilibrium(_layers(n_in, hidden, n_out), rate=activation or "hard_sigmoid", readout=readout,
+                                   init=init, **kw)
+    return build
+
+
 SYSTEMS.register("ff", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
-                 FeedforwardEquilibrium([n_in, hidden, hidden, n_out], **kw))
+                 FeedforwardEquilibrium(_layers(n_in, hidden, n_out), **kw))
 SYSTEMS.register("rnn", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
                  RecurrentEquilibrium(n_in, hidden, n_out, **kw))
 SYSTEMS.register("conv-ff", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
@@ -20,10 +36,9 @@ SYSTEMS.register("conv-ff", lambda n_in, n_out, hidden=256, input_shape=None, **
 SYSTEMS.register("deq", lambda n_in, n_out, hidden=256, input_shape=None, **kw: DEQ(input_shape, n_out, **kw))
 # Energy-based (equilibrium propagation): the ff layout with symmetric coupling, hard sigmoid rates;
 # "hopfield-readout" reads the top hidden layer linearly (for a cross-entropy cost).
-SYSTEMS.register("hopfield", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
-                 HopfieldEquilibrium([n_in, hidden, hidden, n_out], **kw))
-SYSTEMS.register("hopfield-readout", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
-                 HopfieldEquilibrium([n_in, hidden, hidden, n_out], readout="linear", **kw))
+SYSTEMS.register("hopfield", _hopfield("layer"))
+SYSTEMS.register("hopfield-readout", _hopfield("linear"))
+_BUILTIN = ("ff", "rnn", "conv-ff", "deq", "hopfield", "hopfield-readout")
 
 
 def register_system(name: str, factory=None, *, overwrite: bool = False):
@@ -54,32 +69,71 @@ def get_system(name: str, n_in: int, n_out: int, hidden: int = 256, input_shape=
     return factory(n_in, n_out, **options)
 
 
+# The options of the built-in systems beyond ``hidden``: option -> the models that take it.
+_MODEL_OPTIONS = {
+    "recurrent_bias": ("rnn",),
+    "activation": ("ff", "hopfield", "hopfield-readout"),
+    "state": ("ff",),
+    "init": ("hopfield", "hopfield-readout"),
+}
+_LAYERED = ("ff", "hopfield", "hopfield-readout")
+
+
 @dataclass
 class ModelConfig:
     """The ``[model]`` section of a run.
 
     Args:
-        name: a registered system (``ff``, ``rnn``, ``conv-ff``, ``deq``, or a user's).
-        hidden: hidden units (per layer for ``ff``); the conv systems are sized from the images.
+        name: a registered system (``ff``, ``rnn``, ``conv-ff``, ``deq``, ``hopfield``,
+            ``hopfield-readout``, or a user's).
+        hidden: hidden units: for ``rnn`` its width; for the layered systems (``ff``, ``hopfield``,
+            ``hopfield-readout``) the width of each of their two hidden layers, or a list of the hidden
+            layers' widths (``[500]``, ``[128, 128, 128]``); the conv systems are sized from the images.
         recurrent_bias: ``rnn`` only: give ``W φ(v)`` its own bias besides the input's, as the
             paper's research code does (the published configs turn it on).
+        activation: the rate function of ``ff`` (``tanh`` when unset) or ``hopfield`` (its ρ,
+            ``hard_sigmoid`` when unset); see the systems for the choices.
+        state: ``ff`` only: ``potential`` (the hidden state holds pre-activations, the default) or
+            ``rate`` (it holds the rates, so predictive coding's errors are on rates, as in pcx).
+        init: ``hopfield`` only: ``glorot`` (weights U(±√(6/(fan_in + fan_out))), biases 0, as
+            Scellier & Bengio 2017) instead of PyTorch's linear-layer draw.
     """
 
     name: str = "rnn"
-    hidden: int = 256
+    hidden: Union[int, List[int]] = 256
     recurrent_bias: bool = False
+    activation: Optional[str] = None
+    state: Optional[str] = None
+    init: Optional[str] = None
 
     def __post_init__(self):
         SYSTEMS.factory(self.name)   # an unknown name raises, listing the valid ones
-        check_number("model.hidden", self.hidden, low=1, strict=False, integer=True)
-        if self.recurrent_bias and self.name != "rnn":
-            raise ConfigError(f"model.recurrent_bias is an option of the rnn model, not of '{self.name}'")
+        if isinstance(self.hidden, (list, tuple)):
+            if self.name not in _LAYERED:
+                raise ConfigError(f"model.hidden as a list of layer widths is for the layered systems "
+                                  f"({', '.join(_LAYERED)}); give '{self.name}' one number")
+            if not self.hidden:
+                raise ConfigError("model.hidden must list at least one hidden layer's width, e.g. [256, 256]")
+            for i, width in enumerate(self.hidden):
+                check_number(f"model.hidden[{i}]", width, low=1, strict=False, integer=True)
+            self.hidden = [int(w) for w in self.hidden]
+        else:
+            check_number("model.hidden", self.hidden, low=1, strict=False, integer=True)
+        for key, models in _MODEL_OPTIONS.items():
+            value = getattr(self, key)
+            if value not in (None, False) and self.name in _BUILTIN and self.name not in models:
+                raise ConfigError(f"model.{key} is an option of {' and '.join(models)}, not of '{self.name}'")
+        if self.init is not None and self.init != "glorot":
+            raise ConfigError(f"unknown model.init {self.init!r}; valid: glorot (leave it out for PyTorch's draw)")
+
+    def options(self) -> Dict[str, Any]:
+        """The system's constructor options that are set (``hidden`` aside)."""
+        return {k: v for k in _MODEL_OPTIONS if (v := getattr(self, k)) not in (None, False)}
 
     def build(self, n_in: int, n_out: int, input_shape=None, generator=None) -> EquilibriumSystem:
         """The system, sized for the data, initialised from ``generator``."""
-        extra = {"recurrent_bias": True} if self.recurrent_bias else {}
         return get_system(self.name, n_in, n_out, hidden=self.hidden, input_shape=input_shape, generator=generator,
-                          **extra)
+                          **self.options())
 
 
 __all__ = ["ModelConfig", "register_system", "EquilibriumSystem", "State", "FeedforwardEquilibrium", "RecurrentEquilibrium", "ConvFeedforwardEquilibrium",

@@ -68,7 +68,7 @@ class HopfieldEquilibrium(EquilibriumSystem):
             layers': U(−1/√fan_in, 1/√fan_in) for weights and biases).
 
     Raises:
-        ValueError: bad ``sizes``. ConfigError: an unknown ``rate`` or ``readout``.
+        ValueError: bad ``sizes``. ConfigError: an unknown ``rate``, ``readout`` or ``init``.
 
     >>> net = HopfieldEquilibrium([4, 5, 6, 3])
     >>> net.population_sizes(), net.settle_steps
@@ -76,7 +76,7 @@ class HopfieldEquilibrium(EquilibriumSystem):
     """
 
     def __init__(self, sizes: Sequence[int] = (784, 256, 256, 10), *, rate: str = "hard_sigmoid",
-                 readout: str = "layer", dtype: torch.dtype = torch.float32,
+                 readout: str = "layer", init: str | None = None, dtype: torch.dtype = torch.float32,
                  generator: torch.Generator | None = None):
         super().__init__()
         sizes = sizes_check(sizes)
@@ -84,14 +84,23 @@ class HopfieldEquilibrium(EquilibriumSystem):
             raise ConfigError(f"unknown rate '{rate}' of the hopfield system; valid: {', '.join(RATES)}")
         if readout not in READOUTS:
             raise ConfigError(f"unknown readout '{readout}' of the hopfield system; valid: {', '.join(READOUTS)}")
+        if init not in (None, "glorot"):
+            raise ConfigError(f"unknown init '{init}' of the hopfield system; valid: glorot (or none: PyTorch's draw)")
         self.sizes, self.rate, self.readout_kind = sizes, rate, readout
         self.n_in, self.n_out = sizes[0], sizes[-1]
         self.hidden_sizes = sizes[1:-1]
         self.W = nn.ParameterList()
         self.b = nn.ParameterList()
         for n_prev, n_next in zip(sizes[:-1], sizes[1:]):
-            self.W.append(nn.Parameter(uniform_init_(torch.empty(n_next, n_prev, dtype=dtype), n_prev, generator)))
-            self.b.append(nn.Parameter(uniform_init_(torch.empty(n_next, dtype=dtype), n_prev, generator)))
+            if init == "glorot":
+                bound = (6.0 / (n_prev + n_next)) ** 0.5
+                W = torch.empty(n_next, n_prev, dtype=dtype).uniform_(-bound, bound, generator=generator)
+                b = torch.zeros(n_next, dtype=dtype)
+            else:
+                W = uniform_init_(torch.empty(n_next, n_prev, dtype=dtype), n_prev, generator)
+                b = uniform_init_(torch.empty(n_next, dtype=dtype), n_prev, generator)
+            self.W.append(nn.Parameter(W))
+            self.b.append(nn.Parameter(b))
 
     # --- rates ----------------------------------------------------------------------------
     def rho(self, s: torch.Tensor) -> torch.Tensor:
