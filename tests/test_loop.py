@@ -172,3 +172,16 @@ def test_a_checkpoint_without_the_keys_a_later_version_added_resumes(tmp_path, m
     torch.save(state, tmp_path / "r.pt")
     resumed = train(TrainConfig.from_tree(cfg.set_path(base, "output.resume", True)))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+
+
+def test_validation_holds_out_the_last_training_samples_and_is_evaluated_beside_the_test_set():
+    config = _config(data__validation=30, loop__epochs=1)
+    full = _config(loop__epochs=1).data.load()
+    data = config.data.load()
+    assert torch.equal(data.train_x, full.train_x[:90]) and torch.equal(data.val_x, full.train_x[90:])
+    assert torch.equal(data.val_y, full.train_y[90:]) and torch.equal(data.test_y, full.test_y)
+    result = train(config)
+    h = result["history"][0]
+    assert 0 <= h["validation_accuracy"] <= 1 and h["test_accuracy"] == result["test_accuracy"]
+    with pytest.raises(ConfigError, match="leaves no training sample out of 120; hold out fewer"):
+        _config(data__validation=120).data.load()

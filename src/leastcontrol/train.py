@@ -671,6 +671,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         dtype = next(system.parameters()).dtype
         particles = {"train": torch.zeros(n_train, n_state, dtype=dtype),
                      "test": torch.zeros(len(data.test_y), n_state, dtype=dtype)}
+        if data.val_y is not None:
+            particles["validation"] = torch.zeros(len(data.val_y), n_state, dtype=dtype)
         if state is not None:
             particles = state["particles"]
     test_accuracy = history[-1]["test_accuracy"] if history else None
@@ -738,14 +740,19 @@ def train(config: TrainConfig) -> Dict[str, Any]:
                                      loop.eval_batch_size, loop.amp, output.progress,
                                      None if particles is None else particles["test"])
             evaluated = test_accuracy
+            if data.val_y is not None:
+                validated = evaluate(method, system, config.data.preprocess(data.val_x, train=False), data.val_y,
+                                     loop.eval_batch_size, loop.amp, output.progress,
+                                     None if particles is None else particles["validation"])
         else:
-            evaluated = None
+            evaluated = validated = None
         seen, done = max(seen, 1), max(steps_per_epoch - sums["skipped"], 1)
         record = {
             "epoch": epoch,
             "train_loss": sums["loss"] / seen,
             "train_accuracy": sums["correct"] / seen,
             "test_accuracy": evaluated,
+            **({} if data.val_y is None else {"validation_accuracy": validated}),
             "mean_iterations": sums["iterations"] / done,
             "mean_sample_iterations": sums["sample_iterations"] / done,
             "converged_fraction": sums["converged"] / done,
@@ -765,6 +772,8 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         watch.epoch(sums["settled_samples"], steps_per_epoch - sums["skipped"], epoch)
         if output.log:
             shown = "-" if evaluated is None else f"{evaluated:.4f}"
+            if data.val_y is not None:
+                shown += "  validation acc " + ("-" if validated is None else f"{validated:.4f}")
             tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.4f}"
                        f"  test acc {shown}  iters {record['mean_iterations']:.1f}"
                        f"  converged {record['converged_fraction']:.2f}  {epoch_seconds:.1f}s")

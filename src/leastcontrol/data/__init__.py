@@ -43,6 +43,9 @@ class DataConfig:
             directory), ``cifar10``.
         dir: directory of the data files (default: ``$LEASTCONTROL_DATA``, else the user cache).
         limit_train, limit_test: keep the first N samples.
+        validation: hold out the last N of the (kept) training samples as a validation set, evaluated
+            beside the test set (``validation_accuracy`` in the history), as the EP research code
+            holds out MNIST's last 10,000 training images.
         augment: ``cifar10`` only: random crop (pad 4) and horizontal flip while training.
         normalize: ``none`` (inputs as read, in [0, 1]) or ``symmetric``: ``2x − 1``, in [−1, 1]
             (torchvision's ``Normalize(0.5, 0.5)``, as pcx feeds MNIST). ``cifar10`` is always
@@ -55,6 +58,7 @@ class DataConfig:
     limit_test: Optional[int] = None
     augment: bool = False
     normalize: str = "none"
+    validation: Optional[int] = None
 
     def __post_init__(self):
         DATASETS.factory(self.name)   # an unknown name raises, listing the valid ones
@@ -62,7 +66,7 @@ class DataConfig:
         if self.normalize != "none" and self.name == "cifar10":
             raise ConfigError("data.normalize is for inputs in [0, 1]; cifar10 is normalised per channel already: "
                               "leave data.normalize out")
-        for key in ("limit_train", "limit_test"):
+        for key in ("limit_train", "limit_test", "validation"):
             check_number(f"data.{key}", getattr(self, key), low=1, strict=False, integer=True, none_ok=True)
         if self.augment and self.name != "cifar10":
             raise ConfigError("data.augment (random crop + flip) is for cifar10 only")
@@ -74,7 +78,13 @@ class DataConfig:
 
     def load(self, limit_train: Optional[int] = None) -> Dataset:
         """The data set (``limit_train`` overrides the section's, e.g. for evaluation)."""
-        return load_dataset(self.name, self.dir, limit_train or self.limit_train, self.limit_test)
+        data = load_dataset(self.name, self.dir, limit_train or self.limit_train, self.limit_test)
+        if self.validation:
+            try:
+                data = data.hold_out(self.validation)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return data
 
     def preprocess(self, x: torch.Tensor, generator: torch.Generator | None = None, train: bool = True) -> torch.Tensor:
         """Per-batch input transform: CIFAR-10 is normalised per channel (and augmented when training)."""

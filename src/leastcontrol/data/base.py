@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -28,6 +29,7 @@ class Dataset:
         test_y: int64 test labels of shape ``(M,)``.
         n_classes: number of classes; labels lie in ``[0, n_classes)``.
         input_shape: shape of one input, e.g. ``(1, 28, 28)``.
+        val_x, val_y: a validation set held out of the training set (:meth:`hold_out`), or ``None``.
     """
 
     name: str
@@ -37,6 +39,8 @@ class Dataset:
     test_y: torch.Tensor
     n_classes: int
     input_shape: tuple
+    val_x: Optional[torch.Tensor] = None
+    val_y: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(d) for d in self.input_shape)
@@ -61,10 +65,24 @@ class Dataset:
     def summary(self) -> str:
         """One line describing the data set: name, split sizes, input shape, classes."""
         shape = "x".join(str(d) for d in self.input_shape)
+        held = "" if self.val_y is None else f" / {len(self.val_y)} validation"
         return (
-            f"{self.name}: {len(self.train_y)} train / {len(self.test_y)} test, "
+            f"{self.name}: {len(self.train_y)} train{held} / {len(self.test_y)} test, "
             f"input {shape} ({self.n_features} features), {self.n_classes} classes"
         )
+
+    def hold_out(self, n: int) -> "Dataset":
+        """The data set with the last ``n`` training samples held out as its validation set.
+
+        Raises:
+            ValueError: ``n`` leaves no training sample.
+        """
+        if not 0 < n < len(self.train_y):
+            raise ValueError(f"{self.name}: a validation set of {n} samples leaves no training sample out of "
+                             f"{len(self.train_y)}; hold out fewer (data.validation)")
+        k = len(self.train_y) - n
+        return dataclasses.replace(self, train_x=self.train_x[:k], train_y=self.train_y[:k],
+                                   val_x=self.train_x[k:], val_y=self.train_y[k:])
 
 
 #: Data-set loaders by name. Each factory takes ``(data_dir=None, download=True)``.
