@@ -15,9 +15,9 @@ def tiny_rnn(n_in=5, n_hidden=8, n_out=3, w_scale=0.5, seed=1, recurrent_bias=Fa
     return net
 
 
-def tiny_ff(sizes=(5, 7, 6, 3), seed=1):
+def tiny_ff(sizes=(5, 7, 6, 3), seed=1, **options):
     g = torch.Generator().manual_seed(seed)
-    net = FeedforwardEquilibrium(list(sizes), dtype=F64, generator=g)
+    net = FeedforwardEquilibrium(list(sizes), dtype=F64, generator=g, **options)
     with torch.no_grad():
         net.U.mul_(2.0)
     return net

@@ -392,8 +392,35 @@ def test_linear_feedback_update_is_slope_modulated_feedback():
     assert torch.allclose(out.grads["W"], -ctrl.control["v"].T @ torch.tanh(ctrl.state["v"]), atol=1e-12)
 
 
+def test_linear_feedback_on_rates_applies_the_activation_slope_once():
+    """On a net that holds rates, Q u* is the hidden control itself, and the update multiplies it by the
+    slope of each unit's activation at its potential once: ``ΔW_l = −(φ'(p_l) ⊙ (Q u*)_l) h_{l−1}ᵀ``."""
+    from leastcontrol.methods import LCPLF
+
+    net = tiny_ff(activation="gelu", state="rate")
+    x, y = batch()
+    xs = net.prepare_input(x)
+    lf = LCPLF(alpha=0.5, noise_steps=0, solver=Euler(tol=1e-12, max_steps=20000))
+    ctrl = lf.controlled_equilibrium(net, xs, y)
+    u = ctrl.control["o"]
+    f = net.dynamics(ctrl.state, net.encode(xs).detach())
+    assert torch.allclose(f["v"] + u @ net.lf_Q.t(), torch.zeros_like(f["v"]), atol=1e-10)   # Q u* = −f_v
+    assert torch.equal(ctrl.control["v"], u @ net.lf_Q.t())
+    h1, h2 = net.blocks(ctrl.state["v"])
+    psi1, psi2 = net.blocks(ctrl.control["v"])
+    p2 = h1 @ net.W[0].T + net.b_W[0]
+    slope2 = 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (p2 + 0.044715 * p2 ** 3)))
+    slope2 = slope2 + 0.5 * p2 * (1 - torch.tanh(math.sqrt(2 / math.pi) * (p2 + 0.044715 * p2 ** 3)) ** 2) \
+        * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * p2 ** 2)
+    out = lf.gradients(net, xs, y)
+    assert torch.allclose(out.grads["W.0"], -(slope2 * psi2).T @ h1, atol=1e-12)
+    assert torch.allclose(out.grads["D"], -u.T @ h2, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["lcp-di", "lcp-kp", "lcp-lf", "lcp-ebd"])
-@pytest.mark.parametrize("make", [tiny_rnn, lambda: tiny_ff(sizes=(5, 4, 6, 3, 3))], ids=["rnn", "ff-deep"])
+@pytest.mark.parametrize("make", [tiny_rnn, lambda: tiny_ff(sizes=(5, 4, 6, 3, 3)),
+                                  lambda: tiny_ff(sizes=(5, 4, 6, 3, 3), activation="gelu", state="rate")],
+                         ids=["rnn", "ff-deep", "ff-deep-rate-gelu"])
 def test_explicit_outer_product_update_equals_autograd_vjp(name, make):
     """Every LCP route's update equals the generic autograd VJP −(∂θ f(s*))ᵀ ψ* at its own (s*, ψ*)."""
     from leastcontrol.methods import local_update

@@ -26,6 +26,14 @@ LCP's update ``−(∂_θ f)ᵀ ψ*`` (``ψ* = −f(s*) = ε*``). As ``β → 0`
 batch-mean loss of the feedforward network, which ``bp`` computes (Whittington & Bogacz 2017;
 Millidge et al. 2022); at a strong nudge it differs.
 
+The equations above are those of a layered network whose state holds potentials. A
+:class:`~leastcontrol.systems.FeedforwardEquilibrium` with ``state="rate"`` holds rates instead, and
+predicts ``μ_l = φ(W_l v_{l−1} + b_l)`` (the output, linear, ``μ_o = D v_{L−1} + c``): PC reads the
+errors off its dynamics the same way, so ``F`` is pcx's energy (Pinchetti et al. 2025) and the local
+update becomes ``∇_{W_l} = −(1/β) Σ_batch (φ'(W_l v_{l−1} + b_l) ⊙ ε_l) v_{l−1}ᵀ``. With
+``output="clamped"``, ``loss="mse"`` and ``β = B``, ``F`` is pcx's energy with the output clamped to the
+(one-hot) target, and the update is its gradient divided by ``B`` (pcx's batch mean).
+
 References: Whittington & Bogacz (2017), Neural Computation 29(5); Millidge, Tschantz & Buckley (2022),
 Neural Computation; Salvatori et al. (2024), ICLR (incremental PC); Pinchetti et al. (2025), ICLR (pcx).
 """

@@ -1,5 +1,6 @@
 """Equilibrium systems: state, dynamics ``f``, readout."""
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
@@ -14,21 +15,32 @@ from .networks import FeedforwardEquilibrium, RecurrentEquilibrium
 SYSTEMS: Registry[EquilibriumSystem] = Registry("model")
 
 
-def _layers(n_in: int, hidden, n_out: int) -> list:
-    """``[n_in, hidden…, n_out]``: ``hidden`` a list of widths, or one width for two hidden layers."""
-    widths = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden, hidden]
-    return [n_in, *widths, n_out]
+def hidden_layers(hidden, model: str) -> list:
+    """The hidden widths of a layered model from its ``hidden`` option: an int ``n`` is two layers of
+    ``n`` units (the published layout), a list or tuple of ints is those layers, bottom first.
+
+    Raises:
+        ConfigError: anything else (a bool, a float, an empty list, a width below 1).
+    """
+    if isinstance(hidden, (list, tuple)):
+        widths = list(hidden)
+    else:
+        widths = [hidden, hidden]
+    if not widths or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in widths):
+        raise ConfigError(f"hidden of the {model} model must be a positive integer (two layers of that width) "
+                          f"or a non-empty list of positive integers (one per layer), got {hidden!r}")
+    return [int(w) for w in widths]
 
 
-def _hopfield(readout: str):
+def _hopfield(name: str, readout: str):
     def build(n_in, n_out, hidden=256, input_shape=None, activation=None, init=None, **kw):
-        return HopfieldEquilibrium(_layers(n_in, hidden, n_out), rate=activation or "hard_sigmoid", readout=readout,
-                                   init=init, **kw)
+        return HopfieldEquilibrium([n_in, *hidden_layers(hidden, name), n_out], rate=activation or "hard_sigmoid",
+                                   readout=readout, init=init, **kw)
     return build
 
 
 SYSTEMS.register("ff", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
-                 FeedforwardEquilibrium(_layers(n_in, hidden, n_out), **kw))
+                 FeedforwardEquilibrium([n_in, *hidden_layers(hidden, "ff"), n_out], **kw))
 SYSTEMS.register("rnn", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
                  RecurrentEquilibrium(n_in, hidden, n_out, **kw))
 SYSTEMS.register("conv-ff", lambda n_in, n_out, hidden=256, input_shape=None, **kw:
@@ -36,8 +48,8 @@ SYSTEMS.register("conv-ff", lambda n_in, n_out, hidden=256, input_shape=None, **
 SYSTEMS.register("deq", lambda n_in, n_out, hidden=256, input_shape=None, **kw: DEQ(input_shape, n_out, **kw))
 # Energy-based (equilibrium propagation): the ff layout with symmetric coupling, hard sigmoid rates;
 # "hopfield-readout" reads the top hidden layer linearly (for a cross-entropy cost).
-SYSTEMS.register("hopfield", _hopfield("layer"))
-SYSTEMS.register("hopfield-readout", _hopfield("linear"))
+SYSTEMS.register("hopfield", _hopfield("hopfield", "layer"))
+SYSTEMS.register("hopfield-readout", _hopfield("hopfield-readout", "linear"))
 _BUILTIN = ("ff", "rnn", "conv-ff", "deq", "hopfield", "hopfield-readout")
 
 
@@ -54,12 +66,17 @@ def register_system(name: str, factory=None, *, overwrite: bool = False):
     return factory
 
 
-def get_system(name: str, n_in: int, n_out: int, hidden: int = 256, input_shape=None, **kwargs) -> EquilibriumSystem:
+def get_system(name: str, n_in: int, n_out: int, hidden: "int | Sequence[int]" = 256, input_shape=None, **kwargs) -> EquilibriumSystem:
     """Build a registered system by name.
 
-    ``ff``: 784-256-256-10 layout; ``rnn``: 256 recurrent units; ``conv-ff`` and ``deq``:
-    convolutional, sized from ``input_shape`` ``(C, H, W)`` (``hidden`` is not used). A factory gets
-    the options its signature accepts.
+    ``ff``: 784-256-256-10 layout; ``hidden`` an int (two layers of that width) or a list of ints
+    (those layers), and the options of :class:`FeedforwardEquilibrium` (``activation``, ``state``);
+    ``hopfield``, ``hopfield-readout``: the same layouts; ``rnn``: 256 recurrent units; ``conv-ff`` and
+    ``deq``: convolutional, sized from ``input_shape`` ``(C, H, W)`` (``hidden`` is not used). A factory
+    gets the options its signature accepts.
+
+    >>> get_system("ff", 784, 10, hidden=[128, 128, 128], activation="gelu", state="rate").sizes
+    [784, 128, 128, 128, 10]
     """
     factory = SYSTEMS.factory(name)
     options = dict(hidden=hidden, input_shape=input_shape, **kwargs)

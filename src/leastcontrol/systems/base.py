@@ -184,7 +184,8 @@ class EquilibriumSystem(nn.Module):
         return FlatOperator(self, feedback)
 
     def rate_slope(self, state: Mapping[str, torch.Tensor]) -> State:
-        """``φ'`` of every non-output population, for rules that modulate a feedback signal by it."""
+        """The slope of the rate each non-output unit sends on with respect to its state (``φ'(v)`` for a
+        state of potentials, 1 for a state of rates), for rules that modulate a feedback signal by it."""
         raise ValueError(f"{type(self).__name__} does not define rate_slope; lcp-lf needs a built-in system (ff or rnn)")
 
     # --- feedback pathways (Kolen-Pollack) -----------------------------------------

@@ -1,22 +1,73 @@
 """The equilibrium networks of the LCP paper (§1 of docs/LCP.md).
 
-Both are rate networks with ``φ = tanh`` and output units ``o`` that read
-``φ(v)``; the loss is taken on ``o`` (logits). Rows are samples: a state
-population has shape ``(B, n)`` and weights act as ``φ(v) @ Wᵀ``.
+Both are rate networks with output units ``o`` that read the hidden rates; the loss is taken on
+``o`` (logits). The recurrent network's rate is ``φ = tanh``; the layered one's is a choice
+(:data:`ACTIVATIONS`, default ``tanh``). Rows are samples: a state population has shape ``(B, n)``
+and weights act as ``φ(v) @ Wᵀ``.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from ..errors import ConfigError
 from .base import EquilibriumSystem, FlatOperator, sizes_check, uniform_init_
+
+# The rates a layered network may use; each with its exact derivative (:func:`activation_and_slope`).
+ACTIVATIONS = ("tanh", "gelu", "relu", "sigmoid", "hard_tanh")
+# What the hidden state of a layered network holds: the units' potentials or their rates.
+STATE_FORMS = ("potential", "rate")
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
 
 
 def _tanh_and_slope(v: torch.Tensor):
     r = torch.tanh(v)
     return r, 1.0 - r * r
+
+
+def activation(name: str, v: torch.Tensor) -> torch.Tensor:
+    """``φ(v)`` for a name of :data:`ACTIVATIONS`."""
+    if name == "tanh":
+        return torch.tanh(v)
+    if name == "gelu":
+        return F.gelu(v, approximate="tanh")
+    if name == "relu":
+        return torch.relu(v)
+    if name == "sigmoid":
+        return torch.sigmoid(v)
+    return F.hardtanh(v)
+
+
+def activation_and_slope(name: str, v: torch.Tensor):
+    """``(φ(v), φ'(v))`` for a name of :data:`ACTIVATIONS`.
+
+    - ``tanh``: ``φ' = 1 − φ²``.
+    - ``gelu``: the tanh approximation (``F.gelu(v, approximate="tanh")``, JAX's default),
+      ``φ(v) = ½ v (1 + tanh u)``, ``u = k (v + c v³)``, ``k = √(2/π)``, ``c = 0.044715``, so
+      ``φ'(v) = ½ (1 + tanh u) + ½ v (1 − tanh² u) k (1 + 3 c v²)``.
+    - ``relu``: ``φ' = 1`` where ``v > 0``, else 0 (autograd's choice at 0).
+    - ``sigmoid``: ``φ' = φ (1 − φ)``.
+    - ``hard_tanh``: ``φ = clamp(v, −1, 1)``, ``φ' = 1`` strictly inside (−1, 1), else 0 (autograd's
+      choice at the kinks).
+    """
+    if name == "tanh":
+        return _tanh_and_slope(v)
+    if name == "gelu":
+        t = torch.tanh(_GELU_K * (v + _GELU_C * v * v * v))
+        slope = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * (_GELU_K * (1.0 + 3.0 * _GELU_C * v * v))
+        return F.gelu(v, approximate="tanh"), slope
+    if name == "relu":
+        return torch.relu(v), (v > 0).to(v.dtype)
+    if name == "sigmoid":
+        r = torch.sigmoid(v)
+        return r, r * (1.0 - r)
+    return F.hardtanh(v), ((v > -1.0) & (v < 1.0)).to(v.dtype)
 
 
 def _layer_like_feedback(system, key, shape, generator=None):
@@ -164,28 +215,62 @@ class _RecurrentFlat(FlatOperator):
 
 
 class FeedforwardEquilibrium(EquilibriumSystem):
-    """A layered tanh network written as an equilibrium system.
+    """A layered network written as an equilibrium system.
 
-    With ``sizes = [n_0, n_1, …, n_{L−1}, n_L]`` the hidden state ``v`` is the
-    concatenation of the blocks ``h_1 … h_{L−1}``:
+    With ``sizes = [n_0, n_1, …, n_{L−1}, n_L]`` the hidden state ``v`` (shape ``(B, n_1 + … +
+    n_{L−1})``) is the concatenation of the blocks ``h_1 … h_{L−1}`` (``h_l``: ``(B, n_l)``), the
+    output ``o`` has shape ``(B, n_L)``, and ``φ`` is the rate (``activation``). Two forms of the
+    same network (``state``):
+
+    ``state="potential"`` (default): the blocks hold the units' potentials (pre-activations)::
 
         ḣ_1 = −h_1 + U x + b
         ḣ_l = −h_l + W_l φ(h_{l−1}) + b_l        (l = 2 … L−1)
         ȯ   = −o   + D φ(h_{L−1}) + c
 
-    The recurrent matrix is block-lower-triangular, so the equilibrium is the
-    ordinary forward pass, reached from the zero state in ``L`` Euler steps
-    with ``dt = 1`` (:attr:`settle_steps`).
+    ``state="rate"``: the blocks hold the units' rates, and the output reads them linearly::
+
+        ḣ_1 = −h_1 + φ(U x + b)
+        ḣ_l = −h_l + φ(W_l h_{l−1} + b_l)        (l = 2 … L−1)
+        ȯ   = −o   + D h_{L−1} + c
+
+    Both have the ordinary forward pass as their equilibrium, with the same output ``o`` for the
+    same parameters (the rate form's ``h_l`` is ``φ`` of the potential form's). They differ in what
+    the dynamics measure away from it: predictive coding reads its errors ``ε = −f`` off them, so
+    its energy ``½‖f‖²`` is ``Σ ½‖h_l − W_l φ(h_{l−1}) − b_l‖²`` (errors on potentials) in the
+    first form and ``Σ ½‖h_l − φ(W_l h_{l−1} + b_l)‖²`` (errors on rates, as pcx's) in the second.
+
+    The recurrent matrix is block-lower-triangular, so the equilibrium is reached from the zero
+    state in ``L`` Euler steps with ``dt = 1`` (:attr:`settle_steps`) in either form: step ``l``
+    fixes block ``l`` (the first depends on ``x`` only), then the output.
+
+    Args:
+        sizes: ``[n_in, hidden…, n_out]``, at least one hidden layer.
+        activation: the rate ``φ``, one of :data:`ACTIVATIONS`: ``tanh`` (default), ``gelu`` (its tanh
+            approximation), ``relu``, ``sigmoid``, ``hard_tanh``.
+        state: ``potential`` (default) or ``rate``, as above.
+        dtype: parameter dtype. generator: optional RNG for the initialisation (PyTorch's linear
+            layers': U(−1/√fan_in, 1/√fan_in) for weights and biases).
+
+    Raises:
+        ValueError: bad ``sizes``. ConfigError: an unknown ``activation`` or ``state``, naming the
+            valid ones.
 
     >>> net = FeedforwardEquilibrium([4, 5, 6, 3])
     >>> net.settle_steps, net.population_sizes()
     (3, {'v': 11, 'o': 3})
     """
 
-    def __init__(self, sizes: Sequence[int] = (784, 256, 256, 10), *,
-                 dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+    def __init__(self, sizes: Sequence[int] = (784, 256, 256, 10), *, activation: str = "tanh",
+                 state: str = "potential", dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None):
         super().__init__()
         sizes = sizes_check(sizes)
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r} of the ff system; valid: {', '.join(ACTIVATIONS)}")
+        if state not in STATE_FORMS:
+            raise ConfigError(f"unknown state {state!r} of the ff system; valid: {', '.join(STATE_FORMS)}")
+        self.activation, self.state_form = activation, state
         self.sizes = sizes
         self.n_in, self.n_out = sizes[0], sizes[-1]
         self.hidden_sizes = sizes[1:-1]
@@ -202,6 +287,14 @@ class FeedforwardEquilibrium(EquilibriumSystem):
         self.D = nn.Parameter(uniform_init_(torch.empty(self.n_out, n_last, dtype=dtype), n_last, generator))
         self.c = nn.Parameter(uniform_init_(torch.empty(self.n_out, dtype=dtype), n_last, generator))
 
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}, activation={self.activation!r}, state={self.state_form!r}"
+
+    @property
+    def holds_rates(self) -> bool:
+        """Whether the hidden blocks hold rates (``state="rate"``) rather than potentials."""
+        return self.state_form == "rate"
+
     def population_sizes(self) -> Dict[str, int]:
         return {"v": sum(self.hidden_sizes), "o": self.n_out}
 
@@ -212,18 +305,42 @@ class FeedforwardEquilibrium(EquilibriumSystem):
     def encode(self, x):
         return torch.addmm(self.b, x, self.U.t())
 
+    def phi(self, v: torch.Tensor) -> torch.Tensor:
+        """The rate ``φ(v)``."""
+        return activation(self.activation, v)
+
     def _targets(self, rates, drive):
-        # What each population is driven towards: h_l* = W_l φ(h_{l−1}) + b_l.
+        # Potential form: what each population is driven towards, h_l* = W_l φ(h_{l−1}) + b_l.
         hidden = [drive] + [torch.addmm(b, r, W.t()) for W, b, r in zip(self.W, self.b_W, rates[:-1])]
         return torch.cat(hidden, dim=-1), torch.addmm(self.c, rates[-1], self.D.t())
 
+    def _potentials(self, blocks, drive):
+        # Rate form: each block's potential, W_l h_{l−1} + b_l (the first block's is the drive U x + b).
+        return [drive] + [torch.addmm(b, h, W.t()) for W, b, h in zip(self.W, self.b_W, blocks[:-1])]
+
     def dynamics(self, state, drive):
-        rates = [torch.tanh(h) for h in self.blocks(state["v"])]
-        v_target, o_target = self._targets(rates, drive)
+        blocks = self.blocks(state["v"])
+        if self.holds_rates:
+            v_target = torch.cat([self.phi(p) for p in self._potentials(blocks, drive)], dim=-1)
+            o_target = torch.addmm(self.c, blocks[-1], self.D.t())
+        else:
+            v_target, o_target = self._targets([self.phi(h) for h in blocks], drive)
         return {"v": v_target - state["v"], "o": o_target - state["o"]}
 
     def rate_slope(self, state):
-        return {"v": 1.0 - torch.tanh(state["v"]).pow(2)}
+        """The slope of the rate each hidden unit sends on with respect to its own state.
+
+        Potential form: ``φ'(h)``. Rate form: 1, as the state is the rate itself; the slope of the
+        unit's activation, ``φ'(W_l h_{l−1} + b_l)``, is part of ``∂f/∂θ`` there, so the local update
+        (:meth:`param_vjp`) applies it already. LCP-LF modulates its feedback ``Q u`` by this before
+        that update, which gives ``(φ'(potential) ⊙ Q u) · presynaptic rateᵀ`` in both forms.
+        """
+        v = state["v"]
+        if self.holds_rates:
+            return {"v": torch.ones_like(v)}
+        if self.activation == "tanh":
+            return {"v": 1.0 - torch.tanh(v).pow(2)}
+        return {"v": activation_and_slope(self.activation, v)[1]}
 
     def feedback_pathways(self):
         pathways = {f"W_{i}": f"W.{i}" for i in range(len(self.W))}
@@ -233,22 +350,52 @@ class FeedforwardEquilibrium(EquilibriumSystem):
     feedback_draw = _layer_like_feedback
 
     def dynamics_and_state_vjp(self, state, drive, cotangent, feedback=None):
-        pairs = [_tanh_and_slope(h) for h in self.blocks(state["v"])]
-        rates = [r for r, _ in pairs]
-        v_target, o_target = self._targets(rates, drive)
-        f = {"v": v_target - state["v"], "o": o_target - state["o"]}
-        # Block l−1 receives φ'(h_{l−1}) ⊙ (a_l W_l); the last block gets φ'(h) ⊙ (a_o D).
+        """``(f(s), (∂_s f)ᵀ a)`` in closed form; with ``feedback``, the pathway matrices (``W_l``, ``D``)
+        on the way back are replaced by the feedback weights (:meth:`pathway`).
+
+        Potential form: block ``l−1`` receives ``φ'(h_{l−1}) ⊙ (a_l W_l)``, the last block
+        ``φ'(h_{L−1}) ⊙ (a_o D)``. Rate form: block ``l−1`` receives ``(φ'(p_l) ⊙ a_l) W_l`` with
+        ``p_l = W_l h_{l−1} + b_l`` its successor's potential, the last block ``a_o D``. Each block
+        also gets ``−a_l`` (the leak), the output ``−a_o``.
+        """
+        blocks = self.blocks(state["v"])
         a_blocks = self.blocks(cotangent["v"])
-        back = [a_next @ self.pathway(f"W_{i}", W, feedback) for i, (a_next, W) in enumerate(zip(a_blocks[1:], self.W))]
-        back.append(cotangent["o"] @ self.pathway("D", self.D, feedback))
-        vjp_v = torch.cat([slope * g for (_, slope), g in zip(pairs, back)], dim=-1) - cotangent["v"]
-        return f, {"v": vjp_v, "o": -cotangent["o"]}
+        a_o = cotangent["o"]
+        if self.holds_rates:
+            pairs = [activation_and_slope(self.activation, p) for p in self._potentials(blocks, drive)]
+            v_target = torch.cat([r for r, _ in pairs], dim=-1)
+            o_target = torch.addmm(self.c, blocks[-1], self.D.t())
+            back = [(slope * a_next) @ self.pathway(f"W_{i}", W, feedback)
+                    for i, ((_, slope), a_next, W) in enumerate(zip(pairs[1:], a_blocks[1:], self.W))]
+            back.append(a_o @ self.pathway("D", self.D, feedback))
+            vjp_v = torch.cat(back, dim=-1) - cotangent["v"]
+        else:
+            pairs = [activation_and_slope(self.activation, h) for h in blocks]
+            v_target, o_target = self._targets([r for r, _ in pairs], drive)
+            back = [a_next @ self.pathway(f"W_{i}", W, feedback) for i, (a_next, W) in enumerate(zip(a_blocks[1:], self.W))]
+            back.append(a_o @ self.pathway("D", self.D, feedback))
+            vjp_v = torch.cat([slope * g for (_, slope), g in zip(pairs, back)], dim=-1) - cotangent["v"]
+        f = {"v": v_target - state["v"], "o": o_target - state["o"]}
+        return f, {"v": vjp_v, "o": -a_o}
 
     def param_vjp(self, state, x, cotangent):
-        # Local outer products: each block's cotangent times the rate of the block it reads.
-        rates = [torch.tanh(h) for h in self.blocks(state["v"])]
+        """``(∂_θ f)ᵀ c`` summed over the batch: local outer products, each block's cotangent times what
+        the block reads (the input ``x``, or the rate of the block below).
+
+        Potential form: ``c_l φ(h_{l−1})ᵀ``. Rate form: ``(φ'(p_l) ⊙ c_l) h_{l−1}ᵀ``, with ``p_l`` the
+        block's potential (``U x + b`` for the first); the output's ``c_o h_{L−1}ᵀ`` in both forms
+        reads the last block's rate.
+        """
+        blocks = self.blocks(state["v"])
         c_blocks = self.blocks(cotangent["v"])
         c_o = cotangent["o"]
+        if self.holds_rates:
+            with torch.no_grad():   # the slopes are read at θ, not differentiated through
+                potentials = self._potentials(blocks, self.encode(x))
+            c_blocks = [activation_and_slope(self.activation, p)[1] * c for p, c in zip(potentials, c_blocks)]
+            rates = list(blocks)
+        else:
+            rates = [self.phi(h) for h in blocks]
         grads = {"U": c_blocks[0].t() @ x, "b": c_blocks[0].sum(0)}
         for i, (c_next, r_prev) in enumerate(zip(c_blocks[1:], rates[:-1])):
             grads[f"W.{i}"] = c_next.t() @ r_prev
@@ -258,9 +405,10 @@ class FeedforwardEquilibrium(EquilibriumSystem):
         return grads
 
     def explicit_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The ordinary layer-by-layer forward pass; returns the output ``o`` (logits)."""
+        """The ordinary layer-by-layer forward pass; returns the output ``o`` (logits), the same in
+        both forms."""
         x = self.prepare_input(x)
         h = self.encode(x)
         for W, b in zip(self.W, self.b_W):
-            h = torch.addmm(b, torch.tanh(h), W.t())
-        return torch.addmm(self.c, torch.tanh(h), self.D.t())
+            h = torch.addmm(b, self.phi(h), W.t())
+        return torch.addmm(self.c, self.phi(h), self.D.t())
