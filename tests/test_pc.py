@@ -361,3 +361,14 @@ def test_clamped_pc_with_squared_error_and_beta_the_batch_size_is_pcx_energy():
     assert rel_err(out.grads, ref) < 1e-12
     assert abs(out.stats["energy"] - float(E.detach())) < 1e-12 * float(E.detach())
     assert rel_err({"v": h}, {"v": start}) > 1e-3     # inference moved the state
+
+
+def test_infer_reads_class_indices_as_training_does():
+    """``infer`` validates its targets as ``gradients`` does: class indices are the one-hot rows."""
+    from leastcontrol.systems import FeedforwardEquilibrium
+    net = FeedforwardEquilibrium([4, 5, 5, 3], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 4, dtype=torch.float64)
+    by_index = PC(loss="mse").infer(net, x, torch.tensor([0, 2]))
+    by_row = PC(loss="mse").infer(net, x, torch.tensor([[1.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64))
+    for k in by_row.state:
+        assert torch.equal(by_index.state[k], by_row.state[k])

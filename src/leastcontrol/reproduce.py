@@ -173,15 +173,22 @@ def _mean_of(history: List[Dict[str, Any]], key: str) -> Optional[float]:
 
 
 def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
-    """One summary per row: mean/std test accuracy over seeds, seconds per epoch, iterations."""
+    """One summary per row: mean/std test accuracy over seeds (the last epoch's), the mean of each seed's best
+    epoch, the validation accuracy (where the runs hold a validation set out), seconds per epoch, iterations."""
     table = []
     for row, results in runs.items():
         acc = [100 * r["test_accuracy"] for r in results]
         history = [h for r in results for h in r["history"]]
+        # The best epoch's test accuracy of each seed (the statistic pcx reports), where epochs were evaluated.
+        best = [100 * max(h["test_accuracy"] for h in r["history"] if h["test_accuracy"] is not None) for r in results]
+        held = [r["history"][-1].get("validation_accuracy") for r in results]
         entry = {
             "row": row, "seeds": len(results),
             "test_accuracy_mean": statistics.fmean(acc),
             "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "best_test_accuracy_mean": statistics.fmean(best),
+            "validation_accuracy_mean": (None if any(v is None for v in held)
+                                         else 100 * statistics.fmean(held)),
             "seconds_per_epoch": statistics.fmean(h["seconds"] for h in history),
             "mean_iterations": statistics.fmean(h["mean_iterations"] for h in history),
             "converged_fraction": statistics.fmean(h.get("converged_fraction", 1.0) for h in history),
@@ -197,9 +204,9 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
 
 def _markdown(table: List[Dict[str, Any]], header: str) -> str:
     lines = [header, "",
-             "| row | test accuracy (%) | seeds | s / epoch | mean iterations | steps / sample | settled samples "
-             "| converged batches | feedback alignment (cos with the forward transpose) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | test accuracy (%) | best epoch's (%) | validation (%) | seeds | s / epoch | mean iterations "
+             "| steps / sample | settled samples | converged batches | feedback alignment (cos with the forward transpose) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def shown(value, form):
         return "–" if value is None else format(value, form)
@@ -208,7 +215,8 @@ def _markdown(table: List[Dict[str, Any]], header: str) -> str:
         align = ", ".join(f"{k} {v:.3f}" for k, v in e.get("feedback_alignment", {}).items()) or "–"
         # One run has no spread to show.
         spread = f" ± {e['test_accuracy_std']:.2f}" if e["seeds"] > 1 else ""
-        lines.append(f"| {e['row']} | {e['test_accuracy_mean']:.2f}{spread} | {e['seeds']} | "
+        lines.append(f"| {e['row']} | {e['test_accuracy_mean']:.2f}{spread} | {e['best_test_accuracy_mean']:.2f} | "
+                     f"{shown(e.get('validation_accuracy_mean'), '.2f')} | {e['seeds']} | "
                      f"{e['seconds_per_epoch']:.1f} | {e['mean_iterations']:.1f} | "
                      f"{shown(e.get('steps_per_sample'), '.1f')} | {shown(e.get('settled_samples'), '.3f')} | "
                      f"{e['converged_fraction']:.2f} | {align} |")
@@ -217,7 +225,8 @@ def _markdown(table: List[Dict[str, Any]], header: str) -> str:
 
 def _csv(table: List[Dict[str, Any]]) -> str:
     buf = io.StringIO()
-    fields = ["row", "seeds", "test_accuracy_mean", "test_accuracy_std", "seconds_per_epoch",
+    fields = ["row", "seeds", "test_accuracy_mean", "test_accuracy_std", "best_test_accuracy_mean",
+              "validation_accuracy_mean", "seconds_per_epoch",
               "mean_iterations", "steps_per_sample", "settled_samples", "converged_fraction", "feedback_alignment"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()

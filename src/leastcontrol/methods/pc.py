@@ -200,7 +200,7 @@ class PC(EquilibriumMethod):
               free: SolveResult | None = None) -> SolveResult:
         """Inference from the feedforward pass (``free``, else solved here): the state it reached (for
         ``clamped``, the output read as its prediction ``μ_o``) and the stats of its solve."""
-        x = system.prepare_input(x)
+        x, y = self._inputs(system, x, y)   # class indices become one-hot rows for the squared error, as in training
         op, s, _, stats, _ = self._run(system, x, y, free if free is not None else self.free_equilibrium(system, x))
         return SolveResult(op.unpack(s), stats)
 
