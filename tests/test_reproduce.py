@@ -46,6 +46,25 @@ def test_a_peers_row_of_each_new_rule_runs_and_reports_its_settled_samples(tmp_p
     assert "dataset=digits" in header and "epochs=1" in header
 
 
+def test_the_published_table_runs_the_papers_own_set_ups(tmp_path):
+    assert list(available_rows("published")) == ["ff-bp", "ff-pc", "hopfield-ep"]
+    for row, path in available_rows("published").items():
+        config = TrainConfig.from_tree(load_config_file(path))
+        assert config.loop.epochs == 25 and config.data.name == "mnist", row
+    ep = TrainConfig.from_tree(load_config_file(available_rows("published")["hopfield-ep"]))
+    assert (ep.model.hidden, ep.loop.batch_size, ep.method.free.max_steps, ep.method.nudged.max_steps) == ([500], 20, 20, 4)
+    assert ep.loop.persistent_states and not ep.loop.shuffle and ep.data.validation == 10000
+    pc = TrainConfig.from_tree(load_config_file(available_rows("published")["ff-pc"]))
+    assert (pc.model.hidden, pc.model.activation, pc.model.state) == ([128, 128, 128], "gelu", "rate")
+    assert (pc.method.inference.name, pc.method.inference.max_steps, pc.method.beta) == ("momentum", 8, 128.0)
+    tiny = dict(TINY, **{"data.validation": 40, "loop.epochs": 2})
+    table = reproduce("published", tmp_path, rows=["hopfield-ep"], overrides=tiny, progress=False)
+    assert 0 <= table[0]["validation_accuracy_mean"] <= 100
+    assert table[0]["best_test_accuracy_mean"] >= table[0]["test_accuracy_mean"]
+    assert re.search(r"\| hopfield-ep \| \d+\.\d\d \| \d+\.\d\d \| \d+\.\d\d \| 1 \|",
+                     (tmp_path / "results.md").read_text())
+
+
 def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):
     table = reproduce("mnist", tmp_path, rows=["ff-bp", "rnn-lcp-kp"], seeds=[0, 1], overrides=TINY,
                       progress=False)
@@ -56,7 +75,8 @@ def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert [r["row"] for r in rows] == ["ff-bp", "rnn-lcp-kp"] and rows[0]["seeds"] == "2"
     assert re.search(r"\| W -?\d\.\d{3}, D -?\d\.\d{3} \|", (tmp_path / "results.md").read_text())
-    assert re.search(r"\| ff-bp \| \d+\.\d\d ± \d+\.\d\d \| 2 \|", (tmp_path / "results.md").read_text())
+    # last epoch's mean ± std, then the best epoch's mean, no validation set, the seeds
+    assert re.search(r"\| ff-bp \| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d \| – \| 2 \|", (tmp_path / "results.md").read_text())
     run = json.loads((tmp_path / "ff-bp_seed1.json").read_text())
     config = run["config"]
     assert config["loop"]["seed"] == 1 and config["method"]["name"] == "bp" and config["loop"]["epochs"] == 1
@@ -109,9 +129,10 @@ def test_cli_reproduce(tmp_path, capsys):
 def test_a_row_of_one_run_shows_no_spread():
     from leastcontrol.reproduce import _markdown
     entry = {"row": "rnn-rbp", "seeds": 1, "test_accuracy_mean": 96.64, "test_accuracy_std": 0.0,
+             "best_test_accuracy_mean": 96.70, "validation_accuracy_mean": None,
              "seconds_per_epoch": 35.7, "mean_iterations": 267.5, "converged_fraction": 0.47}
     line = _markdown([entry], "# t").splitlines()[-1]
-    assert line.startswith("| rnn-rbp | 96.64 | 1 |") and "±" not in line
+    assert line.startswith("| rnn-rbp | 96.64 | 96.70 | – | 1 |") and "±" not in line
 
 
 # --- reuse of finished runs: only with the settings this call asks for ------------------------------
