@@ -3,6 +3,7 @@ broken entry is built again, an unwritable cache is built around (with a warning
 without a working compiler runs the steps on the next backend (with one warning), never a traceback."""
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -181,7 +182,8 @@ def test_without_a_compiler_other_mistakes_still_fail(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("how", ["cache under a file", "no compiler"])
 def test_the_command_line_trains_without_a_traceback(how, tmp_path):
-    """A short training run with backend ["native"] ends normally, the warning on stderr, no traceback."""
+    """A short training run with backend ["native"] ends normally, the warning on stderr and in the result's
+    warnings, no traceback."""
     if how == "cache under a file" and COMPILER is None:
         pytest.skip("needs a C compiler")
     (tmp_path / "file").write_text("")
@@ -191,8 +193,11 @@ def test_the_command_line_trains_without_a_traceback(how, tmp_path):
     if how == "no compiler":
         env.update(CC="/nonexistent", PATH=str(tmp_path / "empty"), XDG_CACHE_HOME=str(tmp_path / "xdg"))
     proc = subprocess.run([sys.executable, "-m", "leastcontrol", "train", "--limit-train", "64", "--limit-test", "64",
-                           "--epochs", "1", "--quiet", "--set", 'method.solver.backend=["native"]'],
+                           "--epochs", "1", "--quiet", "--set", 'method.solver.backend=["native"]',
+                           "--json-out", str(tmp_path / "run.json")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert ("not writable" if how == "cache under a file" else "no C compiler") in proc.stderr
+    said = "not writable" if how == "cache under a file" else "no C compiler"
+    assert said in proc.stderr
+    assert [w for w in json.loads((tmp_path / "run.json").read_text())["warnings"] if said in w]

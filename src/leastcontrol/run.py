@@ -10,6 +10,7 @@ is written at the end, and if it cannot be, the error carries the result.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
@@ -19,6 +20,9 @@ from tqdm.auto import tqdm
 from .atomic import check_outputs, write_json
 from .checkpoint import resume_state, save_checkpoint
 from .errors import OutputError, ResultNotWrittenError
+
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class RunWarning(UserWarning):
@@ -61,6 +65,25 @@ class Run:
         # A new run claims its checkpoint path with its first save: a file another run put there
         # meanwhile (two runs started at one path) is never replaced.
         self._claimed = self.state is not None
+
+    @contextlib.contextmanager
+    def collecting(self):
+        """Inside the block, a warning the library gives (a backend that falls back, a solve that settled
+        where the dynamics leave it) is shown as usual and also kept for the result's ``warnings``."""
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if (not issubclass(category, RunWarning) and Path(filename).resolve().is_relative_to(_PACKAGE)
+                    and text not in self.warnings):
+                self.warnings.append(text)
+            original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            yield self
+        finally:
+            warnings.showwarning = original
 
     def bar(self, iterable, **options):
         """A progress bar over ``iterable`` (silent without ``progress``)."""

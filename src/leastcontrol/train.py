@@ -630,11 +630,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
     Raises:
         ConfigError, DatasetNotFoundError, SolverDivergedError, CheckpointError.
     """
-    loop, output = config.loop, config.output
+    output = config.output
     # Outputs and the checkpoint are checked before the data loads and anything trains.
     run = Run(TRAIN_FORMAT, config.to_dict(), free=_RESUME_FREE, may_grow=_may_grow(config),
               checkpoint=output.checkpoint, resume=output.resume, json_out=output.json_out, progress=output.progress,
               complete=with_defaults)
+    with run.collecting():   # the library's warnings join the result's
+        return _train(config, run)
+
+
+def _train(config: TrainConfig, run: Run) -> Dict[str, Any]:
+    loop, output = config.loop, config.output
     torch.manual_seed(loop.seed)
     method = config.build_method()
     check_compatible(config, method)

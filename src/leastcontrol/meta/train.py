@@ -231,6 +231,11 @@ def meta_train(config: MetaConfig) -> Dict[str, Any]:
     # Outputs and the checkpoint are checked before the data loads and anything trains.
     run = Run(META_FORMAT, asdict(config), free=_RESUME_FREE, checkpoint=config.checkpoint, resume=config.resume,
               json_out=config.json_out, progress=config.progress)
+    with run.collecting():   # the library's warnings join the result's
+        return _meta_train(config, run)
+
+
+def _meta_train(config: MetaConfig, run: Run) -> Dict[str, Any]:
     torch.manual_seed(config.seed)
     g = torch.Generator().manual_seed(config.seed)
     task = config.build_task()
