@@ -58,6 +58,36 @@ def test_every_method_gives_the_cpu_update_on_cuda(name, make):
     assert gpu.stats.get("iterations") == cpu.stats.get("iterations")
 
 
+@pytest.mark.parametrize("name, options", [
+    ("ep", {"solver": Euler(dt=0.5, tol=1e-10, max_steps=3000)}),
+    ("ep-centered", {"solver": Euler(dt=0.5, tol=1e-10, max_steps=3000)}),
+    ("pc", {}), ("pc-clamped-momentum", {}), ("ipc", {}),
+])
+def test_the_peer_rules_give_the_cpu_update_on_cuda(name, options):
+    """EP on the Hopfield network (both readouts' linear one, sigmoid rates), PC and iPC on the ff (the
+    clamped output with the momentum rule on a GELU rate-form net too)."""
+    from leastcontrol.solvers import Momentum
+    from leastcontrol.systems import FeedforwardEquilibrium
+
+    from .helpers import tiny_hopfield
+    if name.startswith("ep"):
+        def make():
+            return tiny_hopfield("sigmoid", "linear", sizes=(5, 6, 4, 3))
+    elif name == "pc-clamped-momentum":
+        name, options = "pc", {"output": "clamped", "loss": "mse", "beta": 6.0,
+                               "inference": Momentum(lr=0.05, momentum=0.65, tol=0.0, max_steps=8)}
+
+        def make():
+            return FeedforwardEquilibrium([5, 6, 6, 3], activation="gelu", state="rate", dtype=torch.float64,
+                                          generator=torch.Generator().manual_seed(1))
+    else:
+        make = tiny_ff
+    x, y = batch(n_in=5, n_out=3, B=6)
+    cpu, gpu = _on_both(name, options, make, x, y)
+    assert all(g.device.type == CUDA.type for g in gpu.grads.values())
+    assert rel_err({k: v.cpu() for k, v in gpu.grads.items()}, cpu.grads) < 1e-8
+
+
 def test_bp_on_cuda_is_the_cpu_backprop():
     x, y = batch(n_in=5, n_out=3, B=6)
     cpu, gpu = _on_both("bp", {}, tiny_ff, x, y)
