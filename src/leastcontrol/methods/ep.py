@@ -4,7 +4,8 @@ On a system whose dynamics descend an energy, ``f(s) = −∂E/∂s`` (the layer
 :class:`~leastcontrol.systems.HopfieldEquilibrium`), with a per-sample cost ``C(o, y)`` on the
 output population and the total energy ``F_β = E + β C``:
 
-1. free phase: settle ``f`` from the zero state to ``s⁰`` (the prediction);
+1. free phase: settle ``f`` from the zero state (or from a stored ``start``: persistent states) to
+   ``s⁰`` (the prediction);
 2. nudged phase: from ``s⁰``, settle ``−∂F_β/∂s = f(s) − β ∂C/∂s`` (only the output population
    feels the nudge) to ``s^β``;
 3. update, the batch mean of each sample's
