@@ -258,3 +258,35 @@ def test_a_run_resumes_only_where_its_checkpoint_is(tmp_path, monkeypatch):
     assert [(c.loop.seed, c.output.resume) for c in calls] == [(0, False), (1, True)]
     assert calls[1].output.checkpoint == str(tmp_path / "ff-bp_seed1.ckpt")
     assert not (tmp_path / "ff-bp_seed1.ckpt").exists()
+
+
+def test_parallel_runs_give_each_runs_result_alone_with_the_same_threads(tmp_path):
+    """--jobs 2: every run's JSON equals that of the same run trained alone in this process with the
+    threads each job gets (the cores shared out)."""
+    import torch
+    from leastcontrol.reproduce import job_threads
+    rows = ["ff-bp", "rnn-rbp"]
+    parallel = reproduce("mnist", tmp_path / "p", rows=rows, seeds=[0, 1], overrides=TINY, progress=False, jobs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job_threads(2))
+    try:
+        alone = reproduce("mnist", tmp_path / "s", rows=rows, seeds=[0, 1], overrides=TINY, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        for seed in (0, 1):
+            a = json.loads((tmp_path / "p" / f"{row}_seed{seed}.json").read_text())
+            b = json.loads((tmp_path / "s" / f"{row}_seed{seed}.json").read_text())
+            assert a["test_accuracy"] == b["test_accuracy"]
+            assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert [e["test_accuracy_mean"] for e in parallel] == [e["test_accuracy_mean"] for e in alone]
+    assert not list((tmp_path / "p").glob("*.ckpt"))
+
+
+def test_a_parallel_run_that_fails_names_its_row_and_seed(tmp_path):
+    from leastcontrol.reproduce import RunFailedError
+    bad = dict(TINY, **{"loop.lr": 1e30, "model.hidden": 4})
+    with pytest.raises(RunFailedError, match=r"row rnn-rbp, seed [01] failed .*diverged"):
+        reproduce("mnist", tmp_path, rows=["rnn-rbp"], seeds=[0, 1], overrides=bad, progress=False, jobs=2)
+    with pytest.raises(ConfigError, match="--jobs must be a whole number"):
+        reproduce("mnist", tmp_path, rows=["ff-bp"], overrides=TINY, progress=False, jobs=0)

@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", default=None)
     r.add_argument("--skip-diverged", action="store_true", default=None,
                    help="a batch whose solve diverges makes no update (counted) instead of stopping the run")
+    r.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs trained at once, each in its own process with the machine's cores shared out (1)")
     r.add_argument("--quiet", action="store_true")
 
     b = sub.add_parser("bench", help="time and memory of every method, interleaved; ratios to the baselines")
@@ -284,7 +286,7 @@ def _reproduce(args) -> int:
              "dataset": "data.name", "data_dir": "data.dir", "skip_diverged": "loop.skip_diverged"}
     overrides = {path: getattr(args, k) for k, path in paths.items() if getattr(args, k) is not None}
     table = reproduce(args.benchmark, args.out, rows=args.rows, seeds=args.seeds, overrides=overrides,
-                      progress=not args.quiet)
+                      progress=not args.quiet, jobs=args.jobs)
     print((Path(args.out) / "results.md").read_text())
     print(f"written: {args.out}/results.md, results.csv, accuracy.png and one JSON per run ({len(table)} rows)")
     return 0

@@ -15,7 +15,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import os
 import statistics
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from tqdm.auto import tqdm
 
 from .atomic import check_output, write_bytes, write_text
-from .errors import CheckpointError, ConfigError, OutputError
+from .errors import CheckpointError, ConfigError, LeastControlError, OutputError
 from .config import ABSENT, as_tree, diff_trees, set_path
 from .train import TrainConfig, check_resumable, load_config_file, train
 
@@ -261,9 +264,78 @@ def _plot(runs: Dict[str, List[Dict[str, Any]]], path: Path, title: str) -> None
     write_bytes(path, buffer.getvalue(), "--out")
 
 
+class RunFailedError(LeastControlError):
+    """A run of a parallel reproduction failed; the message names its row and seed and what went wrong."""
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+def job_threads(jobs: int) -> int:
+    """The threads each of ``jobs`` parallel runs gets: the cores shared out, at least one."""
+    return max(1, cores() // jobs)
+
+
+def _start_job(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _run_job(job) -> tuple:
+    """Train one run of a parallel reproduction (in a worker process): ``(row, seed, None)`` when it
+    finished, else ``(row, seed, message)``, the message of a library error or the traceback of any other."""
+    row, tree = job
+    seed = tree["loop"]["seed"]
+    try:
+        train(TrainConfig.from_tree(tree, where=f"row {row}"))
+        return row, seed, None
+    except (LeastControlError, ValueError, OSError) as exc:
+        return row, seed, f"{type(exc).__name__}: {exc}"
+    except Exception:   # a bug: the whole traceback, for the report
+        return row, seed, traceback.format_exc()
+
+
+def run_parallel(pending: Sequence[tuple], jobs: int, progress: bool = True) -> None:
+    """Train ``pending`` runs (``(row, TrainConfig)``) in ``jobs`` worker processes, each with
+    :func:`job_threads` threads, so that the machine's cores are shared out, not oversubscribed. Each run
+    writes its JSON and checkpoints as it would alone (and gives the same result as alone with that many
+    threads); a line per finished run tells its row, seed and test accuracy.
+
+    Raises:
+        RunFailedError: a run failed; the runs still going are stopped (their checkpoints stay, so the
+            next call resumes them), naming the row, the seed and the error.
+    """
+    threads = job_threads(jobs)
+    items = []
+    for row, config in pending:
+        tree = config.to_dict()
+        tree["output"] = {**tree["output"], "progress": False, "log": False}
+        items.append((row, tree))
+    context = multiprocessing.get_context("spawn")   # no forked copy of the parent's threads and state
+    bar = tqdm(total=len(items), desc=f"runs ({jobs} at once, {threads} thread{'s' if threads > 1 else ''} each)",
+               disable=not progress, dynamic_ncols=True)
+    with context.Pool(jobs, initializer=_start_job, initargs=(threads,)) as pool:
+        for row, seed, problem in pool.imap_unordered(_run_job, items):
+            if problem is not None:
+                pool.terminate()
+                raise RunFailedError(f"row {row}, seed {seed} failed (the other runs were stopped; their "
+                                     f"checkpoints let the next call resume them): {problem}")
+            bar.update(1)
+            if progress:
+                path = next(Path(c.output.json_out) for r, c in pending if r == row and c.loop.seed == seed)
+                accuracy = read_run(path)["test_accuracy"]
+                tqdm.write(f"{row} seed {seed}: test accuracy {100 * accuracy:.2f} %")
+    bar.close()
+
+
 def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, rows: Optional[Sequence[str]] = None,
               seeds: Sequence[int] = (0,), overrides: Optional[Dict[str, Any]] = None,
-              progress: bool = True) -> List[Dict[str, Any]]:
+              progress: bool = True, jobs: int = 1) -> List[Dict[str, Any]]:
     """Run (or resume) the table and write its four artefacts into ``out``.
 
     Args:
@@ -273,6 +345,8 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
         seeds: seeds to run per row.
         overrides: settings applied on top of every row's file, by their dotted keys (e.g.
             ``loop.epochs``, ``data.limit_train``, ``data.dir``).
+        jobs: runs trained at once, each in its own process with the cores shared out
+            (:func:`run_parallel`); 1 trains them one after the other in this process.
     Returns:
         The per-row summaries written to ``results.csv``.
     Raises:
@@ -282,7 +356,10 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
             are found before any run starts; the message names every such file.
         CheckpointError: an interrupted run's checkpoint in ``out`` has other settings than
             this call gives the run (e.g. another ``--epochs``).
+        RunFailedError: with ``jobs`` > 1, a run failed (naming its row, seed and error).
     """
+    if not (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
+        raise ConfigError(f"--jobs must be a whole number of runs at once, at least 1, got {jobs!r}")
     available = available_rows(benchmark)
     chosen = list(rows) if rows else list(available)
     unknown = [r for r in chosen if r not in available]
@@ -294,7 +371,7 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; give a folder for the reproduction's files")
     check_output(out / "results.md", "--out")
-    jobs = []
+    jobs_list = []
     for row in chosen:
         values = load_config_file(available[row])
         for key, value in (overrides or {}).items():
@@ -306,10 +383,10 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
             resume = Path(f"{stem}.ckpt").exists()
             run["output"] = {"json_out": f"{stem}.json", "checkpoint": f"{stem}.ckpt", "resume": resume,
                              "progress": False, "log": progress}
-            jobs.append((row, TrainConfig.from_tree(run, where=f"row {row}")))
+            jobs_list.append((row, TrainConfig.from_tree(run, where=f"row {row}")))
     # Every finished run is checked before any run starts, so a refusal never comes after hours of training.
     finished, problems, interrupted = {}, [], []
-    for _, config in jobs:
+    for _, config in jobs_list:
         path = Path(config.output.json_out)
         if path.exists():
             try:
@@ -324,8 +401,13 @@ def reproduce(benchmark: str = "mnist", out: str | Path = "runs/reproduce", *, r
     if problems or interrupted:
         raise (ConfigError if problems else CheckpointError)("\n".join(problems + interrupted))
     out.mkdir(parents=True, exist_ok=True)
+    pending = [(row, config) for row, config in jobs_list if Path(config.output.json_out) not in finished]
+    if jobs > 1 and len(pending) > 1:
+        run_parallel(pending, jobs, progress)
+        for _, config in pending:
+            finished[Path(config.output.json_out)] = read_run(config.output.json_out)
     runs: Dict[str, List[Dict[str, Any]]] = {row: [] for row in chosen}
-    bar = tqdm(jobs, desc="runs", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(jobs_list, desc="runs", disable=not progress, dynamic_ncols=True)
     for row, config in bar:
         path = Path(config.output.json_out)
         if path not in finished:
